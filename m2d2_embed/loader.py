@@ -1,0 +1,126 @@
+"""``load()``: a name, path or URL -> a ready ``M2D2`` on the requested device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .convert import CheckpointError, read_any
+from .model import M2D2
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
+    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16, float16 or 'int8' (CPU)")
+        return dtype
+    key = str(dtype).lower()
+    if key in ("int8", "qint8"):
+        if device.type != "cpu":
+            raise ValueError("dtype='int8' (dynamic quantization) runs on the CPU only; use bf16 on CUDA")
+        return "int8"
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
+    return _DTYPES[key]
+
+
+def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.device,
+                dtype: torch.dtype | str) -> M2D2:
+    """Rebuild an ``M2D2`` from our state dict without allocating random weights first."""
+    with torch.device("meta"):
+        model = M2D2(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict))
+    if missing:
+        raise CheckpointError(f"checkpoint {config.name!r} lacks {len(missing)} learned tensors: {missing[:10]}")
+    unexpected = sorted(set(state_dict) - expected)
+    if unexpected:
+        log.warning("ignoring %d unexpected tensors: %s", len(unexpected), unexpected[:10])
+    for k, v in model.state_dict().items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, the config expects {tuple(v.shape)}")
+    model.load_state_dict({k: state_dict[k] for k in expected}, strict=True, assign=True)
+    if dtype == "int8":
+        model.float()
+        model.encoder = torch.ao.quantization.quantize_dynamic(model.encoder, {torch.nn.Linear}, dtype=torch.qint8)
+        if model.audio_proj is not None:
+            model.audio_proj = torch.ao.quantization.quantize_dynamic(model.audio_proj, {torch.nn.Linear},
+                                                                       dtype=torch.qint8)
+        return model.eval()
+    # the front end stays float32 (its buffers are not parameters of the checkpoint)
+    model.encoder.to(device=device, dtype=dtype)
+    if model.audio_proj is not None:
+        model.audio_proj.to(device=device, dtype=dtype)
+    if model.text_encoder is not None:
+        model.text_encoder.to(device=device, dtype=dtype)
+    model.frontend.to(device)
+    return model.eval()
+
+
+def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, cache_dir: str | os.PathLike | None = None,
+         offline: bool | None = None) -> M2D2:
+    """Load an M2D2 model.
+
+    Args:
+        name_or_path: a registry name (see :func:`available_models`; default ``"m2d2-clap-2025"``), a local
+            upstream ``.pth``, one of our ``.safetensors`` files or a directory holding our converted format.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default CUDA when available.
+        dtype: default bfloat16 on CUDA, float32 on CPU; ``torch.float32`` gives reference-exact numbers.
+            ``"int8"``: dynamic int8 quantization of the Linear layers (CPU).
+        cache_dir: where downloaded and converted weights live (default ``$M2D2_EMBED_CACHE`` or
+            ``~/.cache/m2d2_embed``).
+        offline: only use the cache; never download.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    target = registry.DEFAULT_MODEL if name_or_path is None else name_or_path
+    path = _resolve(target, cache_dir=cache_dir, offline=offline)
+    sd, cfg = read_any(path)
+    model = build_model(sd, cfg, dev, dt)
+    log.info("loaded %s from %s on %s (%s)", cfg.name, path, dev, dt)
+    return model
+
+
+def _resolve(target: str | os.PathLike, *, cache_dir, offline) -> Path:
+    """A name, path or URL -> a local path that ``read_any`` understands."""
+    s = os.fspath(target)
+    if s in registry.MODELS:
+        from .hub import fetch_registry_model
+
+        return fetch_registry_model(registry.get(s), cache_dir=cache_dir, offline=offline)
+    if s.startswith(("http://", "https://", "hf://")):
+        from .hub import fetch_remote
+
+        return fetch_remote(s, cache_dir=cache_dir, offline=offline)
+    p = Path(s).expanduser()
+    if p.exists():
+        return p
+    if os.sep in s or s.endswith((".pth", ".safetensors", ".pt")):
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    registry.get(s)  # raises: unknown model name, listing the available ones
+    raise AssertionError("unreachable")

@@ -1,0 +1,410 @@
+"""M2D2: the public model. Chunking, batching, pooling and output shaping around the encoder and heads."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .audio import AudioInput, LogMelSpectrogram, prepare_audio
+from .config import ModelConfig
+from .encoder import AudioEncoder
+from .heads import build_audio_head
+
+log = logging.getLogger(__name__)
+
+FULL_ATTENTION_MAX_SECONDS = 300.0  # long_audio="auto": the CLAP head attends over the whole clip up to this
+DEFAULT_TEMPLATE = "{label} can be heard"  # the upstream zero-shot evaluation prompt
+
+
+class M2D2(nn.Module):
+    """An M2D / M2D-CLAP / M2D2 model: log-mel front end, ViT audio encoder, optional CLAP heads.
+
+    Build it with :func:`m2d2_embed.load`. Embedding methods take audio as a float tensor or numpy array
+    ([samples] or [batch, samples], any sample rate given by ``sample_rate=``), a list of 1-D arrays of
+    different lengths, or file path(s). Outputs follow the input: tensors in -> tensors on the model's device,
+    numpy or paths in -> numpy; a 1-D input gives outputs without the batch axis. Outputs are float32.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        with torch.device("cpu"):  # the front end has no weights; build it for real even under a meta context
+            self.frontend = LogMelSpectrogram(config.frontend)
+        self.encoder = AudioEncoder(config.encoder)
+        self.audio_proj = build_audio_head(config.audio_head) if config.audio_head else None
+        self.text_encoder = None
+        if config.text is not None:
+            from .text import BertTextEncoder
+
+            self.text_encoder = BertTextEncoder(config.text)
+        self._tokenizer = None
+        self.eval()
+
+    # -- basic properties ----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def sample_rate(self) -> int:
+        """The model's sample rate in Hz (inputs at other rates are resampled)."""
+        return self.config.frontend.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.pos_embed.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of one patch token (768)."""
+        return self.config.encoder.embed_dim
+
+    @property
+    def freq_patches(self) -> int:
+        """Frequency patches per time step (5 for 80 mel bins and 16x16 patches)."""
+        return self.config.encoder.grid[0]
+
+    @property
+    def frame_dim(self) -> int:
+        """Width of a stacked frame embedding (5 x 768 = 3840)."""
+        return self.freq_patches * self.embed_dim
+
+    @property
+    def frame_hop_seconds(self) -> float:
+        """Time between frame embeddings inside a chunk: one patch width of log-mel hops (0.16 s)."""
+        c = self.config
+        return c.encoder.patch_size[1] * c.frontend.hop_length / c.frontend.sample_rate
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, sample_rate={self.sample_rate}"
+
+    # -- chunk geometry --------------------------------------------------------------------------------------
+    def _chunk_plan(self, num_frames: int) -> list[tuple[int, int]]:
+        """(first log-mel frame, time patches) of each chunk of a clip with ``num_frames`` frames.
+
+        Chunks are consecutive and non-overlapping, ``U`` (training width) frames each. The last, shorter chunk
+        is zero-padded (in the normalised domain) to whole patches, as in the reference. A chunk never has more
+        time patches than the position embedding: frames past them are ignored, as for a full chunk (the
+        reference crashes on a last chunk of U - 8 .. U - 1 frames).
+        """
+        U = self.config.encoder.chunk_frames
+        pw = self.config.encoder.patch_size[1]
+        T = self.config.encoder.grid[1]
+        plan = []
+        for start in range(0, num_frames, U):
+            width = min(U, num_frames - start)
+            plan.append((start, min(T, math.ceil(width / pw))))
+        return plan
+
+    def num_frames_for(self, num_samples: int) -> int:
+        """Number of frame embeddings for ``num_samples`` at the model's rate."""
+        return sum(t for _, t in self._chunk_plan(self.frontend.num_frames(num_samples)))
+
+    def frame_timestamps(self, num_samples: int, sample_rate: int | None = None,
+                         align: str = "center") -> np.ndarray:
+        """Times of the frame embeddings of a clip, in seconds, float64 [T].
+
+        Args:
+            num_samples: length of the clip in samples at ``sample_rate``.
+            sample_rate: rate of ``num_samples`` (default: the model's rate).
+            align: ``"center"`` (default): the centre of the log-mel frames each embedding covers (a 16-frame
+                patch is 0.16 s; chunk boundaries are respected). ``"reference"``: the upstream runtime's
+                ``i * duration / T``, which spreads the steps evenly over the clip (for HEAR compatibility).
+        """
+        if int(num_samples) <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        sr = sample_rate or self.sample_rate
+        n = int(num_samples) if sr == self.sample_rate else round(int(num_samples) * self.sample_rate / sr)
+        plan = self._chunk_plan(self.frontend.num_frames(n))
+        if align == "reference":
+            T = sum(t for _, t in plan)
+            return np.arange(T, dtype=np.float64) * (int(num_samples) / sr) / T
+        if align != "center":
+            raise ValueError(f"align must be 'center' or 'reference', got {align!r}")
+        pw = self.config.encoder.patch_size[1]
+        hop_s = self.config.frontend.hop_length / self.sample_rate
+        centres = [start + j * pw + (pw - 1) / 2 for start, t in plan for j in range(t)]
+        return np.asarray(centres, dtype=np.float64) * hop_s  # centred STFT: frame k is centred at k * hop
+
+    # -- core: waveforms -> patch tokens ---------------------------------------------------------------------
+    def _max_batch(self, batch_size: int | None) -> int:
+        if batch_size is not None:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            return batch_size
+        return 256 if self.device.type == "cuda" else 32
+
+    def _log_mels(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Log-mel [1, n_mels, F] per clip; clips of equal length share one front-end call."""
+        out: list[torch.Tensor | None] = [None] * len(waves)
+        by_len: dict[int, list[int]] = {}
+        for i, w in enumerate(waves):
+            by_len.setdefault(w.shape[-1], []).append(i)
+        for idx in by_len.values():
+            x = torch.stack([waves[i] for i in idx]).to(self.device, torch.float32)
+            lms = self.frontend(x)  # (b, 1, n_mels, F)
+            for j, i in enumerate(idx):
+                out[i] = lms[j]
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _encode_tokens(self, waves: list[torch.Tensor], batch_size: int | None = None) -> list[torch.Tensor]:
+        """Patch tokens of each clip, [f, T, D] float32 (frequency, time, width), chunks joined in time.
+
+        All chunks of all clips are grouped by width and run in as few encoder passes as the batch size allows.
+        """
+        pw = self.config.encoder.patch_size[1]
+        lms = self._log_mels(waves)
+        jobs: dict[int, list[tuple[int, int, int]]] = {}  # time patches -> [(clip, chunk index, start)]
+        plans = [self._chunk_plan(x.shape[-1]) for x in lms]
+        for i, plan in enumerate(plans):
+            for c, (start, t) in enumerate(plan):
+                jobs.setdefault(t, []).append((i, c, start))
+        results: dict[tuple[int, int], torch.Tensor] = {}
+        max_b = self._max_batch(batch_size)
+        f = self.freq_patches
+        for t, items in jobs.items():
+            width = t * pw
+            chunks = []
+            for i, _, start in items:
+                x = lms[i][..., start:start + width]
+                if x.shape[-1] < width:  # pad with 0 in the normalised domain, as the reference does
+                    x = nn.functional.pad(x, (0, width - x.shape[-1]))
+                chunks.append(x)
+            batch = torch.stack(chunks)  # (n, 1, n_mels, width)
+            tokens = self._run_encoder(batch, max_b)  # (n, f*t, D)
+            for (i, c, _), tok in zip(items, tokens):
+                results[(i, c)] = tok.reshape(f, t, -1)
+        return [torch.cat([results[(i, c)] for c in range(len(plan))], dim=1) for i, plan in enumerate(plans)]
+
+    def _run_encoder(self, batch: torch.Tensor, max_b: int) -> torch.Tensor:
+        outs, i = [], 0
+        while i < batch.shape[0]:
+            x = batch[i:i + max_b].to(self.dtype)
+            try:
+                outs.append(self.encoder(x).float())
+            except torch.cuda.OutOfMemoryError:
+                if max_b == 1:
+                    raise
+                max_b = max(1, max_b // 2)
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory; retrying with batches of %d chunks", max_b)
+                continue
+            i += x.shape[0]
+        return torch.cat(outs)
+
+    # -- output shaping -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _out(x: torch.Tensor, kind: str) -> torch.Tensor | np.ndarray:
+        return x if kind == "tensor" else x.detach().cpu().numpy()
+
+    def _shape(self, per_clip: list[torch.Tensor], prep, stack: bool) -> Any:
+        if not prep.batched:
+            return self._out(per_clip[0], prep.kind)
+        if stack or len({p.shape for p in per_clip}) == 1:
+            return self._out(torch.stack(per_clip), prep.kind)
+        return [self._out(p, prep.kind) for p in per_clip]
+
+    def _prepare(self, audio: AudioInput, sample_rate: int | None):
+        return prepare_audio(audio, sample_rate, self.sample_rate, self.frontend.min_samples(), self.device)
+
+    # -- public embedding API -----------------------------------------------------------------------------------
+    def frame_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none",
+                         batch_size: int | None = None) -> Any:
+        """Frame-level embeddings, one per 160 ms step (16 log-mel frames).
+
+        Args:
+            audio: see the class docstring.
+            sample_rate: rate of array inputs in Hz (required for arrays; resampled to 16 kHz).
+            reduce: ``"none"``: the 5 frequency patches concatenated per step, [.., T, 3840];
+                ``"mean"``: averaged over the frequency patches, [.., T, 768].
+            batch_size: most chunks (10-s log-mel windows) per encoder pass (default 32 on CPU, 256 on CUDA).
+        Returns:
+            [B, T, D] (a list of [T_i, D] for clips of different lengths), or [T, D] for a 1-D input.
+        """
+        if reduce not in ("none", "mean"):
+            raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
+        prep = self._prepare(audio, sample_rate)
+        toks = self._encode_tokens(prep.waves, batch_size)
+        frames = [self._pool_frames(t, reduce) for t in toks]
+        return self._shape(frames, prep, stack=False)
+
+    def _pool_frames(self, tokens: torch.Tensor, reduce: str) -> torch.Tensor:
+        f, T, D = tokens.shape
+        if reduce == "mean":
+            return tokens.mean(0)  # (T, D)
+        return tokens.permute(1, 0, 2).reshape(T, f * D)  # (T, f*D), frequency-major per step
+
+    def clip_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none",
+                        batch_size: int | None = None) -> Any:
+        """Clip-level embeddings: the mean over time of the frame embeddings.
+
+        Returns [B, 3840] ([B, 768] with ``reduce="mean"``), or [D] for a 1-D input.
+        """
+        if reduce not in ("none", "mean"):
+            raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
+        prep = self._prepare(audio, sample_rate)
+        toks = self._encode_tokens(prep.waves, batch_size)
+        clips = [self._pool_frames(t, reduce).mean(0) for t in toks]
+        return self._shape(clips, prep, stack=True)
+
+    # -- CLAP -----------------------------------------------------------------------------------------------------
+    def _require_head(self) -> nn.Module:
+        if self.audio_proj is None:
+            raise ValueError(f"model {self.name!r} has no CLAP audio head (an audio-only M2D/M2D-AS checkpoint); "
+                             "use an M2D-CLAP model such as 'm2d2-clap-2025' for text-aligned embeddings")
+        return self.audio_proj
+
+    def clap_audio_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, normalize: bool = False,
+                              long_audio: str = "auto", batch_size: int | None = None) -> Any:
+        """Audio embeddings in the shared audio-text space, [B, 768] ([768] for a 1-D input).
+
+        Args:
+            normalize: return unit vectors (the reference returns raw vectors; similarity is cosine either way).
+            long_audio: ``"full"``: the head attends over all patch tokens of the whole clip (the reference;
+                memory grows with the square of the length); ``"chunks"``: the head runs per 10-s chunk and the
+                chunk embeddings are averaged (bounded memory, an approximation); ``"auto"`` (default): full up
+                to 300 s, chunks beyond.
+        """
+        head = self._require_head()
+        if long_audio not in ("auto", "full", "chunks"):
+            raise ValueError(f"long_audio must be 'auto', 'full' or 'chunks', got {long_audio!r}")
+        prep = self._prepare(audio, sample_rate)
+        toks = self._encode_tokens(prep.waves, batch_size)
+        out = self._clap_from_tokens(head, toks, [w.shape[-1] for w in prep.waves], long_audio, batch_size)
+        if normalize:
+            out = nn.functional.normalize(out, dim=-1)
+        return self._shape(list(out), prep, stack=True)
+
+    @torch.inference_mode()
+    def _clap_from_tokens(self, head: nn.Module, toks: list[torch.Tensor], lengths: list[int], long_audio: str,
+                          batch_size: int | None) -> torch.Tensor:
+        T = self.config.encoder.grid[1]
+        full, chunked = [], []
+        for i, (tok, n) in enumerate(zip(toks, lengths)):
+            seconds = n / self.sample_rate
+            use_chunks = long_audio == "chunks" or (long_audio == "auto" and seconds > FULL_ATTENTION_MAX_SECONDS)
+            if use_chunks and long_audio == "auto":
+                log.info("clip %d is %.0f s long: the CLAP head runs per 10-s chunk and averages them "
+                         "(long_audio='full' attends over the whole clip, with memory growing as length^2)", i, seconds)
+            (chunked if use_chunks else full).append(i)
+        out: list[torch.Tensor | None] = [None] * len(toks)
+        flat = [toks[i].reshape(-1, toks[i].shape[-1]) for i in full]  # (f*T_i, D), order is irrelevant to the head
+        for j, e in zip(full, self._run_head(head, flat, batch_size)):
+            out[j] = e
+        for i in chunked:
+            parts = [p.reshape(-1, p.shape[-1]) for p in toks[i].split(T, dim=1)]
+            out[i] = self._run_head(head, parts, batch_size).mean(0)
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _run_head(self, head: nn.Module, seqs: list[torch.Tensor], batch_size: int | None) -> torch.Tensor:
+        """Head over token sets of different lengths; sets of one length run together, others padded + masked."""
+        if not seqs:
+            return torch.empty(0, self.embed_dim, device=self.device)
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        by_len: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            by_len.setdefault(s.shape[0], []).append(i)
+        max_b = self._max_batch(batch_size)
+        for idx in by_len.values():
+            for k in range(0, len(idx), max_b):
+                part = idx[k:k + max_b]
+                x = torch.stack([seqs[i] for i in part]).to(self.dtype)
+                for i, e in zip(part, head(x).float()):
+                    out[i] = e
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _tokenizer_obj(self):
+        if self._tokenizer is None:
+            from .text import Tokenizer
+
+            self._tokenizer = Tokenizer()
+        return self._tokenizer
+
+    @torch.inference_mode()
+    def clap_text_embeddings(self, texts: str | Sequence[str], *, normalize: bool = False,
+                             batch_size: int = 64, max_length: int = 512) -> torch.Tensor:
+        """Text embeddings in the shared audio-text space: [N, 768] for a list, [768] for one string.
+
+        Returns a float32 tensor on the model's device. Texts longer than ``max_length`` WordPiece tokens are
+        truncated with a logged warning.
+        """
+        from .text import check_texts
+
+        if self.text_encoder is None:
+            raise ValueError(f"model {self.name!r} has no text encoder; text embeddings need an M2D-CLAP model "
+                             "such as 'm2d2-clap-2025'")
+        items, single = check_texts(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tok = self._tokenizer_obj()
+        outs = []
+        for k in range(0, len(items), batch_size):
+            ids, mask = tok.encode(items[k:k + batch_size], max_length=max_length)
+            outs.append(self.text_encoder(ids.to(self.device), mask.to(self.device)).float())
+        out = torch.cat(outs)
+        if normalize:
+            out = nn.functional.normalize(out, dim=-1)
+        return out[0] if single else out
+
+    def zero_shot(self, audio: AudioInput, labels: Sequence[str], sample_rate: int | None = None, *,
+                  template: str = DEFAULT_TEMPLATE, scores: str = "softmax", temperature: float = 0.01,
+                  batch_size: int | None = None) -> Any:
+        """Score audio against text labels.
+
+        Args:
+            labels: class names; each is put into ``template`` (default ``"{label} can be heard"``).
+            scores: ``"softmax"`` (default): probabilities over the labels (single-label); ``"cosine"``: raw
+                cosine similarities in [-1, 1], independent per label (use for multi-label, thresholding
+                or ranking).
+            temperature: softmax temperature applied to cosine similarities (0.01, i.e. logits x 100, as CLAP).
+        Returns:
+            [B, N] (or [N] for one 1-D input / one file), following the input kind.
+        """
+        if isinstance(labels, str):
+            raise TypeError("labels must be a list of strings, e.g. ['dog', 'rain'], not one string")
+        labels = list(labels)
+        if not labels:
+            raise ValueError("labels is empty; pass at least one label")
+        if "{label}" not in template:
+            raise ValueError(f"template must contain '{{label}}', got {template!r}")
+        if scores not in ("softmax", "cosine"):
+            raise ValueError(f"scores must be 'softmax' or 'cosine', got {scores!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        text = self.clap_text_embeddings([template.format(label=str(lab)) for lab in labels], normalize=True)
+        prep = self._prepare(audio, sample_rate)
+        head = self._require_head()
+        toks = self._encode_tokens(prep.waves, batch_size)
+        a = self._clap_from_tokens(head, toks, [w.shape[-1] for w in prep.waves], "auto", batch_size)
+        sim = nn.functional.normalize(a, dim=-1) @ text.T
+        out = sim.softmax(-1) if scores == "softmax" else sim
+        return self._shape(list(out), prep, stack=True)
+
+
+def similarity(a: Any, b: Any) -> Any:
+    """Cosine similarity matrix between two sets of embeddings: [N, D] x [M, D] -> [N, M] (1-D inputs allowed).
+
+    Works on tensors (result on ``a``'s device) or numpy arrays (numpy result)."""
+    is_np = not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
+    ta = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a)
+    tb = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).to(ta.device)
+    if ta.shape[-1] != tb.shape[-1]:
+        raise ValueError(f"embedding widths differ: {tuple(ta.shape)} vs {tuple(tb.shape)}")
+    if ta.ndim not in (1, 2) or tb.ndim not in (1, 2):
+        raise ValueError(f"expected [N, D] or [D] embeddings, got {tuple(ta.shape)} and {tuple(tb.shape)}")
+    dt = torch.promote_types(ta.dtype, tb.dtype)
+    if not dt.is_floating_point:
+        dt = torch.float32
+    s = nn.functional.normalize(ta.to(dt), dim=-1) @ nn.functional.normalize(tb.to(dt), dim=-1).T
+    return s.numpy() if is_np else s
