@@ -213,6 +213,9 @@ def _atomic_write(dst: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

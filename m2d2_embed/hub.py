@@ -35,3 +35,18 @@ def fetch_registry_model(info: ModelInfo, *, cache_dir=None, offline=None) -> Pa
 
 def fetch_remote(spec: str, *, cache_dir=None, offline=None) -> Path:
     raise NotImplementedError("downloading from URLs is not available yet")
+
+
+def download_model(name_or_url: str, *, cache_dir=None, progress: bool | None = None, keep_source: bool = False) -> Path:
+    """Download (if needed), verify and convert a registry model or URL into the cache; return the converted path."""
+    raise NotImplementedError
+
+
+def list_models(cache_dir=None) -> list[dict]:
+    """One dict per registry model: name, description, kind, size_mb, url, license, cached (bool), path."""
+    raise NotImplementedError
+
+
+def cache_summary(cache_dir=None) -> dict:
+    """{'path': Path, 'total_bytes': int, 'entries': [{'name': str, 'bytes': int}], 'clear_hint': str}."""
+    raise NotImplementedError
