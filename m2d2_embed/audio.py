@@ -72,6 +72,8 @@ class LogMelSpectrogram(nn.Module):
 
     Runs in float32 on the module's device. Buffers (window, filters) are not saved in checkpoints."""
 
+    SEGMENT_FRAMES = 8192  # frames per STFT call (82 s at 16 kHz)
+
     def __init__(self, config: FrontEndConfig) -> None:
         super().__init__()
         self.config = config
@@ -89,12 +91,20 @@ class LogMelSpectrogram(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         c = self.config
-        spec = torch.stft(wave.float(), n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
-                          window=self.window, center=True, pad_mode="reflect", onesided=True,
-                          return_complex=True)  # (B, n_fft // 2 + 1, F)
-        power = torch.view_as_real(spec).pow(2).sum(-1)
-        mel = self.mel_fb @ power  # (B, n_mels, F)
-        x = torch.log(mel + LOG_EPS)
+        pad = c.n_fft // 2
+        # centred frames: reflect-pad once, then frame without centring, in segments so that a long file
+        # never materialises its whole complex spectrogram (same numbers as one torch.stft(center=True) call)
+        x = nn.functional.pad(wave.float(), (pad, pad), mode="reflect")
+        n_frames = self.num_frames(wave.shape[-1])
+        out = []
+        for a in range(0, n_frames, self.SEGMENT_FRAMES):
+            b = min(n_frames, a + self.SEGMENT_FRAMES)
+            seg = x[..., a * c.hop_length:(b - 1) * c.hop_length + c.n_fft]
+            spec = torch.stft(seg, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
+                              window=self.window, center=False, onesided=True, return_complex=True)
+            power = torch.view_as_real(spec).pow(2).sum(-1)  # (B, n_fft // 2 + 1, frames)
+            out.append(torch.log(self.mel_fb @ power + LOG_EPS))  # (B, n_mels, frames)
+        x = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
         x = (x - c.norm_mean) / c.norm_std
         return x.unsqueeze(1)  # (B, 1, n_mels, F)
 

@@ -187,6 +187,34 @@ class M2D2(nn.Module):
                 results[(i, c)] = tok.reshape(f, t, -1)
         return [torch.cat([results[(i, c)] for c in range(len(plan))], dim=1) for i, plan in enumerate(plans)]
 
+    def _map_clips(self, waves: list[torch.Tensor], fn, batch_size: int | None) -> list[Any]:
+        """Encode clips group by group and apply ``fn(tokens, indices) -> results`` to each group.
+
+        Clips are grouped by length (similar chunk widths run together) and a group holds at most four encoder
+        batches of chunks (or one clip), so 10,000 clips or an hour-long file never hold all their tokens at once.
+        Results come back in input order.
+        """
+        budget = 4 * self._max_batch(batch_size)
+        out: list[Any] = [None] * len(waves)
+
+        def flush(group: list[int]) -> None:
+            toks = self._encode_tokens([waves[j] for j in group], batch_size)
+            for j, r in zip(group, fn(toks, group)):
+                out[j] = r
+
+        group: list[int] = []
+        n = 0
+        for i in sorted(range(len(waves)), key=lambda i: waves[i].shape[-1]):
+            c = len(self._chunk_plan(self.frontend.num_frames(waves[i].shape[-1])))
+            if group and n + c > budget:
+                flush(group)
+                group, n = [], 0
+            group.append(i)
+            n += c
+        if group:
+            flush(group)
+        return out
+
     def _run_encoder(self, batch: torch.Tensor, max_b: int) -> torch.Tensor:
         outs, i = [], 0
         while i < batch.shape[0]:
@@ -235,8 +263,7 @@ class M2D2(nn.Module):
         if reduce not in ("none", "mean"):
             raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
         prep = self._prepare(audio, sample_rate)
-        toks = self._encode_tokens(prep.waves, batch_size)
-        frames = [self._pool_frames(t, reduce) for t in toks]
+        frames = self._map_clips(prep.waves, lambda toks, _: [self._pool_frames(t, reduce) for t in toks], batch_size)
         return self._shape(frames, prep, stack=False)
 
     def _pool_frames(self, tokens: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -254,8 +281,8 @@ class M2D2(nn.Module):
         if reduce not in ("none", "mean"):
             raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
         prep = self._prepare(audio, sample_rate)
-        toks = self._encode_tokens(prep.waves, batch_size)
-        clips = [self._pool_frames(t, reduce).mean(0) for t in toks]
+        clips = self._map_clips(prep.waves, lambda toks, _: [self._pool_frames(t, reduce).mean(0) for t in toks],
+                                batch_size)
         return self._shape(clips, prep, stack=True)
 
     # -- CLAP -----------------------------------------------------------------------------------------------------
@@ -280,11 +307,17 @@ class M2D2(nn.Module):
         if long_audio not in ("auto", "full", "chunks"):
             raise ValueError(f"long_audio must be 'auto', 'full' or 'chunks', got {long_audio!r}")
         prep = self._prepare(audio, sample_rate)
-        toks = self._encode_tokens(prep.waves, batch_size)
-        out = self._clap_from_tokens(head, toks, [w.shape[-1] for w in prep.waves], long_audio, batch_size)
+        out = torch.stack(self._clap_audio(head, prep.waves, long_audio, batch_size))
         if normalize:
             out = nn.functional.normalize(out, dim=-1)
         return self._shape(list(out), prep, stack=True)
+
+    def _clap_audio(self, head: nn.Module, waves: list[torch.Tensor], long_audio: str,
+                    batch_size: int | None) -> list[torch.Tensor]:
+        def fn(toks, idx):
+            return list(self._clap_from_tokens(head, toks, [waves[i].shape[-1] for i in idx], long_audio, batch_size))
+
+        return self._map_clips(waves, fn, batch_size)
 
     @torch.inference_mode()
     def _clap_from_tokens(self, head: nn.Module, toks: list[torch.Tensor], lengths: list[int], long_audio: str,
@@ -384,9 +417,7 @@ class M2D2(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         text = self.clap_text_embeddings([template.format(label=str(lab)) for lab in labels], normalize=True)
         prep = self._prepare(audio, sample_rate)
-        head = self._require_head()
-        toks = self._encode_tokens(prep.waves, batch_size)
-        a = self._clap_from_tokens(head, toks, [w.shape[-1] for w in prep.waves], "auto", batch_size)
+        a = torch.stack(self._clap_audio(self._require_head(), prep.waves, "auto", batch_size))
         sim = nn.functional.normalize(a, dim=-1) @ text.T
         out = sim.softmax(-1) if scores == "softmax" else sim
         return self._shape(list(out), prep, stack=True)
