@@ -27,7 +27,7 @@ LOG_EPS = float(torch.finfo(torch.float32).eps)
 RESAMPLER_QUALITY = "HQ"  # soxr 'HQ': 20-bit precision, linear phase, passband to 91% of Nyquist
 
 # 1-D/2-D array or tensor, a list of 1-D arrays, a file path, or a list of paths.
-AudioInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, Sequence[Any]]
+AudioInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, Sequence[Any]]  # noqa: UP007 (runtime alias)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64")
 
 # Integer PCM is scaled to [-1, 1) by the full scale of its type (as soundfile does when reading files).

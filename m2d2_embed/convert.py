@@ -103,7 +103,8 @@ def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return len(idx)
 
 
-def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def from_state_dict(sd: dict[str, Any], name: str = "",
+                    args: Any = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Map an upstream state dict (any known layout) to ours and infer the config from tensor shapes.
 
     Args:

@@ -78,7 +78,8 @@ def _pick_member(archive: Path) -> str:
     with zipfile.ZipFile(archive) as zf:
         found = [n for n in zf.namelist() if n.endswith(_CHECKPOINT_SUFFIXES)]
     if len(found) != 1:
-        raise dl.DownloadError(f"{archive.name} holds {len(found)} checkpoint files ({', '.join(found[:10]) or 'none'});"
+        listed = ", ".join(found[:10]) or "none"
+        raise dl.DownloadError(f"{archive.name} holds {len(found)} checkpoint files ({listed});"
                                " expected exactly one .pth or .safetensors")
     return found[0]
 
@@ -150,7 +151,8 @@ def fetch_remote(spec: str, *, cache_dir=None, offline: bool | None = None, prog
     return dst
 
 
-def download_model(name_or_url: str, *, cache_dir=None, progress: bool | None = None, keep_source: bool = False) -> Path:
+def download_model(name_or_url: str, *, cache_dir=None, progress: bool | None = None,
+                   keep_source: bool = False) -> Path:
     """Download (if needed), verify and convert a registry model or URL into the cache; return the converted path."""
     if name_or_url in MODELS:
         return fetch_registry_model(MODELS[name_or_url], cache_dir=cache_dir, offline=False, progress=progress,

@@ -62,7 +62,8 @@ def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.devic
         log.warning("ignoring %d unexpected tensors: %s", len(unexpected), unexpected[:10])
     for k, v in model.state_dict().items():
         if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, the config expects {tuple(v.shape)}")
+            raise CheckpointError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, "
+                                  f"the config expects {tuple(v.shape)}")
     model.load_state_dict({k: state_dict[k] for k in expected}, strict=True, assign=True)
     if dtype == "int8":
         model.float()

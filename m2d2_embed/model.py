@@ -324,7 +324,7 @@ class M2D2(nn.Module):
                           batch_size: int | None) -> torch.Tensor:
         T = self.config.encoder.grid[1]
         full, chunked = [], []
-        for i, (tok, n) in enumerate(zip(toks, lengths)):
+        for i, n in enumerate(lengths):
             seconds = n / self.sample_rate
             use_chunks = long_audio == "chunks" or (long_audio == "auto" and seconds > FULL_ATTENTION_MAX_SECONDS)
             if use_chunks and long_audio == "auto":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 
 
 def _load_generator():
@@ -57,3 +59,11 @@ def parity_state_dict(parity_checkpoint) -> dict[str, torch.Tensor]:
     """The raw ``model`` state dict of the seed-0 checkpoint."""
     torch.serialization.add_safe_globals([argparse.Namespace])
     return torch.load(parity_checkpoint, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random M2D2 (depth 2, width 64, semantic CLAP head, 2-layer BERT) saved in our format."""
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-m2d2")
