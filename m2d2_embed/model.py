@@ -419,7 +419,7 @@ class M2D2(nn.Module):
         prep = self._prepare(audio, sample_rate)
         a = torch.stack(self._clap_audio(self._require_head(), prep.waves, "auto", batch_size))
         sim = nn.functional.normalize(a, dim=-1) @ text.T
-        out = sim.softmax(-1) if scores == "softmax" else sim
+        out = (sim / temperature).softmax(-1) if scores == "softmax" else sim
         return self._shape(list(out), prep, stack=True)
 
 
