@@ -1,0 +1,398 @@
+"""Downstream: a linear probe on fixed embeddings, and fine-tuning the encoder with a linear head.
+
+Metrics: accuracy for single-label tasks, mAP (mean over classes of average precision) for multi-label ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..encoder import AudioEncoder
+from . import dist
+from .config import FinetuneConfig, to_dict
+from .data import ClipDataset, LabelMap, LogMelReader, Row, read_csv
+from .loop import Trainer
+from .m2d import init_weights
+from .stages import _with_pretrained_audio, read_pretrained, resolve_norm_stats, sub_state
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """scores [N, C], labels [N] class indices -> fraction of argmax hits."""
+    return float((np.asarray(scores).argmax(1) == np.asarray(labels)).mean())
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """scores, targets [N, C] (targets 0/1) -> mean over classes with a positive of the average precision
+    (precision at the rank of each positive, averaged; no interpolation)."""
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
+    aps = []
+    for c in range(scores.shape[1]):
+        pos = targets[:, c]
+        if not pos.any():
+            continue
+        hits = pos[np.argsort(-scores[:, c], kind="stable")]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(precision[hits].mean())
+    if not aps:
+        raise ValueError("no class has a positive example; mAP is undefined")
+    return float(np.mean(aps))
+
+
+def score(scores: np.ndarray, y: np.ndarray, multi_label: bool) -> float:
+    return mean_average_precision(scores, y) if multi_label else accuracy(scores, y)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear probe
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeResult:
+    """A trained linear probe. ``predict`` applies the standardisation and the linear layer."""
+
+    metric: str  # "accuracy" or "mAP"
+    val_score: float
+    test_score: float | None
+    classes: list[Any]  # label of each output column (single-label), or column indices (multi-label)
+    mean: np.ndarray  # (D,) standardisation statistics of the training embeddings
+    std: np.ndarray
+    weight: np.ndarray  # (C, D)
+    bias: np.ndarray  # (C,)
+    best_epoch: int
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings [N, D] -> logits [N, C]."""
+        return ((np.asarray(x, dtype=np.float32) - self.mean) / self.std) @ self.weight.T + self.bias
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray | Sequence[Any],
+    val_x: np.ndarray | None = None,
+    val_y: np.ndarray | Sequence[Any] | None = None,
+    test_x: np.ndarray | None = None,
+    test_y: np.ndarray | Sequence[Any] | None = None,
+    *,
+    val_fraction: float = 0.1,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+    max_epochs: int = 200,
+    patience: int = 20,
+    seed: int = 0,
+) -> ProbeResult:
+    """Linear evaluation of fixed embeddings: standardise with the training statistics, train a logistic
+    regression (softmax, or sigmoid per class for multi-label) with Adam, keep the epoch with the best
+    validation score, stop after ``patience`` epochs without improvement.
+
+    Args:
+        train_x: embeddings [N, D].
+        train_y: labels [N] (any hashable values), or multi-hot [N, C] for a multi-label task.
+        val_x, val_y: validation set; without it, ``val_fraction`` of the training set is held out.
+        test_x, test_y: scored once with the selected epoch.
+    Returns:
+        ``ProbeResult`` with the validation and test scores (accuracy or mAP).
+    """
+    rng = np.random.default_rng(seed)
+    train_x = np.asarray(train_x, dtype=np.float32)
+    y_arr = np.asarray(train_y)
+    multi = y_arr.ndim == 2
+    if multi:
+        classes: list[Any] = list(range(y_arr.shape[1]))
+
+        def enc(y: Any) -> np.ndarray:
+            return np.asarray(y, dtype=np.float32)
+    else:
+        classes = sorted(set(y_arr.tolist()))
+        index = {c: i for i, c in enumerate(classes)}
+
+        def enc(y: Any) -> np.ndarray:
+            try:
+                return np.array([index[v] for v in np.asarray(y).tolist()], dtype=np.int64)
+            except KeyError as e:
+                raise ValueError(f"label {e.args[0]!r} does not occur in the training labels") from e
+
+    y_tr = enc(train_y)
+    if val_x is None:
+        if not 0 < val_fraction < 1:
+            raise ValueError(
+                f"val_fraction must be in (0, 1) when no validation set is given, got {val_fraction}"
+            )
+        perm = rng.permutation(len(train_x))
+        n_val = max(1, int(round(len(train_x) * val_fraction)))
+        v, t = perm[:n_val], perm[n_val:]
+        val_x, y_val, train_x, y_tr = train_x[v], y_tr[v], train_x[t], y_tr[t]
+    else:
+        val_x, y_val = np.asarray(val_x, dtype=np.float32), enc(val_y)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-8
+
+    def prep(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((np.asarray(x, dtype=np.float32) - mean) / std)
+
+    xt, yt, xv = prep(train_x), torch.from_numpy(y_tr), prep(val_x)
+    torch.manual_seed(seed)
+    head = nn.Linear(xt.shape[1], len(classes))
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = F.binary_cross_entropy_with_logits if multi else F.cross_entropy
+    best, best_state, best_epoch, waited = -np.inf, None, 0, 0
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(max_epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
+            opt.zero_grad()
+            loss_fn(head(xt[idx]), yt[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            s = score(head(xv).numpy(), y_val, multi)
+        if s > best:
+            best, best_epoch, waited = s, epoch, 0
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    head.load_state_dict(best_state)
+    res = ProbeResult(
+        "mAP" if multi else "accuracy",
+        float(best),
+        None,
+        classes,
+        mean,
+        std,
+        head.weight.detach().numpy().copy(),
+        head.bias.detach().numpy().copy(),
+        best_epoch,
+    )
+    if test_x is not None:
+        res.test_score = score(res.predict(test_x), enc(test_y), multi)
+    return res
+
+
+def embed_rows(model_path: str | Path, rows: Sequence[Row], device: str = "cpu") -> np.ndarray:
+    """Clip embeddings [N, D] of audio files with the runtime model (``m2d2_embed.load``)."""
+    import soundfile as sf
+
+    import m2d2_embed
+
+    from ..audio import load_audio
+
+    model = m2d2_embed.load(str(model_path), device=device)
+    out = []
+    for r in rows:
+        if r.path.suffix == ".npy":
+            raise ValueError(f"{r.path}: the probe embeds waveforms; list audio files, not log-mel .npy")
+        sr = sf.info(str(r.path)).samplerate
+        e = model.clip_embeddings(load_audio(r.path, sample_rate=None), sample_rate=sr)
+        out.append(
+            np.asarray(e.detach().cpu() if isinstance(e, torch.Tensor) else e, dtype=np.float32).reshape(-1)
+        )
+    return np.stack(out)
+
+
+def probe_csv(
+    model_path: str | Path,
+    train_csv: str | Path,
+    val_csv: str | Path | None = None,
+    test_csv: str | Path | None = None,
+    device: str = "cpu",
+    **kw: Any,
+) -> ProbeResult:
+    """``linear_probe`` on the runtime model's clip embeddings of the files listed in CSVs with labels
+    (multi-label when a training row holds several labels separated by ';')."""
+    lm = LabelMap.from_rows(read_csv(train_csv))
+
+    def load(csv_path: str | Path | None) -> tuple[np.ndarray | None, Any]:
+        if csv_path is None:
+            return None, None
+        rows = read_csv(csv_path)
+        if lm.multi_label:
+            y: Any = np.stack([lm.encode(r.labels).numpy() for r in rows])
+        else:
+            y = [r.labels[0] if r.labels else None for r in rows]
+        return embed_rows(model_path, rows, device), y
+
+    (xtr, ytr), (xv, yv), (xte, yte) = load(train_csv), load(val_csv), load(test_csv)
+    return linear_probe(xtr, ytr, xv, yv, xte, yte, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ---------------------------------------------------------------------------------------------------
+
+
+def spec_mask(x: torch.Tensor, max_width: int, axis: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero (the normalised mean) one random band of up to ``max_width`` bins along ``axis`` of each clip.
+    x (B, 1, n_mels, frames); axis -2 masks frequency, -1 time."""
+    if max_width <= 0:
+        return x
+    B, n = x.shape[0], x.shape[axis]
+    width = torch.randint(0, min(max_width, n) + 1, (B,), generator=generator)
+    start = (torch.rand(B, generator=generator) * (n - width + 1)).long()
+    pos = torch.arange(n)
+    band = (pos[None] >= start[:, None]) & (pos[None] < (start + width)[:, None])  # (B, n)
+    shape = [B, 1, 1, 1]
+    shape[axis] = n
+    return x.masked_fill(band.view(shape).to(x.device), 0.0)
+
+
+class FinetuneModel(nn.Module):
+    """Encoder + linear head on the clip feature: patch tokens (B, f*t, D) -> (B, t, f*D) -> mean over time
+    (the layout of the runtime's clip embedding). Batch: ``x`` [B, 1, n_mels, frames], ``label``."""
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        model: ModelConfig,
+        encoder_state: dict[str, torch.Tensor],
+        labels: LabelMap,
+        crop_frames: int,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.model_config, self.labels, self.crop_frames = cfg, model, labels, crop_frames
+        self.encoder = AudioEncoder(model.encoder)
+        self.encoder.load_state_dict(encoder_state)
+        self.encoder.pos_embed.requires_grad_(False)
+        if cfg.freeze_encoder:
+            self.encoder.requires_grad_(False)
+        f, D = model.encoder.grid[0], model.encoder.embed_dim
+        self.head = nn.Linear(f * D, len(labels.names))
+        init_weights(self.head)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n_mels, frames) -> (B, f * D)."""
+        tokens = self.encoder(x)  # (B, f*t, D)
+        B, N, D = tokens.shape
+        f = self.encoder.config.grid[0]
+        return tokens.reshape(B, f, N // f, D).permute(0, 2, 1, 3).reshape(B, N // f, f * D).mean(1)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch["x"], batch["label"]
+        multi = self.labels.multi_label
+        target = y.float() if multi else F.one_hot(y, len(self.labels.names)).float()
+        if self.training:
+            gen = generator or torch.Generator().manual_seed(0)
+            x = spec_mask(spec_mask(x, self.cfg.freq_mask, -2, gen), self.cfg.time_mask, -1, gen)
+            if self.cfg.mixup > 0 and float(torch.rand(1, generator=gen)) < self.cfg.mixup:
+                lam = float(torch.rand(1, generator=gen))
+                x = lam * x + (1 - lam) * x.flip(0)
+                target = lam * target + (1 - lam) * target.flip(0)
+        logits = self.head(self.features(x)).float()
+        if multi:
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            loss = F.cross_entropy(logits, target)  # soft targets after mixup
+        return loss, {}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """A whole clip (1, n_mels, frames) -> logits [C]: the clip feature averaged over ``crop_frames``
+        windows (the last one padded with silence by the caller's normalised log-mel)."""
+        n, T = self.crop_frames, x.shape[-1]
+        starts = list(range(0, max(T - n, 0) + 1, n))
+        if starts[-1] + n < T:
+            starts.append(T - n)
+        chunks = torch.stack([x[..., s : s + n] for s in starts]) if T >= n else x[None]
+        return self.head(self.features(chunks).mean(0, keepdim=True))[0].float()
+
+    def export(self) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+        """The fine-tuned encoder (the CLAP head and text side no longer match it and are left out)."""
+        sd = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        return sd, dataclasses.replace(self.model_config, audio_head=None, text=None, text_weights=None)
+
+    def export_extra(self, model_dir: Path) -> None:
+        """``classifier.safetensors`` beside the model: the head and its class names."""
+        from safetensors.torch import save_file
+
+        meta = {"labels": json.dumps(self.labels.names), "multi_label": json.dumps(self.labels.multi_label)}
+        dst = (
+            model_dir.parent if model_dir.suffix == ".safetensors" else model_dir
+        ) / "classifier.safetensors"
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
+            str(dst),
+            metadata=meta,
+        )
+
+
+def evaluate_clips(model: FinetuneModel, dataset: ClipDataset) -> dict[str, float]:
+    """Score ``model`` on every clip of ``dataset`` (whole clips, windows averaged)."""
+    reader: LogMelReader = dataset.reader
+    scores, ys = [], []
+    device = next(model.parameters()).device
+    for r in dataset.rows:
+        x = dataset.normalise(reader(r.path))
+        if x.shape[-1] < model.crop_frames:
+            x = dataset.crop(x, np.random.default_rng(0))  # silence-padded to one window
+        scores.append(model.predict(x.to(device)).cpu().numpy())
+        ys.append(model.labels.encode(r.labels).numpy())
+    s, y = np.stack(scores), np.stack(ys)
+    return {"mAP" if model.labels.multi_label else "accuracy": score(s, y, model.labels.multi_label)}
+
+
+def setup_finetune(cfg: FinetuneConfig, info: dist.DistInfo) -> Trainer:
+    """Data, model and trainer for fine-tuning (nothing is trained yet)."""
+    if not cfg.init_from:
+        raise ValueError("finetune needs init_from: a pre-trained model (ours or an upstream .pth)")
+    if not cfg.data.csv:
+        raise ValueError("finetune needs data.csv with a 'label' column")
+    rows = read_csv(cfg.data.csv, cfg.data.root)
+    labels = LabelMap.from_rows(rows, cfg.multi_label)
+    pretrained, pcfg = read_pretrained(cfg.init_from)
+    model_cfg = resolve_norm_stats(cfg.data, rows, _with_pretrained_audio(cfg.model, pcfg), cfg.train.seed)
+    crop = cfg.data.crop_frames or model_cfg.encoder.chunk_frames
+    ds = ClipDataset(rows, model_cfg.frontend, crop, seed=cfg.train.seed, labels=labels)
+    torch.manual_seed(cfg.train.seed)
+    model = FinetuneModel(cfg, model_cfg, sub_state(pretrained, "encoder."), labels, crop)
+    evaluate = None
+    if cfg.val_csv:
+        val = ClipDataset(
+            read_csv(cfg.val_csv),
+            model_cfg.frontend,
+            crop,
+            random_crop=False,
+            norm_stats=(model_cfg.frontend.norm_mean, model_cfg.frontend.norm_std),
+        )
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            return evaluate_clips(m, val)  # type: ignore[arg-type]
+
+    log.info(
+        "fine-tuning on %d clips, %d classes (%s)",
+        len(rows),
+        len(labels.names),
+        "multi-label" if labels.multi_label else "single-label",
+    )
+    return Trainer(
+        model,
+        ds,
+        cfg.train,
+        cfg.optim,
+        info,
+        run_config={"stage": "finetune", **to_dict(cfg)},
+        evaluate=evaluate,
+        eval_every=cfg.eval_every,
+    )
