@@ -189,3 +189,49 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
 def test_importing_m2d2_embed_does_not_import_training():
     code = "import sys, m2d2_embed; sys.exit(any(m.startswith('m2d2_embed.train') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_cli_probe_on_an_exported_model(stage1_model, synth, capsys):
+    assert (
+        main(["probe", "--model", str(stage1_model), "--train", str(synth.train_csv), "--test", str(synth.val_csv)])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "accuracy" and out["classes"] == 4 and 0.0 <= out["test"] <= 1.0
+
+
+def test_text_init_reads_hugging_face_bert_files_and_our_exports(tmp_path):
+    from safetensors.torch import save_file
+    from train_fixtures import TINY_TEXT
+
+    from m2d2_embed.text import BertTextEncoder
+    from m2d2_embed.train.stages import load_text_weights
+
+    torch.manual_seed(0)
+    src = BertTextEncoder(TINY_TEXT)
+    hf = {
+        ("bert." + k).replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in src.state_dict().items()
+    }
+    hf["cls.predictions.bias"] = torch.zeros(3)  # a pre-training head tensor, ignored
+    save_file(hf, str(tmp_path / "model.safetensors"))
+    dst = BertTextEncoder(TINY_TEXT)
+    load_text_weights(dst, str(tmp_path))
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    save_file(
+        {"bert.embeddings.word_embeddings.weight": src.embeddings.word_embeddings.weight},
+        str(tmp_path / "partial.safetensors"),
+    )
+    with pytest.raises(ValueError, match="lacks text encoder tensors"):
+        load_text_weights(BertTextEncoder(TINY_TEXT), str(tmp_path / "partial.safetensors"))
+
+
+def test_stage1_runs_under_bf16_autocast_and_estimates_norm_stats(synth, tmp_path):
+    cfg = stage1_config(synth, tmp_path, max_steps=1, amp="bf16")
+    cfg.data.norm_stats = "auto"
+    trainer = setup_stage1(cfg, DistInfo())
+    fe = trainer.model.model_config.frontend
+    assert (fe.norm_mean, fe.norm_std) != (-7.1, 4.2) and -20 < fe.norm_mean < 0 < fe.norm_std
+    trainer.fit()
+    _, cfg_out = read_any(tmp_path / "model")
+    assert cfg_out.frontend.norm_mean == pytest.approx(fe.norm_mean)  # exported with the data's statistics

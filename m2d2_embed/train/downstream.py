@@ -135,9 +135,7 @@ def linear_probe(
     y_tr = enc(train_y)
     if val_x is None:
         if not 0 < val_fraction < 1:
-            raise ValueError(
-                f"val_fraction must be in (0, 1) when no validation set is given, got {val_fraction}"
-            )
+            raise ValueError(f"val_fraction must be in (0, 1) when no validation set is given, got {val_fraction}")
         perm = rng.permutation(len(train_x))
         n_val = max(1, int(round(len(train_x) * val_fraction)))
         v, t = perm[:n_val], perm[n_val:]
@@ -187,25 +185,17 @@ def linear_probe(
     return res
 
 
-def embed_rows(model_path: str | Path, rows: Sequence[Row], device: str = "cpu") -> np.ndarray:
-    """Clip embeddings [N, D] of audio files with the runtime model (``m2d2_embed.load``)."""
-    import soundfile as sf
-
-    import m2d2_embed
-
-    from ..audio import load_audio
-
-    model = m2d2_embed.load(str(model_path), device=device)
-    out = []
-    for r in rows:
-        if r.path.suffix == ".npy":
-            raise ValueError(f"{r.path}: the probe embeds waveforms; list audio files, not log-mel .npy")
-        sr = sf.info(str(r.path)).samplerate
-        e = model.clip_embeddings(load_audio(r.path, sample_rate=None), sample_rate=sr)
-        out.append(
-            np.asarray(e.detach().cpu() if isinstance(e, torch.Tensor) else e, dtype=np.float32).reshape(-1)
-        )
-    return np.stack(out)
+def embed_rows(model: Any, rows: Sequence[Row], batch_size: int = 16) -> np.ndarray:
+    """Clip embeddings [N, D] of the audio files in ``rows`` with a runtime model (from ``m2d2_embed.load``)."""
+    bad = [r.path for r in rows if r.path.suffix == ".npy"]
+    if bad:
+        raise ValueError(f"{bad[0]}: the probe embeds waveforms with the runtime model; list audio files, not .npy")
+    paths = [str(r.path) for r in rows]
+    parts = [
+        np.asarray(model.clip_embeddings(paths[i : i + batch_size]), dtype=np.float32)
+        for i in range(0, len(paths), batch_size)
+    ]
+    return np.concatenate(parts)
 
 
 def probe_csv(
@@ -218,7 +208,10 @@ def probe_csv(
 ) -> ProbeResult:
     """``linear_probe`` on the runtime model's clip embeddings of the files listed in CSVs with labels
     (multi-label when a training row holds several labels separated by ';')."""
+    import m2d2_embed
+
     lm = LabelMap.from_rows(read_csv(train_csv))
+    model = m2d2_embed.load(str(model_path), device=device)
 
     def load(csv_path: str | Path | None) -> tuple[np.ndarray | None, Any]:
         if csv_path is None:
@@ -228,7 +221,7 @@ def probe_csv(
             y: Any = np.stack([lm.encode(r.labels).numpy() for r in rows])
         else:
             y = [r.labels[0] if r.labels else None for r in rows]
-        return embed_rows(model_path, rows, device), y
+        return embed_rows(model, rows), y
 
     (xtr, ytr), (xv, yv), (xte, yte) = load(train_csv), load(val_csv), load(test_csv)
     return linear_probe(xtr, ytr, xv, yv, xte, yte, **kw)
@@ -328,9 +321,7 @@ class FinetuneModel(nn.Module):
         from safetensors.torch import save_file
 
         meta = {"labels": json.dumps(self.labels.names), "multi_label": json.dumps(self.labels.multi_label)}
-        dst = (
-            model_dir.parent if model_dir.suffix == ".safetensors" else model_dir
-        ) / "classifier.safetensors"
+        dst = (model_dir.parent if model_dir.suffix == ".safetensors" else model_dir) / "classifier.safetensors"
         save_file(
             {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
             str(dst),
