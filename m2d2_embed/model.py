@@ -422,6 +422,15 @@ class M2D2(nn.Module):
         out = (sim / temperature).softmax(-1) if scores == "softmax" else sim
         return self._shape(list(out), prep, stack=True)
 
+    def embed_files(self, paths_or_dir: Any, level: str = "clip", **kwargs: Any) -> Any:
+        """Embed audio files or folders into an ``EmbeddingSet`` (paths, embeddings, timestamps, failures).
+
+        See :func:`m2d2_embed.files.embed_files` for the arguments (batch_size, num_workers, progress, strict,
+        recursive, glob, reduce, normalize)."""
+        from .files import embed_files
+
+        return embed_files(self, paths_or_dir, level, **kwargs)
+
 
 def similarity(a: Any, b: Any) -> Any:
     """Cosine similarity matrix between two sets of embeddings: [N, D] x [M, D] -> [N, M] (1-D inputs allowed).

@@ -1,0 +1,561 @@
+"""Files in, embeddings out: collect audio files, decode them in DataLoader workers, batch them by length,
+embed them, and stream very long files through the model in chunk batches.
+
+    es = model.embed_files("recordings/", level="clip", recursive=True)
+    es.paths, es.embeddings            # [N] paths, [N, 3840] float32
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .audio import AUDIO_SUFFIXES, RESAMPLER_QUALITY, _check_finite_nonempty, _check_length, load_audio
+from .model import FULL_ATTENTION_MAX_SECONDS
+from .outputs import LEVELS, EmbeddingSet, FileFailure
+
+if TYPE_CHECKING:
+    from .model import M2D2
+
+log = logging.getLogger(__name__)
+
+STREAM_SECONDS = FULL_ATTENTION_MAX_SECONDS  # files longer than this are streamed through in chunk batches
+READ_BLOCK_FRAMES = 1 << 18  # frames per soundfile read when streaming (about 5.5 s at 48 kHz)
+PathInput = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+class NoAudioFilesError(ValueError):
+    """The inputs name no audio file (an empty folder, a glob with no match)."""
+
+
+class AudioFileError(ValueError):
+    """A file could not be embedded (raised by ``embed_files(strict=True)``)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class FileResult:
+    """One embedded file: ``embedding`` [D] (clip, clap) or [T, D] (frame); ``timestamps`` [T] s (frame)."""
+
+    path: str
+    embedding: np.ndarray
+    duration: float  # seconds
+    timestamps: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collecting files
+# ---------------------------------------------------------------------------------------------------
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _match(rel: str, pattern: str | None) -> bool:
+    if pattern is None:
+        return rel.lower().endswith(AUDIO_SUFFIXES)
+    name = rel.rsplit("/", 1)[-1]
+    return fnmatch.fnmatch(rel if "/" in pattern else name, pattern)
+
+
+def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | None = None) -> list[str]:
+    """Expand files, folders and quoted wildcards into a list of audio files, in order, without duplicates.
+
+    Args:
+        inputs: file path(s), folder(s), or wildcard patterns such as ``"data/*.wav"``.
+        recursive: also search the sub-folders of folders.
+        glob: pattern for the files taken from folders (``"*.wav"``; with a ``/`` it is matched against the
+            path relative to the folder). Default: the audio suffixes (.wav, .flac, .ogg, .opus, .mp3, ...).
+            Files named explicitly are always taken. Hidden files (``.name``) are skipped in folders.
+    Raises:
+        FileNotFoundError: an input does not exist. NoAudioFilesError: nothing to embed, saying why.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise NoAudioFilesError("no input paths given")
+    out: list[str] = []
+    seen: set[str] = set()
+    empty_reasons: list[str] = []
+
+    def add(p: str) -> None:
+        key = os.path.realpath(p)
+        if key in seen:
+            log.warning("skipping duplicate input %s", p)
+            return
+        seen.add(key)
+        out.append(p)
+
+    for item in items:
+        s = os.fspath(item)
+        if os.path.isdir(s):
+            found = _scan_dir(s, recursive, glob)
+            if not found:
+                empty_reasons.append(_why_empty(s, recursive, glob))
+            for f in found:
+                add(f)
+        elif os.path.exists(s):
+            add(s)
+        elif _has_magic(s):
+            matches = sorted(m for m in globlib.glob(s, recursive=recursive) if os.path.isfile(m))
+            if not matches:
+                empty_reasons.append(f"no files match {s!r}")
+            for m in matches:
+                add(m)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {s}")
+    if not out:
+        raise NoAudioFilesError("; ".join(empty_reasons) or "no audio files found")
+    return out
+
+
+def _scan_dir(d: str, recursive: bool, pattern: str | None) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(d):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".")) if recursive else []
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, d).replace(os.sep, "/")
+            if _match(rel, pattern) and os.path.isfile(full):
+                found.append(full)
+    return sorted(found, key=lambda p: os.path.relpath(p, d))
+
+
+def _why_empty(d: str, recursive: bool, pattern: str | None) -> str:
+    entries = [e for e in os.listdir(d) if not e.startswith(".")]
+    if not entries:
+        return f"folder {d} is empty"
+    where = f"{d}" + (" (searched recursively)" if recursive else "")
+    if pattern is not None:
+        return f"no files match --glob {pattern!r} in {where}"
+    hint = "" if recursive or not any(os.path.isdir(os.path.join(d, e)) for e in entries) else \
+        "; it has sub-folders: add --recursive (recursive=True)"
+    return (f"no audio files ({', '.join(AUDIO_SUFFIXES[:5])}, ...) in {where}{hint}; "
+            "use --glob (glob=) to pick other names")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Probing and decoding
+# ---------------------------------------------------------------------------------------------------
+
+def _probe(path: str) -> tuple[float, str | None]:
+    """(duration in seconds, None) or (0, reason). Reads only the header."""
+    import soundfile as sf
+
+    try:
+        if os.path.getsize(path) == 0:
+            return 0.0, "empty file (0 bytes)"
+        info = sf.info(path)
+    except Exception as e:  # LibsndfileError, RuntimeError, OSError
+        return 0.0, (f"cannot decode: {str(e).rstrip('.')}. Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 "
+                     "(and other libsndfile formats); convert others first, e.g. `ffmpeg -i IN OUT.flac`")
+    if info.frames <= 0:
+        return 0.0, "no samples (zero-length audio)"
+    return info.frames / info.samplerate, None
+
+
+class _AudioFiles(Dataset):
+    """Decodes file ``i`` (in a DataLoader worker) -> (i, float32 tensor [N] at ``sample_rate`` or None, error)."""
+
+    def __init__(self, paths: Sequence[str], sample_rate: int, min_samples: int) -> None:
+        self.paths = list(paths)
+        self.sample_rate = sample_rate
+        self.min_samples = min_samples
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        p = self.paths[i]
+        try:
+            wave = load_audio(p, sample_rate=self.sample_rate)
+            _check_finite_nonempty(wave, "the audio", self.min_samples)
+            _check_length(wave.shape[-1], "the audio", self.min_samples, self.sample_rate)
+        except Exception as e:  # reported per file; the others go on
+            return i, None, _reason(e)
+        return i, torch.from_numpy(wave), None
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e) or type(e).__name__
+    return msg if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {msg}"
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def _batches(order: Sequence[int], chunks: Sequence[int], budget: int) -> list[list[int]]:
+    """Group file indices (already sorted by length) so each group holds at most ``budget`` chunks."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i in order:
+        if cur and total + chunks[i] > budget:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += chunks[i]
+    if cur:
+        out.append(cur)
+    return out
+
+
+def default_num_workers() -> int:
+    """Decoding workers used by default: up to 4, leaving one core to the model."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedding
+# ---------------------------------------------------------------------------------------------------
+
+def output_dim(model: M2D2, level: str, reduce: str = "none") -> int:
+    """Width of one embedding at ``level``: 3840 (clip/frame), 768 (``reduce='mean'``), the CLAP size (clap)."""
+    if level == "clap":
+        head = model.config.audio_head
+        return head.out_dim if head is not None else model.embed_dim
+    return model.embed_dim if reduce == "mean" else model.frame_dim
+
+
+def weights_fingerprint(model: M2D2) -> str:
+    """A short hash of the encoder's norm and bias parameters: tells checkpoints apart cheaply."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.encoder.named_parameters()):
+        if p.ndim <= 1 or name.startswith("patch_embed"):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def embedding_metadata(model: M2D2, level: str, reduce: str = "none", normalize: bool = False) -> dict[str, Any]:
+    """What an output file records about how its embeddings were made (also the resume key of the CLI)."""
+    from . import __version__
+
+    return {"model": model.name, "weights_fingerprint": weights_fingerprint(model), "level": level,
+            "reduce": reduce if level != "clap" else "none", "normalize": bool(normalize),
+            "dim": output_dim(model, level, reduce), "sample_rate": model.sample_rate,
+            "compute_dtype": str(model.dtype).replace("torch.", ""),
+            "frame_hop_seconds": model.frame_hop_seconds, "timestamps_unit": "seconds (centre of each frame)",
+            "m2d2_embed_version": __version__}
+
+
+def _check_args(model: M2D2, level: str, reduce: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if reduce not in ("none", "mean"):
+        raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
+    if level == "clap":
+        model._require_head()
+
+
+def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip", *, reduce: str = "none",
+                         normalize: bool = False, batch_size: int | None = None, num_workers: int | None = None,
+                         progress: bool = True, strict: bool = False) -> Iterator[tuple[int, FileResult | FileFailure]]:
+    """Embed files and yield ``(index into paths, FileResult or FileFailure)`` as each file completes.
+
+    Completion order is not input order: files are batched by length. See :func:`embed_files` for the
+    arguments; this is the streaming form the CLI writes shards from.
+    """
+    from tqdm.auto import tqdm
+
+    _check_args(model, level, reduce)
+    paths = [os.fspath(p) for p in paths]
+    budget = model._max_batch(batch_size)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {workers}")
+    chunk_s = model.config.encoder.chunk_frames * model.config.frontend.hop_length / model.sample_rate
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        probes = list(pool.map(_probe, paths))
+    bar = tqdm(total=len(paths), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    audio_s = 0.0
+    t0 = time.perf_counter()
+
+    def done(n_files: int, seconds: float) -> None:
+        nonlocal audio_s
+        audio_s += seconds
+        bar.update(n_files)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(audio=f"{audio_s:.0f}s", rtf=f"{audio_s / elapsed:.1f}x", refresh=False)
+
+    def fail(i: int, reason: str) -> FileFailure:
+        if strict:
+            bar.close()
+            raise AudioFileError(paths[i], reason)
+        log.warning("skipping %s: %s", paths[i], reason)
+        return FileFailure(paths[i], reason)
+
+    short, long_, chunks = [], [], [0] * len(paths)
+    for i, (dur, err) in enumerate(probes):
+        if err is not None:
+            yield i, fail(i, err)
+            done(1, 0.0)
+        elif dur > STREAM_SECONDS:
+            long_.append(i)
+        else:
+            short.append(i)
+            chunks[i] = max(1, math.ceil(dur / chunk_s))
+    short.sort(key=lambda i: (-probes[i][0], i))  # longest first: an out-of-memory error shows at once
+    batches = _batches(short, chunks, budget)
+    try:
+        if batches:
+            ds = _AudioFiles(paths, model.sample_rate, model.frontend.min_samples())
+            workers = min(workers, len(batches) - 1)  # one batch: nothing to overlap, skip the worker start-up
+            loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                                pin_memory=model.device.type == "cuda", prefetch_factor=2 if workers else None)
+            for items in loader:
+                good = [(i, w) for i, w, _ in items if w is not None]
+                for i, _, err in items:
+                    if err is not None:
+                        yield i, fail(i, err)
+                        done(1, 0.0)
+                if good:
+                    idx = [i for i, _ in good]
+                    waves = [w for _, w in good]
+                    res = _embed_waves(model, [paths[i] for i in idx], waves, level, reduce, normalize, batch_size)
+                    yield from zip(idx, res)
+                    done(len(good), sum(w.shape[-1] for w in waves) / model.sample_rate)
+        for i in long_:
+            try:
+                res = _embed_streamed(model, paths[i], level, reduce, normalize, batch_size)
+            except (ValueError, OSError, RuntimeError) as e:
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                yield i, fail(i, _reason(e))
+                done(1, 0.0)
+                continue
+            yield i, res
+            done(1, res.duration)
+    finally:
+        bar.close()
+
+
+def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, batch_size: int | None = None,
+                num_workers: int | None = None, progress: bool = True, strict: bool = False,
+                recursive: bool = False, glob: str | None = None, reduce: str = "none",
+                normalize: bool = False) -> EmbeddingSet:
+    """Embed audio files or folders; decoding runs in DataLoader workers while the model works.
+
+    Args:
+        model: a loaded :class:`~m2d2_embed.M2D2`.
+        paths_or_dir: file(s), folder(s) or quoted wildcards (see :func:`collect_files`).
+        level: ``"clip"`` (mean over time, [D]), ``"frame"`` (one per 160 ms step, [T, D]) or ``"clap"``
+            (the audio side of the shared audio-text space, [768]).
+        batch_size: most 10-s chunks per batch (a clip of up to 10 s is one chunk); default 32 on CPU,
+            256 on CUDA. Files are sorted by length and grouped to fill batches with little padding.
+        num_workers: decoding processes (default: up to 4, one core left to the model; 0 decodes inline).
+        progress: show a progress bar (files/s) on stderr.
+        strict: raise :class:`AudioFileError` at the first file that fails instead of skipping it.
+        recursive, glob: how folders are searched (see :func:`collect_files`).
+        reduce: ``"none"`` (5 frequency patches stacked, 3840) or ``"mean"`` (768) for clip and frame levels.
+        normalize: L2-normalise each embedding vector (each frame at frame level).
+    Returns:
+        an :class:`~m2d2_embed.outputs.EmbeddingSet` in input order: ``paths``, ``embeddings`` ([N, D] float32,
+        a list of [T_i, D] at frame level), ``timestamps`` (frame level, seconds), ``durations`` (s),
+        ``failures`` (path and reason of each file that was skipped) and ``metadata``.
+
+    Files longer than 300 s are decoded and embedded in chunk batches as they stream in, so memory stays
+    bounded whatever their length (at frame level the output itself grows with the length).
+    """
+    files = collect_files(paths_or_dir, recursive=recursive, glob=glob)
+    results: dict[int, FileResult] = {}
+    failures: dict[int, FileFailure] = {}
+    for i, r in iter_file_embeddings(model, files, level, reduce=reduce, normalize=normalize,
+                                     batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                     strict=strict):
+        (results if isinstance(r, FileResult) else failures)[i] = r  # type: ignore[index]
+    ok = sorted(results)
+    return results_to_set([results[i] for i in ok], [failures[i] for i in sorted(failures)],
+                          embedding_metadata(model, level, reduce, normalize), level)
+
+
+def results_to_set(results: Sequence[FileResult], failures: Sequence[FileFailure], metadata: dict[str, Any],
+                   level: str) -> EmbeddingSet:
+    """Pack per-file results into an :class:`EmbeddingSet`."""
+    dim = int(metadata["dim"])
+    if level == "frame":
+        embeddings: np.ndarray | list[np.ndarray] = [r.embedding for r in results]
+        timestamps = [r.timestamps for r in results]  # type: ignore[misc]
+    else:
+        embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
+        timestamps = None
+    return EmbeddingSet([r.path for r in results], embeddings, level, timestamps,
+                        np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata))
+
+
+def _finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
+    if normalize:
+        x = nn.functional.normalize(x.float(), dim=-1)
+    return x.detach().float().cpu().numpy()
+
+
+def _embed_waves(model: M2D2, paths: list[str], waves: list[torch.Tensor], level: str, reduce: str,
+                 normalize: bool, batch_size: int | None) -> list[FileResult]:
+    """One batch of decoded clips (each at most ``STREAM_SECONDS``) -> results, same order."""
+    toks = model._encode_tokens(waves, batch_size)
+    lengths = [w.shape[-1] for w in waves]
+    if level == "clap":
+        embs = list(model._clap_from_tokens(model._require_head(), toks, lengths, "auto", batch_size))
+    elif level == "frame":
+        embs = [model._pool_frames(t, reduce) for t in toks]
+    else:
+        embs = [model._pool_frames(t, reduce).mean(0) for t in toks]
+    out = []
+    for p, e, n in zip(paths, embs, lengths):
+        ts = model.frame_timestamps(n) if level == "frame" else None
+        out.append(FileResult(p, _finish(e, normalize), n / model.sample_rate, ts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Long files: decode and embed in chunk batches
+# ---------------------------------------------------------------------------------------------------
+
+def _stream_wave(path: str, target_sr: int) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of a file at ``target_sr`` (the same samples as ``load_audio``, block by block)."""
+    import soundfile as sf
+
+    with sf.SoundFile(path) as f:
+        sr = f.samplerate
+        rs = None
+        if sr != target_sr:
+            import soxr
+
+            rs = soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality=RESAMPLER_QUALITY)
+        while True:
+            data = f.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, C)
+            last = data.shape[0] < READ_BLOCK_FRAMES
+            x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise ValueError("the audio contains NaN or Inf samples")
+            if rs is not None:
+                x = rs.resample_chunk(x, last=last)
+            if len(x):
+                yield x
+            if last:
+                return
+
+
+class _ChunkAccumulator:
+    """Runs log-mel chunks through the encoder and keeps only what the level needs."""
+
+    def __init__(self, model: M2D2, level: str, reduce: str, batch_size: int | None) -> None:
+        self.model, self.level, self.reduce, self.batch_size = model, level, reduce, batch_size
+        self.frames: list[torch.Tensor] = []
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, lms: torch.Tensor, chunks: Sequence[tuple[int, int]]) -> None:
+        """``lms`` [1, n_mels, F]; ``chunks``: (first frame in ``lms``, time patches) of each chunk."""
+        m = self.model
+        pw = m.config.encoder.patch_size[1]
+        f = m.freq_patches
+        by_t: dict[int, list[int]] = {}
+        for start, t in chunks:
+            by_t.setdefault(t, []).append(start)
+        toks = []
+        for t, starts in by_t.items():
+            xs = []
+            for s in starts:
+                x = lms[..., s:s + t * pw]
+                if x.shape[-1] < t * pw:  # zero-pad the last chunk to whole patches, as the model does
+                    x = nn.functional.pad(x, (0, t * pw - x.shape[-1]))
+                xs.append(x)
+            out = m._run_encoder(torch.stack(xs), m._max_batch(self.batch_size))  # (n, f*t, D)
+            toks += [(s, o.reshape(f, t, -1)) for s, o in zip(starts, out)]
+        toks.sort(key=lambda st: st[0])
+        if self.level == "clap":
+            head = m._require_head()
+            embs = m._run_head(head, [tok.reshape(-1, tok.shape[-1]) for _, tok in toks], self.batch_size)
+            self._sum(embs.sum(0), len(toks))
+            return
+        for _, tok in toks:
+            fr = m._pool_frames(tok, self.reduce)  # (t, D)
+            if self.level == "frame":
+                self.frames.append(fr.float().cpu())
+            else:
+                self._sum(fr.double().sum(0), fr.shape[0])
+
+    def _sum(self, x: torch.Tensor, n: int) -> None:
+        x = x.double()
+        self.total = x if self.total is None else self.total + x
+        self.count += n
+
+    def result(self) -> torch.Tensor:
+        if self.level == "frame":
+            return torch.cat(self.frames)
+        return (self.total / self.count).float()  # type: ignore[operator]
+
+
+@torch.inference_mode()
+def _embed_streamed(model: M2D2, path: str, level: str, reduce: str, normalize: bool,
+                    batch_size: int | None) -> FileResult:
+    """Embed a long file while it is decoded: log-mel and encoder run on steps of whole chunks.
+
+    Each step's log-mel is computed on its samples plus ``margin`` samples of context on each side, so every
+    frame sees the same samples as in a whole-file log-mel; the last step uses the file's true end.
+    """
+    fe, enc = model.config.frontend, model.config.encoder
+    hop, U = fe.hop_length, enc.chunk_frames
+    margin = hop * math.ceil((fe.n_fft // 2) / hop)  # context samples, a whole number of hops
+    step = model._max_batch(batch_size)  # chunks per step: one encoder batch
+    t_full = model._chunk_plan(U)[0][1]  # time patches of a full chunk
+    acc = _ChunkAccumulator(model, level, reduce, batch_size)
+    buf = np.zeros(0, dtype=np.float32)
+    buf_start = 0  # absolute sample index of buf[0]
+    next_chunk = 0  # first chunk not yet embedded
+    total = 0
+
+    def log_mel(a: int, b: int | None) -> torch.Tensor:
+        seg = buf[a - buf_start:None if b is None else b - buf_start]
+        x = torch.from_numpy(np.ascontiguousarray(seg)).to(model.device)[None]
+        return model.frontend(x)[0]  # (1, n_mels, F)
+
+    for block in _stream_wave(path, model.sample_rate):
+        buf = np.concatenate([buf, block]) if len(buf) else block
+        total += len(block)
+        while True:
+            s = next_chunk * U * hop  # centre of the first frame of this step
+            end = s + step * U * hop + margin
+            if buf_start + len(buf) < end:
+                break
+            a = max(0, s - margin)
+            lms = log_mel(a, end)[..., (s - a) // hop:]
+            acc.add(lms, [(c * U, t_full) for c in range(step)])
+            next_chunk += step
+            keep_from = next_chunk * U * hop - margin
+            buf = buf[keep_from - buf_start:].copy()
+            buf_start = keep_from
+    min_samples = model.frontend.min_samples()
+    if total < min_samples:
+        raise ValueError(f"the audio is too short: {total} samples, the model needs at least {min_samples}")
+    plan = model._chunk_plan(model.frontend.num_frames(total))[next_chunk:]
+    if plan:
+        s = next_chunk * U * hop
+        a = max(0, s - margin)
+        lms = log_mel(a, None)[..., (s - a) // hop:]
+        acc.add(lms, [(start - next_chunk * U, t) for start, t in plan])
+    emb = acc.result()
+    ts = model.frame_timestamps(total) if level == "frame" else None
+    return FileResult(path, _finish(emb, normalize), total / model.sample_rate, ts)

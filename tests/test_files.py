@@ -1,0 +1,225 @@
+"""Files in, embeddings out: collecting files, embed_files, long-file streaming, and reading outputs back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from audio_files import BAD, GOOD, good_paths, make_audio_folder, signal
+from tiny import save_tiny, tiny_config
+
+import m2d2_embed as m2d2
+from m2d2_embed import files
+from m2d2_embed.files import AudioFileError, NoAudioFilesError, collect_files
+from m2d2_embed.outputs import EmbeddingSet, FileFailure
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return m2d2.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_audio_folder(tmp_path_factory.mktemp("audio"))
+
+
+@pytest.fixture(scope="module")
+def narrow_model(tmp_path_factory):
+    """Chunks of 97 log-mel frames (about 1 s): long-file streaming is exercised on seconds of audio."""
+    return m2d2.load(save_tiny(tmp_path_factory.mktemp("narrow") / "m", tiny_config(width=97)), device="cpu")
+
+
+def reference(model, path: str, level: str, long_audio: str = "auto") -> np.ndarray:
+    if level == "clip":
+        return model.clip_embeddings(path)
+    if level == "frame":
+        return model.frame_embeddings(path)
+    return model.clap_audio_embeddings(path, long_audio=long_audio)
+
+
+# ---------------------------------------------------------------------------------------------------
+# collect_files
+# ---------------------------------------------------------------------------------------------------
+
+def test_collect_takes_audio_suffixes_sorted_and_skips_hidden_and_other_files(folder):
+    got = collect_files(folder)
+    names = [Path(p).name for p in got]
+    assert names == sorted(list(GOOD) + BAD)
+    assert ".hidden.wav" not in names and "notes.txt" not in names
+
+
+def test_collect_recursive_glob_wildcards_and_duplicates(folder):
+    assert [Path(p).name for p in collect_files(folder, recursive=True, glob="*2s.wav")] == ["nested_2s.wav"]
+    assert [Path(p).name for p in collect_files(folder, glob="*.flac")] == ["noise_3p3s.flac", "zero_bytes.flac"]
+    wav = str(folder / "tone_0p5s.wav")
+    assert collect_files([wav, wav, folder / "tone_0p5s.wav"]) == [wav]  # duplicates embedded once
+    assert [Path(p).name for p in collect_files(str(folder / "tone_*.wav"))] == ["tone_0p5s.wav", "tone_1s_f32.wav"]
+    assert collect_files(folder / "notes.txt") == [str(folder / "notes.txt")]  # named files are taken as they are
+
+
+def test_collect_explains_why_nothing_was_found(folder, tmp_path):
+    with pytest.raises(NoAudioFilesError, match="is empty"):
+        collect_files(tmp_path)
+    with pytest.raises(NoAudioFilesError, match=r"no files match --glob '\*.mp3'"):
+        collect_files(folder, glob="*.mp3")
+    (tmp_path / "only_sub").mkdir()
+    (tmp_path / "only_sub" / "x").mkdir()
+    sf.write(tmp_path / "only_sub" / "x" / "a.wav", signal(0.5, 16000, 1, 0), 16000)
+    with pytest.raises(NoAudioFilesError, match="add --recursive"):
+        collect_files(tmp_path / "only_sub")
+    with pytest.raises(NoAudioFilesError, match="no files match"):
+        collect_files(str(folder / "*.mp3"))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        collect_files(folder / "missing.wav")
+
+
+# ---------------------------------------------------------------------------------------------------
+# embed_files
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("level", ["clip", "frame", "clap"])
+def test_embed_files_equals_the_per_file_methods(model, folder, level):
+    es = model.embed_files(folder, level=level, num_workers=0, progress=False)
+    assert es.paths == good_paths(folder)  # input order (sorted folder listing), bad files left out
+    assert es.level == level and es.metadata["level"] == level
+    for i, p in enumerate(es.paths):
+        np.testing.assert_allclose(es.embeddings[i], reference(model, p, level), atol=2e-5, rtol=1e-4)
+    if level == "frame":
+        for p, ts, e in zip(es.paths, es.timestamps, es.embeddings):
+            n = len(m2d2.load_audio(p))
+            np.testing.assert_allclose(ts, model.frame_timestamps(n))
+            assert ts.shape == (e.shape[0],)
+    assert es.dim == (64 if level == "clap" else 320)
+    np.testing.assert_allclose(es.durations, [GOOD[Path(p).name][0] for p in es.paths], atol=1e-3)
+
+
+def test_failed_files_are_reported_and_the_rest_embedded(model, folder):
+    es = model.embed_files(folder, num_workers=0, progress=False)
+    reasons = {Path(f.path).name: f.reason for f in es.failures}
+    assert sorted(reasons) == sorted(BAD)
+    assert "cannot decode" in reasons["corrupt.wav"] and "ffmpeg" in reasons["corrupt.wav"]
+    assert "zero-length" in reasons["zero_length.wav"]
+    assert "0 bytes" in reasons["zero_bytes.flac"]
+    assert "too short" in reasons["too_short.wav"]
+    with pytest.raises(AudioFileError, match="corrupt.wav"):
+        model.embed_files(folder, num_workers=0, progress=False, strict=True)
+
+
+def test_workers_and_small_batches_keep_input_order_and_values(model, folder):
+    order = [str(folder / n) for n in ["tone_1s_f32.wav", "chirp_12s.ogg", "corrupt.wav", "tone_0p5s.wav",
+                                       "noise_3p3s.flac"]]
+    ref = model.embed_files(order, num_workers=0, progress=False)
+    es = model.embed_files(order, num_workers=2, batch_size=1, progress=False)
+    assert es.paths == [p for p in order if "corrupt" not in p]
+    np.testing.assert_allclose(es.embeddings, ref.embeddings, atol=2e-5)
+    assert [f.path for f in es.failures] == [order[2]]
+
+
+def test_normalize_and_reduce(model, folder):
+    es = model.embed_files(folder / "tone_0p5s.wav", level="frame", reduce="mean", normalize=True,
+                           num_workers=0, progress=False)
+    assert es.embeddings[0].shape[1] == 64
+    np.testing.assert_allclose(np.linalg.norm(es.embeddings[0], axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="level must be"):
+        model.embed_files(folder, level="scene", progress=False)
+
+
+@pytest.mark.parametrize("level", ["clip", "frame", "clap"])
+def test_long_files_are_streamed_in_chunk_batches_with_the_same_result(narrow_model, tmp_path, monkeypatch, level):
+    # 9.3 s at 44.1 kHz stereo and 7.77 s at 16 kHz: chunks of 0.97 s, steps of 2 chunks, blocks of 4096 frames
+    sf.write(tmp_path / "a.flac", signal(9.3, 44100, 2, 1), 44100, subtype="PCM_24")
+    sf.write(tmp_path / "b.wav", signal(7.77, 16000, 1, 2), 16000, subtype="FLOAT")
+    monkeypatch.setattr(files, "STREAM_SECONDS", 2.0)
+    monkeypatch.setattr(files, "READ_BLOCK_FRAMES", 4096)
+    es = narrow_model.embed_files(tmp_path, level=level, batch_size=2, num_workers=0, progress=False)
+    assert len(es) == 2 and not es.failures
+    for i, p in enumerate(es.paths):
+        ref = reference(narrow_model, p, level, long_audio="chunks")
+        atol = 5e-4 if p.endswith(".flac") else 2e-5  # streamed resampling differs from one-shot at block edges
+        np.testing.assert_allclose(es.embeddings[i], ref, atol=atol)
+        if level == "frame":
+            np.testing.assert_allclose(es.timestamps[i], narrow_model.frame_timestamps(len(m2d2.load_audio(p))))
+
+
+def test_one_hour_file_embeds_in_bounded_memory(tiny_model_dir, tmp_path):
+    path = tmp_path / "hour.wav"
+    with sf.SoundFile(path, "w", 16000, 1, subtype="PCM_16") as f:
+        block = signal(60.0, 16000, 1, 3)
+        for _ in range(60):
+            f.write(block)
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        import m2d2_embed as m2d2
+        model = m2d2.load({str(tiny_model_dir)!r}, device="cpu")
+        model.clip_embeddings(m2d2.load_audio({str(path)!r})[:16000 * 20], sample_rate=16000)  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        es = model.embed_files({str(path)!r}, level="clip", progress=False)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"growth_mb": (after - before) / 1024, "duration": float(es.durations[0]),
+                           "finite": bool(abs(es.embeddings).sum() > 0)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["duration"] == pytest.approx(3600.0)
+    assert res["finite"]
+    # the whole file as float32 alone is 230 MB, its spectrogram several times that
+    assert res["growth_mb"] < 200, res
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output formats
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "parquet"])
+@pytest.mark.parametrize("level", ["clip", "frame"])
+def test_every_format_reads_back_the_same(model, folder, tmp_path, fmt, level):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    es = model.embed_files(folder, level=level, num_workers=0, progress=False)
+    out = es.save(tmp_path / f"emb.{fmt}")
+    back = m2d2.read_embeddings(out)
+    assert back.paths == es.paths and back.level == level
+    assert back.metadata["model"] == "tiny" and back.metadata["dim"] == 320
+    assert back.metadata["sample_rate"] == 16000 and "m2d2_embed_version" in back.metadata
+    np.testing.assert_allclose(back.durations, es.durations)
+    assert [f.path for f in back.failures] == [f.path for f in es.failures]
+    if level == "frame":
+        for a, b, ta, tb in zip(back.embeddings, es.embeddings, back.timestamps, es.timestamps):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(ta, tb)
+    else:
+        np.testing.assert_array_equal(back.embeddings, es.embeddings)
+        assert back.embeddings.dtype == np.float32
+
+
+def test_parquet_schema_and_error_rows(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    es = EmbeddingSet(["a.wav", "b.wav"], [np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)], "frame",
+                      [np.arange(3.0), np.arange(2.0)], np.array([1.0, 0.5]), [], {"model": "m", "dim": 4})
+    es.save(tmp_path / "f.parquet")
+    schema = pq.read_schema(tmp_path / "f.parquet")
+    assert schema.names == ["path", "model", "level", "dim", "embedding", "timestamps", "duration", "error"]
+    assert schema.field("embedding").type == pa.list_(pa.list_(pa.float32(), 4))
+    # a folder of Parquet files without a manifest (as a distributed writer leaves it), with an error row
+    d = tmp_path / "ray_out"
+    d.mkdir()
+    clip = EmbeddingSet(["c.wav"], np.ones((1, 4), np.float32), "clip", None, np.array([2.0]), [],
+                        {"model": "m", "dim": 4})
+    clip.save(d / "0.parquet")
+    t = pq.read_table(d / "0.parquet")
+    assert t.schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    bad = t.set_column(t.schema.get_field_index("error"), "error", pa.array(["cannot decode"], pa.string()))
+    bad = bad.set_column(0, "path", pa.array(["bad.wav"]))
+    pq.write_table(bad, d / "1.parquet")
+    back = m2d2.read_embeddings(d)
+    assert back.paths == ["c.wav"] and back.failures == [FileFailure("bad.wav", "cannot decode")]
+    np.testing.assert_array_equal(back.embeddings, np.ones((1, 4), np.float32))
