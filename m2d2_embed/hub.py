@@ -40,12 +40,19 @@ def _is_converted(d: Path) -> bool:
     return (d / "model.safetensors").is_file() and (d / "config.json").is_file()
 
 
-def _convert_into(pth: Path, dst: Path) -> None:
-    from .convert import convert
+def _convert_into(pth: Path, dst: Path, text_weights: str | None = None) -> None:
+    import dataclasses
+
+    from .config import TextConfig
+    from .convert import read_any, save_model
 
     tmp = dst.with_name(dst.name + ".converting")
     shutil.rmtree(tmp, ignore_errors=True)
-    convert(pth, tmp)
+    sd, cfg = read_any(pth)
+    cfg = dataclasses.replace(cfg, name=dst.name)
+    if text_weights and cfg.text is None:  # the text encoder lives elsewhere; fetched at load time
+        cfg = dataclasses.replace(cfg, text=TextConfig(pooling="mean"), text_weights=text_weights)
+    save_model(sd, cfg, tmp)
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)  # the converted folder appears whole or not at all
@@ -117,7 +124,7 @@ def fetch_registry_model(info: ModelInfo, *, cache_dir=None, offline: bool | Non
                     LICENSE_SUMMARY, LICENSE_URL)
         work = root / "downloads"
         ckpt = _fetch_archive_member(info.url, info.member, info.sha256, work, progress=progress, hint=hint)
-        _convert_into(ckpt, dst)
+        _convert_into(ckpt, dst, info.text_weights)
         _cleanup(work, keep_source)
     return dst
 
@@ -188,3 +195,31 @@ def cache_summary(cache_dir=None) -> dict:
                 entries.append({"name": p.name, "bytes": _dir_bytes(p)})
     return {"path": root, "total_bytes": sum(e["bytes"] for e in entries), "entries": entries,
             "clear_hint": f"remove the folder to clear it: rm -r {root} (or delete single entries inside it)"}
+
+
+def fetch_text_weights(config, *, offline: bool | None = None) -> dict:
+    """State dict (``text_encoder.*``) of a text encoder kept outside the checkpoint, e.g. GTE-base from the Hub
+    (``config.text_weights``), fetched through ``huggingface_hub`` and its cache."""
+    from safetensors.torch import load_file
+
+    spec = config.text_weights
+    if not spec.startswith("hf://"):
+        raise ValueError(f"unsupported text_weights location {spec!r}; expected hf://owner/repo/file.safetensors")
+    path = dl.hf_download(spec, offline=offline, hint="load the model once while online to cache its text encoder")
+    sd = load_file(str(path))
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("bert.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith(("embeddings.", "encoder.", "pooler.")):
+            out["text_encoder." + k] = v
+    if "text_encoder.embeddings.word_embeddings.weight" not in out:
+        raise ValueError(f"{spec} does not hold BERT-style text encoder weights (found e.g. {sorted(sd)[:5]})")
+    if "text_encoder.pooler.dense.weight" not in out:  # the pooler is unused; some exports drop it
+        import torch
+
+        d = config.text.hidden_size
+        out["text_encoder.pooler.dense.weight"] = torch.zeros(d, d)
+        out["text_encoder.pooler.dense.bias"] = torch.zeros(d)
+    return out

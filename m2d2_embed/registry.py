@@ -10,6 +10,7 @@ LICENSE_URL = "https://github.com/nttcslab/m2d/blob/master/LICENSE.pdf"
 LICENSE_SUMMARY = ("NTT license: the M2D weights may be used for research/evaluation only and may not be "
                    "redistributed; read the full terms before use")
 DEFAULT_MODEL = "m2d2-clap-2025"
+GTE_BASE = "hf://thenlper/gte-base/model.safetensors"  # MIT licence; BERT architecture, uncased WordPiece vocab
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ModelInfo:
     size_mb: int  # approximate download size
     description: str
     kind: str  # "clap" (audio + text) or "audio" (encoder only)
+    text_weights: str | None = None  # text encoder fetched separately (2024 'A' models: GTE-base from the Hub)
 
 
 _MODELS = [
@@ -30,7 +32,8 @@ _MODELS = [
               "M2D2 (M2D-CLAP 2025): ViT-B audio encoder, AudioToSemantic head, BERT-base text encoder", "clap"),
     ModelInfo("m2d-clap-2024", f"{RELEASES}/v0.3.0/m2d_clap_vit_base-80x608p16x16-240128.zip",
               "m2d_clap_vit_base-80x608p16x16-240128/checkpoint-300.pth", None, 1200,
-              "M2D-CLAP 2024: ViT-B audio encoder with MLP audio head (audio side only in this package)", "clap"),
+              "M2D-CLAP 2024: ViT-B audio encoder, MLP audio head, GTE-base text encoder (from the Hub)", "clap",
+              text_weights=GTE_BASE),
     ModelInfo("m2d-as-2024", f"{RELEASES}/v0.3.0/m2d_as_vit_base-80x608p16x16-240213.zip",
               "m2d_as_vit_base-80x608p16x16-240213/checkpoint-300.pth", None, 1000,
               "M2D-AS: M2D further trained with AudioSet labels (audio encoder only)", "audio"),
