@@ -235,3 +235,33 @@ def test_stage1_runs_under_bf16_autocast_and_estimates_norm_stats(synth, tmp_pat
     trainer.fit()
     _, cfg_out = read_any(tmp_path / "model")
     assert cfg_out.frontend.norm_mean == pytest.approx(fe.norm_mean)  # exported with the data's statistics
+
+
+def _unused_trainable(model: torch.nn.Module, batch: dict) -> list[str]:
+    loss, _ = model(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_every_trainable_tensor_gets_a_gradient_as_ddp_requires(synth, stage1_model, tmp_path):
+    for trainer in (
+        setup_stage1(stage1_config(synth, tmp_path / "1"), DistInfo()),
+        setup_stage2(stage2_config(synth, stage1_model, tmp_path / "2"), DistInfo()),
+        setup_finetune(finetune_config(synth, stage1_model, tmp_path / "3"), DistInfo()),
+    ):
+        assert _unused_trainable(trainer.model, _fixed_batch(trainer, 4)) == []
+
+
+def test_refinement_stage_continues_the_stage2_clap_side(synth, stage1_model, tmp_path):
+    first = setup_stage2(stage2_config(synth, stage1_model, tmp_path / "s2", max_steps=1), DistInfo())
+    first.fit()
+    cfg = stage2_config(synth, tmp_path / "s2" / "model", tmp_path / "s21", max_steps=1)
+    cfg.init_clap, cfg.mask_ratio = True, 0.0
+    refine = setup_stage2(cfg, DistInfo())
+    for name in ("audio_proj", "text_encoder"):
+        a, b = getattr(first.model, name).state_dict(), getattr(refine.model, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} must start from the stage 2 model"
+    with pytest.raises(ValueError, match="init_clap needs a stage 2 model"):
+        cfg1 = stage2_config(synth, stage1_model, tmp_path / "bad")
+        cfg1.init_clap = True
+        setup_stage2(cfg1, DistInfo())

@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     s = sub.add_parser("probe", help="linear probe on the clip embeddings of a trained model")
-    s.add_argument(
-        "--model", required=True, help="a model directory or .safetensors (what the stages export)"
-    )
+    s.add_argument("--model", required=True, help="a model directory or .safetensors (what the stages export)")
     s.add_argument("--train", required=True, type=Path, help="CSV with file,label")
     s.add_argument("--val", type=Path, help="validation CSV (default: 10%% of --train held out)")
     s.add_argument("--test", type=Path, help="test CSV")

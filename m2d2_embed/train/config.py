@@ -103,9 +103,8 @@ class Stage2Config:
 
     init_from: str = ""  # the stage 1 model (its encoder and front end are used, frozen)
     text_init: str | None = "hf://bert-base-uncased"  # BERT weights: hf://<repo>, a checkpoint path, or None
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(audio_head=AudioHeadConfig(), text=TextConfig())
-    )
+    init_clap: bool = False  # refinement stage: audio head and text encoder also from init_from (a stage 2 model)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(audio_head=AudioHeadConfig(), text=TextConfig()))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/stage2", epochs=30.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_epochs=1.0))
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,13 +127,9 @@ class FinetuneConfig:
     time_mask: int = 100  # max width in frames of one time mask (0 disables)
     freeze_encoder: bool = False  # True: train the head only
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(out_dir="runs/finetune", epochs=50.0, batch_size=32)
-    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/finetune", epochs=50.0, batch_size=32))
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(
-            base_lr=1e-3, warmup_epochs=5.0, betas=(0.9, 0.999), clip_grad=None
-        )
+        default_factory=lambda: OptimConfig(base_lr=1e-3, warmup_epochs=5.0, betas=(0.9, 0.999), clip_grad=None)
     )
     data: DataConfig = field(default_factory=DataConfig)
 

@@ -90,9 +90,7 @@ class LogMelReader:
         if wave.shape[-1] < min_len:
             wave = np.pad(wave, (0, min_len - wave.shape[-1]))
         with torch.no_grad():
-            return self._melspec(torch.from_numpy(wave)[None])[
-                0
-            ]  # (1, 1, n_mels, frames) -> (1, n_mels, frames)
+            return self._melspec(torch.from_numpy(wave)[None])[0]  # (1, 1, n_mels, frames) -> (1, n_mels, frames)
 
 
 def precompute_logmel(rows: Sequence[Row], frontend: FrontEndConfig, out_dir: str | Path) -> list[Path]:
@@ -214,9 +212,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         row = self.rows[index]
-        item: dict[str, torch.Tensor | str] = {
-            "x": self.crop(self.normalise(self.reader(row.path)), rng).float()
-        }
+        item: dict[str, torch.Tensor | str] = {"x": self.crop(self.normalise(self.reader(row.path)), rng).float()}
         if self.caption_embs is not None:
             e = self.caption_embs[index]
             e = e[None] if e.ndim == 1 else e[~np.isnan(e).any(axis=-1)]  # (K, E) valid captions only
@@ -273,9 +269,7 @@ class EpochBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = (
-            np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-            if self.shuffle
-            else np.arange(self.n)
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
         )
         g = self.batch_size * self.world
         for s in range(self.start, self.steps_per_epoch(self.n, self.batch_size, self.world)):

@@ -310,9 +310,7 @@ class Trainer:
         path = None
         if self.info.is_main:
             sd, cfg = self.model.export()
-            path = save_model(
-                {k: v.detach().float().cpu() for k, v in sd.items()}, cfg, self.out_dir / "model"
-            )
+            path = save_model({k: v.detach().float().cpu() for k, v in sd.items()}, cfg, self.out_dir / "model")
             if hasattr(self.model, "export_extra"):
                 self.model.export_extra(path)
             log.info("exported %s (load it with m2d2_embed.load)", path)

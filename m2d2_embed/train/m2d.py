@@ -221,9 +221,7 @@ class Predictor(nn.Module):
         B, _, P = x.shape
         n = mask.visible.shape[1] + mask.masked.shape[1]
         seq = self.mask_token.to(x.dtype).expand(B, n, P)  # (B, N, P) all mask tokens ...
-        seq = seq.scatter(
-            1, mask.visible.unsqueeze(-1).expand(-1, -1, P), x[:, 1:]
-        )  # ... visible ones placed
+        seq = seq.scatter(1, mask.visible.unsqueeze(-1).expand(-1, -1, P), x[:, 1:])  # ... visible ones placed
         x = torch.cat([x[:, :1], seq], dim=1) + self._pos(t).to(x.dtype)  # (B, 1 + N, P)
         for blk in self.blocks:
             x = blk(x)

@@ -114,9 +114,7 @@ def resolve_norm_stats(data: DataConfig, rows: list[Row], model: ModelConfig, se
         mean, std = float(ns[0]), float(ns[1])
     else:
         raise ValueError(f"data.norm_stats must be 'model', 'auto' or [mean, std], got {ns!r}")
-    return dataclasses.replace(
-        model, frontend=dataclasses.replace(model.frontend, norm_mean=mean, norm_std=std)
-    )
+    return dataclasses.replace(model, frontend=dataclasses.replace(model.frontend, norm_mean=mean, norm_std=std))
 
 
 def _with_pretrained_audio(cfg_model: ModelConfig, pretrained: ModelConfig) -> ModelConfig:
@@ -157,9 +155,7 @@ class Stage1Model(nn.Module):
                 self.audio_proj.load_state_dict(head)
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos, as upstream
         m = cfg.m2d
-        self.m2d = M2D(
-            self.encoder, m.mask_ratio, m.predictor_dim, m.predictor_depth, m.predictor_heads, m.target_eps
-        )
+        self.m2d = M2D(self.encoder, m.mask_ratio, m.predictor_dim, m.predictor_depth, m.predictor_heads, m.target_eps)
         self.text_proj = nn.Linear(caption_dim, model.audio_head.out_dim)
         init_weights(self.text_proj)
         self.logit_scale = LogitScale(cfg.clap.logit_scale_init, cfg.clap.logit_scale_max)
@@ -180,9 +176,7 @@ class Stage1Model(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         m = self.cfg.m2d
-        self.m2d.target.update(
-            self.encoder, ema_decay(step, total_steps, m.ema_decay_init, m.ema_decay_final)
-        )
+        self.m2d.target.update(self.encoder, ema_decay(step, total_steps, m.ema_decay_init, m.ema_decay_final))
         self.logit_scale.clamp_()
 
     def export(self) -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -224,19 +218,28 @@ def setup_stage1(cfg: Stage1Config, info: dist.DistInfo) -> Trainer:
 class Stage2Model(nn.Module):
     """CLAP text side. Batch: ``x`` [B, 1, n_mels, frames], ``input_ids`` and ``attention_mask`` [B, L]."""
 
-    def __init__(self, cfg: Stage2Config, model: ModelConfig, encoder_state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cfg: Stage2Config, model: ModelConfig, pretrained: dict[str, torch.Tensor]) -> None:
         super().__init__()
         if model.audio_head is None or model.text is None:
             raise ValueError("stage 2 needs model.audio_head and model.text")
+        if cfg.max_text_tokens > model.text.max_position:
+            raise ValueError(
+                f"max_text_tokens {cfg.max_text_tokens} exceeds the text encoder's {model.text.max_position} positions"
+            )
         self.model_config = model
         self.cfg = cfg
         self.encoder = AudioEncoder(model.encoder)
-        self.encoder.load_state_dict(encoder_state)
+        self.encoder.load_state_dict(sub_state(pretrained, "encoder."))
         self.encoder.requires_grad_(False)
         self.audio_proj = build_audio_head(model.audio_head)
-        self.audio_proj.apply(init_weights)
         self.text_encoder = BertTextEncoder(model.text)
-        load_text_weights(self.text_encoder, cfg.text_init)
+        if cfg.init_clap:  # refinement: continue the CLAP side of a stage 2 model
+            self.audio_proj.load_state_dict(sub_state(pretrained, "audio_proj."))
+            self.text_encoder.load_state_dict(sub_state(pretrained, "text_encoder."))
+        else:
+            self.audio_proj.apply(init_weights)
+            load_text_weights(self.text_encoder, cfg.text_init)
+        self.text_encoder.pooler.requires_grad_(False)  # unused by CLAP; DDP needs every trainable tensor used
         if self.text_encoder.out_dim != model.audio_head.out_dim:
             raise ValueError(
                 f"text embeddings have {self.text_encoder.out_dim} dims but the audio head outputs "
@@ -293,9 +296,7 @@ class TokenizingCollate:
         if self._tok is None:
             self._tok = Tokenizer()
         out: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "caption"}
-        out["input_ids"], out["attention_mask"] = self._tok.encode(
-            [it["caption"] for it in items], self.max_tokens
-        )
+        out["input_ids"], out["attention_mask"] = self._tok.encode([it["caption"] for it in items], self.max_tokens)
         return out
 
     def __getstate__(self) -> dict[str, Any]:  # workers build their own tokenizer
@@ -305,19 +306,24 @@ class TokenizingCollate:
 def setup_stage2(cfg: Stage2Config, info: dist.DistInfo) -> Trainer:
     """Data, model and trainer for stage 2 (nothing is trained yet)."""
     if not cfg.init_from:
-        raise ValueError(
-            "stage 2 needs init_from: the stage 1 model (a directory or .safetensors from stage 1)"
-        )
+        raise ValueError("stage 2 needs init_from: the stage 1 model (a directory or .safetensors from stage 1)")
     if not cfg.data.csv:
         raise ValueError("stage 2 needs data.csv with a 'caption' column")
     rows = read_csv(cfg.data.csv, cfg.data.root)
     pretrained, pcfg = read_pretrained(cfg.init_from)
     model_cfg = _with_pretrained_audio(cfg.model, pcfg)
+    if cfg.init_clap:
+        if pcfg.audio_head is None or pcfg.text is None:
+            raise ValueError(
+                f"init_clap needs a stage 2 model with an audio head and a text encoder; "
+                f"{cfg.init_from} has {'no audio head' if pcfg.audio_head is None else 'no text encoder'}"
+            )
+        model_cfg = dataclasses.replace(model_cfg, audio_head=pcfg.audio_head, text=pcfg.text)
     model_cfg = resolve_norm_stats(cfg.data, rows, model_cfg, cfg.train.seed)
     crop = cfg.data.crop_frames or model_cfg.encoder.chunk_frames
     ds = ClipDataset(rows, model_cfg.frontend, crop, seed=cfg.train.seed, captions=True)
     torch.manual_seed(cfg.train.seed)
-    model = Stage2Model(cfg, model_cfg, sub_state(pretrained, "encoder."))
+    model = Stage2Model(cfg, model_cfg, pretrained)
     return Trainer(
         model,
         ds,
