@@ -213,7 +213,7 @@ class Trainer:
         """Train to ``total_steps``; ``until`` stops earlier (after checkpointing), as a preemption would.
         Exports the runtime model at the end of training. Returns the last logged metrics."""
         stop = min(until, self.total_steps) if until is not None else self.total_steps
-        last: dict[str, float] = {}
+        last: dict[str, Any] = {}
         self.model.train()
         while self.step < stop:
             epoch, start = divmod(self.step, self.steps_per_epoch)
@@ -249,9 +249,10 @@ class Trainer:
                 last.update(self.run_eval())
             if self.cfg.export:
                 self.export()
-        return last
+        return {k: float(v) for k, v in last.items()}
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimizer step; returns the loss, lr and the stage's metrics (tensors or floats)."""
         lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, self.optim_cfg.min_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -274,9 +275,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_step(self.step, self.total_steps)
         self.step += 1
-        out = {"loss": float(loss.detach()), "lr": lr, **{k: float(v) for k, v in metrics.items()}}
+        out = {"loss": loss.detach(), "lr": lr, **metrics}  # tensors: no device sync unless logged
         if self.info.is_main and (self.step % self.cfg.log_every == 0 or self.step in (1, self.total_steps)):
-            self._log(out)
+            self._log({k: float(v) for k, v in out.items()})
         return out
 
     def _log(self, values: dict[str, float]) -> None:
