@@ -265,3 +265,13 @@ def test_refinement_stage_continues_the_stage2_clap_side(synth, stage1_model, tm
         cfg1 = stage2_config(synth, stage1_model, tmp_path / "bad")
         cfg1.init_clap = True
         setup_stage2(cfg1, DistInfo())
+
+
+def test_stage1_continues_from_a_pretrained_model(synth, stage1_model, tmp_path):
+    cfg = stage1_config(synth, tmp_path)
+    cfg.init_from = str(stage1_model)
+    model = setup_stage1(cfg, DistInfo()).model
+    sd, _ = read_any(stage1_model)
+    assert all(torch.equal(v, sd["encoder." + k]) for k, v in model.encoder.state_dict().items())
+    assert all(torch.equal(v, sd["audio_proj." + k]) for k, v in model.audio_proj.state_dict().items())
+    assert torch.equal(model.m2d.target.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
