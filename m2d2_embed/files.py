@@ -276,7 +276,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
     Completion order is not input order: files are batched by length. See :func:`embed_files` for the
     arguments; this is the streaming form the CLI writes shards from.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
     _check_args(model, level, reduce)
     paths = [os.fspath(p) for p in paths]

@@ -1,0 +1,53 @@
+"""The notebooks execute end to end against the full-size synthetic checkpoint, and are committed without outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NAMES = ["01_quickstart.ipynb", "02_zero_shot_and_search.ipynb", "03_downstream_classifier.ipynb"]
+
+
+def test_the_three_notebooks_exist_without_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    assert [p.name for p in NOTEBOOKS] == NAMES
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
+        assert "M2D2_NOTEBOOK_MODEL" in nb.cells[1].source
+
+
+@pytest.fixture(scope="module")
+def converted_checkpoint(parity_checkpoint, tmp_path_factory) -> Path:
+    """The seed-0 checkpoint in our safetensors format: each notebook loads it in a fraction of a second."""
+    from m2d2_embed import convert
+
+    return convert(parity_checkpoint, tmp_path_factory.mktemp("nb_model") / "m2d2-synthetic")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_executes(name, converted_checkpoint, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")
+    if name.startswith("03"):
+        pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("M2D2_NOTEBOOK_MODEL", str(converted_checkpoint))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    nb = nbformat.read(root / "notebooks" / name, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError with the failing cell and its traceback
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
