@@ -112,6 +112,14 @@ def test_failed_files_are_reported_and_the_rest_embedded(model, folder):
         model.embed_files(folder, num_workers=0, progress=False, strict=True)
 
 
+def test_opus_and_mp3_files_are_read(model, tmp_path):
+    sf.write(tmp_path / "a.opus", signal(1.0, 48000, 1, 1), 48000, format="OGG", subtype="OPUS")
+    sf.write(tmp_path / "b.mp3", signal(2.0, 44100, 2, 2), 44100, format="MP3", subtype="MPEG_LAYER_III")
+    es = model.embed_files(tmp_path, num_workers=0, progress=False)
+    assert [Path(p).name for p in es.paths] == ["a.opus", "b.mp3"] and not es.failures
+    np.testing.assert_allclose(es.durations, [1.0, 2.0], atol=0.06)
+
+
 def test_workers_and_small_batches_keep_input_order_and_values(model, folder):
     order = [str(folder / n) for n in ["tone_1s_f32.wav", "chirp_12s.ogg", "corrupt.wav", "tone_0p5s.wav",
                                        "noise_3p3s.flac"]]
