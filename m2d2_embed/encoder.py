@@ -55,13 +55,23 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens. The weights are those of the checkpoint's strided Conv2d, applied as
+    one matmul over unfolded patches: the same numbers, and on CUDA it stays off cuDNN's TF32 convolutions, so
+    float32 really is float32 (PyTorch enables TF32 for cuDNN convolutions by default)."""
+
     def __init__(self, patch_size: tuple[int, int], dim: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, 1, n_mels, frames) -> (B, D, f, t) -> (B, f*t, D), tokens in (frequency, time) order
-        return self.proj(x).flatten(2).transpose(1, 2)
+        B, _, H, W = x.shape
+        ph, pw = self.patch_size
+        f, t = H // ph, W // pw
+        x = x[:, 0, :f * ph, :t * pw]  # frames past the last whole patch are ignored, as by the strided conv
+        x = x.reshape(B, f, ph, t, pw).permute(0, 1, 3, 2, 4).reshape(B, f * t, ph * pw)  # (B, f*t, ph*pw)
+        w = self.proj.weight.reshape(self.proj.out_channels, ph * pw)
+        return F.linear(x, w, self.proj.bias)  # (B, f*t, D), tokens in (frequency, time) order
 
 
 class AudioEncoder(nn.Module):
