@@ -103,6 +103,19 @@ def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return len(idx)
 
 
+def text_config_from_state_dict(sd: dict[str, torch.Tensor], prefix: str, pooling: str = "cls") -> TextConfig:
+    """The BERT-architecture text encoder's config from tensor shapes (keys ``prefix + 'embeddings...'``)."""
+    we = sd[prefix + "embeddings.word_embeddings.weight"]
+    return TextConfig(vocab_size=we.shape[0], hidden_size=we.shape[1],
+                      num_layers=_count_layers(sd, prefix + "encoder.layer."),
+                      num_heads=we.shape[1] // HEAD_DIM,
+                      intermediate_size=sd[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+                      max_position=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
+                      type_vocab_size=sd[prefix + "embeddings.token_type_embeddings.weight"].shape[0],
+                      pooling=pooling,
+                      proj_dim=sd["text_proj.weight"].shape[0] if "text_proj.weight" in sd else None)
+
+
 def from_state_dict(sd: dict[str, Any], name: str = "",
                     args: Any = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Map an upstream state dict (any known layout) to ours and infer the config from tensor shapes.
@@ -178,14 +191,7 @@ def from_state_dict(sd: dict[str, Any], name: str = "",
     text = None
     tp = "text_encoder.text_encoder."
     if any(k.startswith(tp) for k in sd):
-        we = sd[tp + "embeddings.word_embeddings.weight"]
-        text = TextConfig(vocab_size=we.shape[0], hidden_size=we.shape[1],
-                          num_layers=_count_layers(sd, tp + "encoder.layer."),
-                          num_heads=we.shape[1] // HEAD_DIM,
-                          intermediate_size=sd[tp + "encoder.layer.0.intermediate.dense.weight"].shape[0],
-                          max_position=sd[tp + "embeddings.position_embeddings.weight"].shape[0],
-                          type_vocab_size=sd[tp + "embeddings.token_type_embeddings.weight"].shape[0],
-                          proj_dim=sd["text_proj.weight"].shape[0] if "text_proj.weight" in sd else None)
+        text = text_config_from_state_dict(sd, tp)
         out.update({"text_encoder." + k[len(tp):]: v for k, v in sd.items() if k.startswith(tp)})
         if "text_proj.weight" in sd:
             out["text_encoder.text_proj.weight"] = sd["text_proj.weight"]

@@ -197,10 +197,13 @@ def cache_summary(cache_dir=None) -> dict:
             "clear_hint": f"remove the folder to clear it: rm -r {root} (or delete single entries inside it)"}
 
 
-def fetch_text_weights(config, *, offline: bool | None = None) -> dict:
-    """State dict (``text_encoder.*``) of a text encoder kept outside the checkpoint, e.g. GTE-base from the Hub
-    (``config.text_weights``), fetched through ``huggingface_hub`` and its cache."""
+def fetch_text_weights(config, *, offline: bool | None = None) -> tuple[dict, object]:
+    """(state dict ``text_encoder.*``, TextConfig) of a text encoder kept outside the checkpoint, e.g. GTE-base
+    from the Hub (``config.text_weights``), fetched through ``huggingface_hub`` and its cache. The config comes
+    from the tensor shapes; the pooling from ``config.text``."""
     from safetensors.torch import load_file
+
+    from .convert import text_config_from_state_dict
 
     spec = config.text_weights
     if not spec.startswith("hf://"):
@@ -216,10 +219,11 @@ def fetch_text_weights(config, *, offline: bool | None = None) -> dict:
             out["text_encoder." + k] = v
     if "text_encoder.embeddings.word_embeddings.weight" not in out:
         raise ValueError(f"{spec} does not hold BERT-style text encoder weights (found e.g. {sorted(sd)[:5]})")
+    text = text_config_from_state_dict(out, "text_encoder.", pooling=config.text.pooling)
     if "text_encoder.pooler.dense.weight" not in out:  # the pooler is unused; some exports drop it
         import torch
 
-        d = config.text.hidden_size
+        d = text.hidden_size
         out["text_encoder.pooler.dense.weight"] = torch.zeros(d, d)
         out["text_encoder.pooler.dense.bias"] = torch.zeros(d)
-    return out
+    return out, text

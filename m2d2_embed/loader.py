@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -102,8 +104,13 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     target = registry.DEFAULT_MODEL if name_or_path is None else name_or_path
     path = _resolve(target, cache_dir=cache_dir, offline=offline)
     sd, cfg = read_any(path)
-    model = build_model(sd, cfg, dev, dt)
-    log.info("loaded %s from %s on %s (%s)", cfg.name, path, dev, dt)
+    if cfg.text is not None and cfg.text_weights and not any(k.startswith("text_encoder.") for k in sd):
+        from .hub import fetch_text_weights  # e.g. GTE-base for the 2024 M2D-CLAP, from the Hub's cache
+
+        text_sd, text_cfg = fetch_text_weights(cfg, offline=offline)
+        sd, cfg = {**sd, **text_sd}, dataclasses.replace(cfg, text=text_cfg)
+    model = build_model(sd, cfg, dev, dt, compile=compile)
+    log.info("loaded %s from %s on %s (%s%s)", cfg.name, path, dev, dt, ", compiled" if compile else "")
     return model
 
 

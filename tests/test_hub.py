@@ -170,3 +170,54 @@ def test_hf_repo_with_our_format_loads_through_huggingface_hub(server, tmp_path)
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
         np.testing.assert_allclose(json.loads(proc.stdout.strip().splitlines()[-1]), expected, atol=1e-6)
+
+
+GTE_SCRIPT = """
+import json, sys, dataclasses
+import m2d2_embed as m2d2
+from m2d2_embed import registry
+registry.MODELS["tiny-2024"] = registry.ModelInfo("tiny-2024", sys.argv[1], sys.argv[2], None, 1, "tiny", "clap",
+                                                  text_weights="hf://thenlper/gte-base/model.safetensors")
+model = m2d2.load("tiny-2024", device="cpu", cache_dir=sys.argv[3])
+print(json.dumps(model.clap_text_embeddings(["a dog barks", "rain"]).tolist()))
+"""
+
+
+def test_2024_model_fetches_its_gte_text_encoder_from_the_hub(server, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from m2d2_embed.config import TextConfig
+    from m2d2_embed.text import BertTextEncoder, Tokenizer
+    from tiny import tiny_config
+
+    folder = "m2d_clap_vit_base-80x608p16x16-240128"
+    pth, _ = save_upstream(tmp_path / "src", "2024", folder, config=tiny_config(head="mlp", text=False, width=608))
+    zpath = tmp_path / f"{folder}.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(pth, f"{folder}/checkpoint-300.pth")
+    server.routes["/v0.3.0/m2d_clap.zip"] = Blob(zpath.read_bytes())
+    # a GTE-like BERT (the real one is bert-base sized, mean pooling); Hub exports name keys without a prefix
+    torch.manual_seed(0)
+    cfg = TextConfig(hidden_size=768, num_layers=1, num_heads=12, intermediate_size=64, pooling="mean")
+    gte = BertTextEncoder(cfg).eval()
+    sd = {k: v for k, v in gte.state_dict().items() if not k.startswith("pooler.")}
+    save_file(sd, str(tmp_path / "gte.safetensors"))
+    fake_hub(server, {"model.safetensors": (tmp_path / "gte.safetensors").read_bytes()}, repo="thenlper/gte-base")
+    env = _env(HF_ENDPOINT=server.url(""), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_XET="1")
+    args = [server.url("/v0.3.0/m2d_clap.zip"), f"{folder}/checkpoint-300.pth", str(tmp_path / "cache")]
+    proc = subprocess.run([sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ids, mask = Tokenizer().encode(["a dog barks", "rain"])
+    with torch.no_grad():
+        want = gte(ids, mask).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # offline afterwards: the converted audio side and the Hub-cached text side are both local
+    env["HF_HUB_OFFLINE"] = "1"
+    env["M2D2_EMBED_OFFLINE"] = "1"
+    again = subprocess.run([sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
