@@ -221,3 +221,17 @@ def test_2024_model_fetches_its_gte_text_encoder_from_the_hub(server, tmp_path):
     again = subprocess.run([sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0, again.stderr
+
+
+def test_cli_download_fetches_converts_and_prints_the_path(server, release, tmp_path, capsys):
+    from m2d2_embed import cli
+
+    server.routes["/m.zip"] = Blob(release["zip"])
+    cache = tmp_path / "cache"
+    assert cli.main(["download", server.url("/m.zip"), "--cache-dir", str(cache), "--no-progress"]) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out / "model.safetensors").is_file() and out.is_relative_to(cache)
+    np.testing.assert_allclose(m2d2.load(out, device="cpu").clip_embeddings(WAVE, sample_rate=16000),
+                               release["expected"], atol=1e-6)
+    assert cli.main(["download", server.url("/missing.zip"), "--cache-dir", str(cache), "--no-progress"]) != 0
+    assert "404" in capsys.readouterr().err
