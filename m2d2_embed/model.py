@@ -31,6 +31,8 @@ class M2D2(nn.Module):
     numpy or paths in -> numpy; a 1-D input gives outputs without the batch axis. Outputs are float32.
     """
 
+    _compiled = False  # set by load(compile=True): full chunks run through the compiled encoder
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -216,11 +218,23 @@ class M2D2(nn.Module):
         return out
 
     def _run_encoder(self, batch: torch.Tensor, max_b: int) -> torch.Tensor:
+        """Encoder over chunks of one width: [n, 1, n_mels, w] -> [n, f*t, D] float32, at most ``max_b`` per pass.
+
+        On CUDA out-of-memory the micro-batch is halved and retried. With a compiled encoder, full-width chunks
+        go through the compiled graph in micro-batches zero-padded to a bucket size (few shapes, no recompiles;
+        rows are independent, so the padding does not change the real rows); other widths run eagerly.
+        """
+        T = self.config.encoder.grid[1]
+        compiled = self._compiled and batch.shape[-1] == T * self.config.encoder.patch_size[1]
+        encode = self.encoder if compiled or not self._compiled else self.encoder.forward  # forward: eager
         outs, i = [], 0
         while i < batch.shape[0]:
             x = batch[i:i + max_b].to(self.dtype)
+            n = x.shape[0]
+            if compiled and (size := _bucket(n, max_b, 16 if x.is_cuda else 1)) > n:
+                x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
             try:
-                outs.append(self.encoder(x).float())
+                outs.append(encode(x)[:n].float())
             except torch.cuda.OutOfMemoryError:
                 if max_b == 1:
                     raise
@@ -228,8 +242,8 @@ class M2D2(nn.Module):
                 torch.cuda.empty_cache()
                 log.warning("CUDA out of memory; retrying with batches of %d chunks", max_b)
                 continue
-            i += x.shape[0]
-        return torch.cat(outs)
+            i += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     # -- output shaping -----------------------------------------------------------------------------------------
     @staticmethod
@@ -430,6 +444,16 @@ class M2D2(nn.Module):
         from .files import embed_files
 
         return embed_files(self, paths_or_dir, level, **kwargs)
+
+
+def _bucket(n: int, max_b: int, floor: int) -> int:
+    """Padded micro-batch size for the compiled encoder: the smallest of max_b, max_b/2, max_b/4, ... that holds
+    n chunks, none below ``floor`` (16 on CUDA, where a smaller batch takes as long) and at most 7 sizes, so
+    torch.compile sees a handful of batch shapes."""
+    size, floor = max_b, max(floor, max_b >> 6)
+    while size // 2 >= n and size // 2 >= floor:
+        size //= 2
+    return size
 
 
 def similarity(a: Any, b: Any) -> Any:
