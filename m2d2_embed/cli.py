@@ -1,4 +1,5 @@
-"""The ``m2d2-embed`` command line: embed files, zero-shot labels, text embeddings, convert/download models.
+"""The ``m2d2-embed`` command line: embed files (on one device, several, or as one shard of a job array), merge
+shards, zero-shot labels, text embeddings, convert/download models, and a hand-off to the training command line.
 
 Exit codes: 0 success; 1 some files failed, or an error while working; 2 bad usage or input (nothing was done);
 130 interrupted (a directory output keeps what was finished: run the same command again to complete it).
@@ -10,11 +11,14 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,6 +28,9 @@ FILE_SUFFIXES = (".npz", ".npy", ".parquet")
 RESUME_KEYS = ("model", "weights_fingerprint", "level", "reduce", "normalize", "dim", "sample_rate",
                "compute_dtype", "format")
 DEFAULT_TEMPLATE = "{label} can be heard"  # the same default as M2D2.zero_shot
+STAGING = "shards"  # unmerged output of --shard/--devices workers: OUT/shards/ (beside a file output: OUT.shards/)
+COMPLETE = "complete.json"  # marks a worker's shard directory whose files have all been tried
+WORKER_GRACE_SECONDS = 10.0  # --devices: time the workers get to save their work after Ctrl-C
 
 log = logging.getLogger(PROG)
 
@@ -70,6 +77,24 @@ def _non_negative(s: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
     return v
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
+
+
+def _devices(s: str) -> list[str]:
+    items = [d.strip() for d in s.split(",")]
+    bad = [d for d in items if not _DEVICE.match(d)]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"expected devices such as cuda:0,cuda:1 (or cpu,cpu), got {s!r}")
+    return items
+
+
+def _shard(s: str) -> tuple[int, int]:
+    i, sep, n = s.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {s!r}")
+    return int(i), int(n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files per shard of a directory output (default 1000): at most this much work is "
                         "redone after a crash")
     e.add_argument("--strict", action="store_true", help="stop at the first file that fails")
+    g = e.add_argument_group("several devices or machines")
+    g.add_argument("--devices", type=_devices, default=None, metavar="DEV,DEV,...",
+                   help="one worker process per device (cuda:0,cuda:1,...; cpu,cpu works too), each embedding its "
+                        "share of the sorted file list; their output is merged into OUT at the end. Resumable: "
+                        "run the same command again after an interruption")
+    g.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="embed only shard I of N (0-based: files I, I+N, I+2N, ... of the sorted list), for job "
+                        "arrays (SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). Each shard writes "
+                        f"under OUT/{STAGING}/ and is merged into OUT when complete (a file output once all N are)")
+    g.add_argument("--no-merge", action="store_true",
+                   help=f"with --shard: leave the finished shard unmerged; run `{PROG} merge OUT` afterwards")
     e.set_defaults(func=cmd_embed)
+
+    m = sub.add_parser("merge", parents=[common], help="merge the shards of --shard/--devices workers into OUT",
+                       description="Merge complete shards written by `embed --shard I/N` (or --devices) into the "
+                       "output. A directory output takes each complete shard (files already in it are not "
+                       "duplicated); a file output is written once all N shards are complete. Incomplete shards "
+                       "are listed (exit code 1): finish them by running their `embed --shard I/N` again.",
+                       epilog=f"example: {PROG} merge emb/")
+    m.add_argument("output", metavar="OUT", help="the -o of the embed command (directory or .npz/.npy/.parquet)")
+    m.set_defaults(func=cmd_merge)
+
+    tr = sub.add_parser("train", add_help=False, help="train or fine-tune a model (stage1, stage2, finetune, "
+                        "probe, ...): `m2d2-embed train --help`",
+                        description="Hands off to `python -m m2d2_embed.train` (needs the training dependencies).")
+    tr.add_argument("train_args", nargs=argparse.REMAINDER, metavar="...")
+    tr.set_defaults(func=cmd_train)
 
     z = sub.add_parser("zero-shot", parents=[common, inputs, model], help="score audio files against text labels",
                        description="Zero-shot classification: print the top labels of each file as a table.",
@@ -196,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # everything after `train` belongs to the training command line
+        return _train(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -270,7 +324,8 @@ def _format_seconds(s: float) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 class _DirOutput:
-    """A resumable output directory: ``manifest.json``, ``part-NNNNN.<fmt>`` shards, ``failures.jsonl``."""
+    """A resumable output directory: ``manifest.json``, ``part-NNNNN.<fmt>`` shards, ``failures.jsonl``, and
+    ``shards/`` (work of ``--shard``/``--devices`` workers not merged yet)."""
 
     def __init__(self, root: Path, fmt: str) -> None:
         self.root, self.fmt = root, fmt
@@ -287,8 +342,13 @@ class _DirOutput:
     def ours(self) -> list[Path]:
         from .outputs import FAILURES, MANIFEST, SHARD_PREFIX
 
-        return [p for p in self.root.iterdir() if p.name in (MANIFEST, FAILURES) or p.name.startswith(SHARD_PREFIX)
+        return [p for p in self.root.iterdir() if p.name in (MANIFEST, FAILURES, STAGING)
+                or p.name.startswith(SHARD_PREFIX)
                 or (p.name.startswith(".") and p.name.endswith(tuple(f".tmp{s}" for s in ("", ".parquet"))))]
+
+    def only_staging(self) -> bool:
+        """The directory holds nothing but unmerged worker output (``shards/``)."""
+        return [p.name for p in self.root.iterdir()] == [STAGING]
 
     def clean_partial(self) -> None:
         """Remove temporary files of an interrupted write and ``.npy`` shards whose sidecar never landed."""
@@ -301,22 +361,12 @@ class _DirOutput:
                 p.unlink(missing_ok=True)
 
     def done_paths(self) -> set[str]:
-        from .outputs import shard_files, sidecar_path
+        from .outputs import shard_files
 
         done: set[str] = set()
-        for s in shard_files(self.root, self.fmt):
-            if self.fmt == "npz":
-                import numpy as np
-
-                with np.load(s, allow_pickle=False) as z:
-                    done.update(str(p) for p in z["paths"])
-            elif self.fmt == "npy":
-                done.update(json.loads(sidecar_path(s).read_text())["paths"])
-            else:
-                from .outputs import require_pyarrow
-
-                _, pq = require_pyarrow()
-                done.update(pq.read_table(s, columns=["path"]).column("path").to_pylist())
+        if self.root.is_dir():
+            for s in shard_files(self.root, self.fmt):
+                done.update(_part_paths(s, self.fmt))
         return done
 
     def next_index(self) -> int:
@@ -333,8 +383,25 @@ class _DirOutput:
         atomic_write(self.manifest_path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _part_paths(part: Path, fmt: str) -> list[str]:
+    """The paths held by one ``part-NNNNN`` shard, read without its embeddings."""
+    if fmt == "npz":
+        import numpy as np
+
+        with np.load(part, allow_pickle=False) as z:
+            return [str(p) for p in z["paths"]]
+    if fmt == "npy":
+        from .outputs import sidecar_path
+
+        return list(json.loads(sidecar_path(part).read_text())["paths"])
+    from .outputs import require_pyarrow
+
+    _, pq = require_pyarrow()
+    return pq.read_table(part, columns=["path"]).column("path").to_pylist()
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .outputs import FAILURES, FORMATS, require_pyarrow
+    from .outputs import FORMATS, require_pyarrow
 
     out = Path(args.output)
     is_file = out.suffix.lower() in FILE_SUFFIXES
@@ -350,35 +417,83 @@ def cmd_embed(args: argparse.Namespace) -> int:
             require_pyarrow()
         except ImportError as e:
             fatal(str(e))
+    if args.devices is not None and args.shard is not None:
+        fatal("--devices and --shard do not go together: --devices runs all shards here; --shard i/n runs one "
+              "(for a scheduler that starts the others)")
+    if args.devices is not None and args.device is not None:
+        fatal("give --device (one device) or --devices (several), not both")
+    if args.no_merge and args.shard is None:
+        fatal("--no-merge applies to --shard i/n only")
+    if args.devices is not None and len(args.devices) > 1:
+        return _embed_on_devices(args, out, fmt, is_file, args.devices)
+    if args.devices is not None:
+        args.device = args.devices[0]
+    if args.shard is not None:
+        return _embed_shard(args, out, fmt, is_file, *args.shard)
     dir_out: _DirOutput | None = None
     previous: dict[str, Any] | None = None
     if is_file:
         _check_file_output(out, args.overwrite)
     else:
-        if not out.parent.is_dir():
-            fatal(f"the parent of the output directory {out} does not exist ({out.parent}); create it first")
-        if out.exists() and not out.is_dir():
-            fatal(f"output {out} exists and is not a directory; give a file name ending in .npz, .npy or .parquet "
-                  "for a file output")
-        dir_out = _DirOutput(out, fmt)
-        if out.is_dir():
-            previous = dir_out.existing_manifest()
-            if previous is None and any(out.iterdir()):
-                fatal(f"output directory {out} exists and is not an {PROG} output (no manifest.json); choose a new "
-                      "or empty directory")
-            if previous is not None and args.overwrite:
-                for p in dir_out.ours():
-                    p.unlink()
-                previous = None
-            elif previous is not None:
-                wanted = {"level": args.level, "reduce": args.reduce if args.level != "clap" else "none",
-                          "normalize": bool(args.normalize), "format": fmt}
-                _check_resume(out, previous, wanted)
+        dir_out, previous = _open_dir_output(out, fmt, args, overwrite=args.overwrite)
     files = _collect(args)
+    return _embed_files(args, out, fmt, files, dir_out, previous).code
+
+
+def _wanted(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
+    """The resume keys known before the model loads."""
+    return {"level": args.level, "reduce": args.reduce if args.level != "clap" else "none",
+            "normalize": bool(args.normalize), "format": fmt}
+
+
+def _open_dir_output(out: Path, fmt: str, args: argparse.Namespace,
+                     overwrite: bool) -> tuple[_DirOutput, dict[str, Any] | None]:
+    """Check a directory output before the model loads: (its handle, its manifest if it is one to resume)."""
+    if not out.parent.is_dir():
+        fatal(f"the parent of the output directory {out} does not exist ({out.parent}); create it first")
+    if out.exists() and not out.is_dir():
+        fatal(f"output {out} exists and is not a directory; give a file name ending in .npz, .npy or .parquet "
+              "for a file output")
+    dir_out = _DirOutput(out, fmt)
+    previous = None
+    if out.is_dir():
+        previous = dir_out.existing_manifest()
+        if previous is None and any(out.iterdir()) and not dir_out.only_staging():
+            fatal(f"output directory {out} exists and is not an {PROG} output (no manifest.json); choose a new "
+                  "or empty directory")
+        if overwrite:
+            for p in dir_out.ours():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            previous = None
+        elif previous is not None:
+            _check_resume(out, previous, _wanted(args, fmt))
+    return dir_out, previous
+
+
+@dataclass
+class _Run:
+    """What one embedding run did."""
+
+    code: int
+    completed: bool  # every file was tried (not interrupted)
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def _embed_files(args: argparse.Namespace, out: Path, fmt: str, files: list[str], dir_out: _DirOutput | None,
+                 previous: dict[str, Any] | None, *, also_done: set[str] | None = None, label: str = PROG,
+                 on_model: Any = None) -> _Run:
+    """Embed ``files`` (less those already in ``dir_out`` or ``also_done``) into ``out``; print the summary.
+
+    ``on_model(meta)`` runs once the model is loaded (the shard workers check and create the final manifest)."""
+    from .outputs import FAILURES
+
     done: set[str] = set()
     if dir_out is not None and previous is not None:
         dir_out.clean_partial()
         done = dir_out.done_paths()
+    done |= also_done or set()
     todo = [f for f in files if f not in done]
     skipped = len(files) - len(todo)
 
@@ -389,11 +504,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         fatal(f"model {model.name!r} has no CLAP audio head; use --level clip or frame, or an M2D-CLAP model")
     meta = {**embedding_metadata(model, args.level, args.reduce, args.normalize), "format": fmt,
             "model_source": str(args.model)}
+    if on_model is not None:
+        on_model(meta)
     if dir_out is not None:
         if previous is not None:
             _check_resume(out, previous, meta)
         else:
-            out.mkdir(exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             dir_out.write_manifest({**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     results: list[tuple[int, FileResult]] = []  # (input index, result) not yet written
@@ -438,14 +555,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     if interrupted:
         if dir_out is None:
-            print(f"{PROG}: interrupted after {n_done} of {len(todo)} files; nothing was written to {out} (a "
+            print(f"{label}: interrupted after {n_done} of {len(todo)} files; nothing was written to {out} (a "
                   "directory output keeps finished work: -o DIR)", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return _Run(EXIT_INTERRUPTED, False)
         flush()
         _write_failures(out, dir_out, failures, FAILURES)
-        print(f"{PROG}: interrupted: {n_done + skipped} of {len(files)} files are saved in {out}; run the same "
+        print(f"{label}: interrupted: {n_done + skipped} of {len(files)} files are saved in {out}; run the same "
               "command again to finish", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _Run(EXIT_INTERRUPTED, False)
     if dir_out is None:
         ordered = [r for _, r in sorted(results, key=lambda r: r[0])]
         es = results_to_set(ordered, failures, meta, args.level)
@@ -456,17 +573,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
         flush()
     side = _write_failures(out, dir_out, failures, FAILURES)
     rate = audio_s / elapsed if elapsed > 0 else math.inf
-    line = (f"{PROG}: {n_done} files embedded, {skipped} skipped (already done), {len(failures)} failed; "
+    line = (f"{label}: {n_done} files embedded, {skipped} skipped (already done), {len(failures)} failed; "
             f"{_format_seconds(audio_s)} of audio in {elapsed:.1f} s ({rate:.1f} audio-s/s) -> {out}")
-    print(line)
+    print(line, flush=True)
+    code = EXIT_OK
     if failures:
-        print(f"{PROG}: {len(failures)} file(s) failed; listed in {side}", file=sys.stderr)
+        print(f"{label}: {len(failures)} file(s) failed; listed in {side}", file=sys.stderr)
         for f in failures[:10]:
             print(f"  {f.path}: {f.reason}", file=sys.stderr)
         if len(failures) > 10:
             print(f"  ... and {len(failures) - 10} more", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        code = EXIT_FAILED
+    return _Run(code, True, n_done, skipped, len(failures))
 
 
 def _check_resume(out: Path, previous: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -498,6 +616,363 @@ def _sigterm_as_interrupt():
     except ValueError:  # not the main thread
         return lambda: None
     return lambda: signal.signal(signal.SIGTERM, old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# embed on several devices (--devices) or as one shard of a split (--shard i/n); merge
+# ---------------------------------------------------------------------------------------------------
+#
+# The sorted file list is split round-robin: shard i of n takes files i, i + n, i + 2n, ... Each shard is a
+# resumable directory output of its own, under OUT/shards/IIIII-of-NNNNN/ (beside a file output:
+# OUT.shards/IIIII-of-NNNNN/), with complete.json written once all its files are done. Merging moves the parts
+# of complete shards into OUT (a directory output grows as shards finish; files already there are never
+# duplicated) or, for a file output, writes OUT from all n shards once every one is complete.
+
+def _staging(out: Path, is_file: bool) -> Path:
+    return out.with_name(out.name + ".shards") if is_file else out / STAGING
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"{i:05d}-of-{n:05d}"
+
+
+def _shard_dirs(root: Path) -> list[tuple[int, int, Path]]:
+    """(i, n, dir) of each shard directory under a staging folder, sorted."""
+    found = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            parts = p.name.split("-of-")
+            if p.is_dir() and len(parts) == 2 and all(s.isdigit() for s in parts):
+                found.append((int(parts[0]), int(parts[1]), p))
+    return found
+
+
+def _embed_shard(args: argparse.Namespace, out: Path, fmt: str, is_file: bool, i: int, n: int) -> int:
+    """One worker of a split: embed files i, i + n, ... of the sorted list into its shard directory, mark it
+    complete, then merge (unless --no-merge)."""
+    if args.overwrite:
+        fatal("--overwrite does not go with --shard: workers of one job cannot clear each other's output; "
+              f"delete {out} (and {_staging(out, is_file)}) to start over")
+    final_dir: _DirOutput | None = None
+    final_previous: dict[str, Any] | None = None
+    if is_file:
+        if not out.parent.is_dir():
+            fatal(f"the directory of the output {out} does not exist ({out.parent}); create it first")
+        if out.exists():
+            fatal(f"output {out} exists (all shards were merged into it); delete it to embed again")
+    else:
+        final_dir, final_previous = _open_dir_output(out, fmt, args, overwrite=False)
+    files = sorted(_collect(args))
+    mine = files[i::n]
+    root = _staging(out, is_file)
+    shard_dir = root / _shard_name(i, n)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / COMPLETE).unlink(missing_ok=True)
+    dir_out = _DirOutput(shard_dir, fmt)
+    previous = dir_out.existing_manifest()
+    if previous is not None:
+        _check_resume(shard_dir, previous, _wanted(args, fmt))
+    also_done = final_dir.done_paths() if final_dir is not None else set()
+
+    def check_final(meta: dict[str, Any]) -> None:
+        if final_dir is None:
+            return
+        if final_previous is not None:
+            _check_resume(out, final_previous, meta)
+        elif final_dir.existing_manifest() is None:  # so read_embeddings(OUT) works while shards run
+            final_dir.write_manifest({**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    label = f"{PROG} [shard {i}/{n}]"
+    run = _embed_files(args, shard_dir, fmt, mine, dir_out, previous, also_done=also_done, label=label,
+                       on_model=check_final)
+    if not run.completed:
+        return run.code
+    from .outputs import atomic_write
+
+    marker = {"shard": i, "of": n, "files": len(mine), "embedded": run.embedded, "skipped": run.skipped,
+              "failed": run.failed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write(shard_dir / COMPLETE, lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=2)))
+    if not args.no_merge:
+        report = _merge(out, is_file, n)
+        print(f"{label}: {report.describe(out)}", flush=True)
+    return run.code
+
+
+class _MergeReport:
+    def __init__(self) -> None:
+        self.merged: list[str] = []  # shard names
+        self.added = 0  # files added to the output
+        self.failed = 0  # files listed as failed in the output
+        self.waiting: list[str] = []  # shards not complete (file outputs: nothing merged until all are)
+        self.written = False  # the output was (re)written
+
+    def describe(self, out: Path) -> str:
+        if not self.merged:
+            if self.waiting:
+                return f"{out} waits for shard(s) {', '.join(self.waiting)} to complete"
+            return f"nothing to merge into {out}"
+        s = (f"merged shard(s) {', '.join(self.merged)} into {out}: {self.added} files added"
+             f"{f', {self.failed} failed' if self.failed else ''}")
+        return s + (f"; waiting for {', '.join(self.waiting)}" if self.waiting else "")
+
+
+def _merge(out: Path, is_file: bool, n: int | None = None) -> _MergeReport:
+    """Merge complete shards into ``out`` (see the comment above); safe to run at any time, from any worker."""
+    import filelock
+
+    root = _staging(out, is_file)
+    report = _MergeReport()
+    if not root.is_dir():
+        return report
+    root.mkdir(exist_ok=True)  # another worker may have merged and removed it since
+    with filelock.FileLock(str(root / ".lock")):
+        shards = _shard_dirs(root)
+        if n is None:
+            ns = sorted({k for _, k, _ in shards})
+            if is_file and len(ns) > 1:
+                fatal(f"{root} holds shards of splits into {' and '.join(map(str, ns))}; finish one split and "
+                      "delete the other's shard directories")
+            n = ns[0] if ns else None
+        if is_file:
+            _merge_file(out, root, shards, n, report)
+        else:
+            _merge_dir(out, shards, report)
+    # the staging folder goes once empty (a new worker may be creating a shard in it: then it stays)
+    if root.is_dir() and not _shard_dirs(root):
+        (root / ".lock").unlink(missing_ok=True)
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+    return report
+
+
+def _shard_meta(shard_dir: Path) -> dict[str, Any]:
+    meta = json.loads((shard_dir / "manifest.json").read_text())
+    meta.pop("created", None)
+    return meta
+
+
+def _merge_dir(out: Path, shards: list[tuple[int, int, Path]], report: _MergeReport) -> None:
+    from .outputs import FAILURES, read_embeddings, read_failures, shard_files, sidecar_path, subset, write_failures
+    from .outputs import write_file as write_part
+
+    complete = [(i, k, d) for i, k, d in shards if (d / COMPLETE).exists()]
+    report.waiting = [f"{i}/{k}" for i, k, d in shards if not (d / COMPLETE).exists()]
+    if not complete:
+        return
+    final_meta = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else None
+    fmt = _shard_meta(complete[0][2])["format"]
+    final = _DirOutput(out, fmt)
+    if final_meta is None:
+        final.write_manifest({**_shard_meta(complete[0][2]), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        final_meta = _shard_meta(complete[0][2])
+    done = final.done_paths()
+    failures = {f.path: f for f in read_failures(out / FAILURES)}
+    index = final.next_index()
+    for i, k, d in complete:
+        _check_resume(out, final_meta, _shard_meta(d))
+        for part in shard_files(d, fmt):
+            paths = _part_paths(part, fmt)
+            dst = out / f"part-{index:05d}.{fmt}"
+            keep = [j for j, p in enumerate(paths) if p not in done]
+            if len(keep) == len(paths):  # the usual case: move the part as it is
+                part.replace(dst)
+                if fmt == "npy":
+                    sidecar_path(part).replace(sidecar_path(dst))
+            elif keep:  # files embedded twice (a split changed while shards ran): keep one copy
+                es = read_embeddings(part)
+                write_part(subset(es, keep), dst, fmt)
+            else:
+                continue
+            index += 1
+            done.update(paths)
+            report.added += len(keep)
+        for f in read_failures(d / FAILURES):
+            failures[f.path] = f
+        shutil.rmtree(d)
+        report.merged.append(f"{i}/{k}")
+    left = [f for p, f in sorted(failures.items()) if p not in done]
+    write_failures(left, out / FAILURES)
+    report.failed = len(left)
+
+
+def _merge_file(out: Path, root: Path, shards: list[tuple[int, int, Path]], n: int | None,
+                report: _MergeReport) -> None:
+    from .outputs import concat, failures_path, read_embeddings, subset, write_failures, write_file
+
+    if n is None:
+        return
+    have = {i: d for i, k, d in shards if k == n and (d / COMPLETE).exists()}
+    report.waiting = [f"{i}/{n}" for i in range(n) if i not in have]
+    if report.waiting:
+        return
+    parts = [read_embeddings(have[i]) for i in range(n)]
+    meta = _shard_meta(have[0])
+    fmt = meta["format"]
+    es = concat(parts, level=meta["level"], metadata=meta)
+    first: dict[str, int] = {}
+    for j, p in enumerate(es.paths):
+        first.setdefault(p, j)
+    es = subset(es, sorted(first.values(), key=lambda j: es.paths[j]))  # sorted by path, each file once
+    failures = {f.path: f for f in es.failures if f.path not in first}
+    es.failures = list(failures.values())
+    write_file(es, out, fmt)
+    write_failures(es.failures, failures_path(out))
+    for i in range(n):
+        shutil.rmtree(have[i])
+    report.merged = [f"{i}/{n}" for i in range(n)]
+    report.added, report.failed, report.written = len(es.paths), len(es.failures), True
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    is_file = out.suffix.lower() in FILE_SUFFIXES
+    root = _staging(out, is_file)
+    if not _shard_dirs(root):
+        print(f"{PROG}: no shards to merge in {root}")
+        return EXIT_OK
+    report = _merge(out, is_file, None)
+    print(f"{PROG}: {report.describe(out)}")
+    if report.waiting:
+        print(f"{PROG}: shard(s) {', '.join(report.waiting)} are not complete: run the same `{PROG} embed` command "
+              "with --shard i/n for each to finish it (a shard resumes where it stopped), then merge again",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _worker_argv(args: argparse.Namespace, i: int, n: int, device: str, progress: bool) -> list[str]:
+    """The `embed` command line of worker ``i`` of ``n``: the parent's options, one device, one shard."""
+    sub = _subparser("embed")
+    argv = ["embed"]
+    for a in sub._actions:
+        if a.dest in ("help", "paths", "devices", "shard", "device", "overwrite", "no_progress", "no_merge"):
+            continue
+        value = getattr(args, a.dest, None)
+        opt = max(a.option_strings, key=len)
+        if isinstance(a, argparse._StoreTrueAction):
+            argv += [opt] if value else []
+        elif isinstance(a, argparse._CountAction):
+            argv += [opt] * int(value or 0)
+        elif value is not None:
+            argv.append(f"{opt}={value}")
+    argv += ["--shard", f"{i}/{n}", "--device", device, "--no-merge"]
+    argv += [] if progress else ["--no-progress"]
+    return [*argv, "--", *args.paths]
+
+
+def _wait(proc: Any, seconds: float) -> int | None:
+    import subprocess
+
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    for a in build_parser()._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return a.choices[name]
+    raise KeyError(name)
+
+
+def _embed_on_devices(args: argparse.Namespace, out: Path, fmt: str, is_file: bool, devices: list[str]) -> int:
+    """Run one `embed --shard i/n` worker process per device, wait for all, then merge."""
+    import subprocess
+
+    n = len(devices)
+    if any(d.startswith("cuda") for d in devices):
+        import torch
+
+        count = torch.cuda.device_count()
+        bad = [d for d in devices if d.startswith("cuda") and (count == 0 or int(d.partition(":")[2] or 0) >= count)]
+        if bad:
+            fatal(f"--devices names {', '.join(bad)} but this machine has {count} CUDA device(s)")
+    root = _staging(out, is_file)
+    if is_file:
+        _check_file_output(out, args.overwrite)
+        if args.overwrite:  # the workers refuse an existing file output
+            from .outputs import failures_path
+
+            out.unlink(missing_ok=True)
+            failures_path(out).unlink(missing_ok=True)
+            if root.exists():
+                shutil.rmtree(root)
+    else:
+        _open_dir_output(out, fmt, args, overwrite=args.overwrite)
+    stale = [f"{i}/{k}" for i, k, _ in _shard_dirs(root) if k != n]
+    if stale:
+        fatal(f"{root} holds unfinished shards of a split into another number of workers ({', '.join(stale)}); "
+              f"finish them (same command with --devices of that many) or delete them, or run `{PROG} merge {out}`")
+    _collect(args)  # fail on bad inputs here, not in every worker
+    cpus = os.cpu_count() or 1
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and all(d == "cpu" for d in devices):
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // n))  # n CPU workers share the cores
+    if args.num_workers is None:
+        args.num_workers = max(0, min(8, (cpus - n) // n))  # decoding processes per worker
+    progress = _progress(args)
+    procs: list[subprocess.Popen] = []
+
+    def forward_sigterm(signum, frame):  # a scheduler stopping the job: each worker saves what it finished
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    try:
+        old_handler = signal.signal(signal.SIGTERM, forward_sigterm)
+    except ValueError:  # not the main thread
+        old_handler = None
+    interrupted = False
+    try:
+        for i, dev in enumerate(devices):
+            argv = _worker_argv(args, i, n, dev, progress and i == 0)
+            log.info("worker %d/%d on %s: %s", i, n, dev, " ".join(argv))
+            procs.append(subprocess.Popen([sys.executable, "-m", "m2d2_embed", *argv], env=env))
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the workers too (one process group) and they are saving: give them time, then pass
+        # the interrupt on to any that did not get it
+        interrupted = True
+        codes = [_wait(p, WORKER_GRACE_SECONDS) for p in procs]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        codes = [p.wait() for p in procs]
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    report = _merge(out, is_file, n)
+    if report.merged or not interrupted:
+        print(f"{PROG}: {report.describe(out)}")
+    if interrupted or EXIT_INTERRUPTED in codes:
+        print(f"{PROG}: interrupted; finished work is kept: run the same command again to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if report.waiting:
+        print(f"{PROG}: worker(s) for shard(s) {', '.join(report.waiting)} did not finish (exit codes "
+              f"{codes}); run the same command again to finish", file=sys.stderr)
+        return EXIT_FAILED
+    return max(codes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------
+
+def _train(argv: list[str]) -> int:
+    from .train.__main__ import main as train_main  # the training stack loads only here
+
+    try:
+        return int(train_main(argv) or 0)
+    except SystemExit as e:  # --help, usage errors
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _train(list(args.train_args))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -414,7 +414,14 @@ def _embed_waves(model: M2D2, paths: list[str], waves: list[torch.Tensor], level
                  normalize: bool, batch_size: int | None) -> list[FileResult]:
     """One batch of decoded clips (each at most ``STREAM_SECONDS``) -> results, same order."""
     toks = model._encode_tokens(waves, batch_size)
-    lengths = [w.shape[-1] for w in waves]
+    return _results_from_tokens(model, paths, toks, [w.shape[-1] for w in waves], level, reduce, normalize,
+                                batch_size)
+
+
+def _results_from_tokens(model: M2D2, paths: list[str], toks: list[torch.Tensor], lengths: list[int], level: str,
+                         reduce: str, normalize: bool, batch_size: int | None) -> list[FileResult]:
+    """Encoder tokens of a batch of clips (``lengths`` in samples) -> results at ``level``; several levels can
+    be taken from one encoder pass."""
     if level == "clap":
         embs = list(model._clap_from_tokens(model._require_head(), toks, lengths, "auto", batch_size))
     elif level == "frame":

@@ -1,0 +1,460 @@
+"""Bulk embedding extraction on Ray Data: the standard offline batch-inference pattern, one model per actor.
+
+    from m2d2_embed.integrations.ray import embed_dataset
+    embed_dataset("s3://bucket/audio/", "s3://bucket/embeddings/", model="m2d2-clap-2025", level="clip",
+                  num_gpus_per_actor=1, concurrency=8)
+    es = m2d2_embed.read_embeddings("embeddings/")        # a local copy, back into numpy
+
+Or compose it yourself: ``ds.map_batches(M2D2Embedder, fn_constructor_kwargs={...}, num_gpus=1, concurrency=8)``.
+
+Output rows follow the package's Parquet schema (see :mod:`m2d2_embed.outputs`): ``path``, ``model``, ``level``,
+``dim``, ``embedding`` (clip/clap: fixed-size list of ``dim`` float32; frame: list of them, one per frame),
+``timestamps`` (frame level: float64 seconds, else null), ``duration`` (float64 seconds), ``error`` (null, or why
+the file could not be embedded: such rows have a null embedding). ``extra_levels`` add ``<level>_embedding``
+columns (and ``frame_timestamps`` for frames). The settings are in the schema metadata under ``m2d2_embed``.
+
+Ray itself is imported only by :func:`map_embeddings` and :func:`embed_dataset`; :class:`M2D2Embedder` is plain
+Python and runs without it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+    import torch
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'm2d2-embed[ray]'"
+
+
+def _require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"m2d2_embed.integrations.ray needs Ray Data: {INSTALL_HINT} (or pip install 'ray[data]')"
+                          ) from e
+    return ray
+
+
+# ---------------------------------------------------------------------------------------------------
+# The callable class (one per actor)
+# ---------------------------------------------------------------------------------------------------
+
+class M2D2Embedder:
+    """A callable class for :meth:`ray.data.Dataset.map_batches`: loads the model once per actor, then embeds
+    each batch of audio and returns one row per input, in input order.
+
+    Input batches (numpy dicts, pyarrow tables or pandas frames) hold a ``path`` column and one of:
+    ``bytes`` (encoded files, from ``ray.data.read_binary_files(..., include_paths=True)``), ``amplitude`` and
+    ``sample_rate`` (decoded audio [channels, samples] or [samples], from ``ray.data.read_audio(...,
+    include_paths=True)``), or nothing else (the paths are read from a file system every actor sees).
+    Encoded files are decoded with soundfile (WAV, FLAC, OGG/Vorbis, Opus, MP3), downmixed, and resampled as
+    :func:`m2d2_embed.load_audio` does; files over 300 s are decoded and embedded in chunk batches.
+
+    A file that cannot be decoded or embedded becomes a row with ``error`` set and a null embedding; the task
+    never fails for it. The returned :class:`pyarrow.Table` follows the schema in the module docstring.
+
+    Args:
+        model: registry name, local path or URL, as for :func:`m2d2_embed.load` (default ``m2d2-clap-2025``).
+        level: the ``embedding`` column: ``"clip"`` [D], ``"frame"`` [T, D] with ``timestamps``, or ``"clap"``.
+        extra_levels: more levels from the same encoder pass, as ``<level>_embedding`` columns (and
+            ``frame_timestamps``), e.g. ``("clap", "frame")``.
+        reduce, normalize: as for :meth:`~m2d2_embed.M2D2.embed_files` (``reduce`` does not apply to clap).
+        device, dtype, cache_dir, offline, compile: as for :func:`m2d2_embed.load`.
+        model_batch_size: 10-s chunks per forward pass (the ``batch_size`` of ``embed_files``; default 256 on
+            CUDA, 32 on CPU).
+        decode_threads: threads that decode the files of a batch.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, level: str = "clip",
+                 extra_levels: Sequence[str] = (), reduce: str = "none", normalize: bool = False,
+                 device: str | None = None, dtype: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 offline: bool | None = None, compile: bool = False, model_batch_size: int | None = None,
+                 decode_threads: int = 4) -> None:
+        from ..files import _check_args, embedding_metadata, output_dim
+        from ..loader import load
+
+        levels = _check_levels(level, extra_levels)
+        self.model = load(model, device=device, dtype=dtype, cache_dir=cache_dir, offline=offline, compile=compile)
+        for lvl in levels:
+            _check_args(self.model, lvl, reduce)
+        self.level, self.extra_levels = level, tuple(levels[1:])
+        self.reduce, self.normalize, self.model_batch_size = reduce, bool(normalize), model_batch_size
+        self.dims = {lvl: output_dim(self.model, lvl, reduce) for lvl in levels}
+        self.metadata: dict[str, Any] = {
+            **embedding_metadata(self.model, level, reduce, normalize), "format": "parquet",
+            "model_source": str(model) if model is not None else self.model.name,
+            "extra_levels": list(self.extra_levels)}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(decode_threads)))
+        log.info("M2D2Embedder: %s on %s (%s), levels %s", self.model.name, self.model.device, self.model.dtype,
+                 ", ".join(levels))
+
+    # -- one batch ------------------------------------------------------------------------------------------
+    def __call__(self, batch: Any) -> pa.Table:
+        """Embed one batch (see the class docstring) -> a :class:`pyarrow.Table`, one row per input row."""
+        paths, sources = _sources(batch)
+        levels = (self.level, *self.extra_levels)
+        results: dict[int, dict[str, Any]] = {}
+        errors: dict[int, str] = {}
+        prepared = list(self._pool.map(self._prepare, sources))
+        short = []
+        for i, (kind, value) in enumerate(prepared):
+            if kind == "error":
+                errors[i] = value
+            elif kind == "wave":
+                short.append(i)
+        self._embed_short(paths, {i: prepared[i][1] for i in short}, levels, results, errors)
+        for i, (kind, _) in enumerate(prepared):
+            if kind == "stream":
+                self._embed_long(i, paths[i], sources[i], levels, results, errors)
+        for i, reason in errors.items():
+            log.warning("not embedded: %s: %s", paths[i], reason)
+        return self._table(paths, results, errors)
+
+    def _prepare(self, src: Any) -> tuple[str, Any]:
+        """('wave', float32 tensor [N] at the model rate) | ('stream', None) for long files | ('error', reason)."""
+        import torch
+
+        from ..audio import _check_finite_nonempty, _check_length
+        from ..files import STREAM_SECONDS, _reason
+
+        m = self.model
+        try:
+            if not isinstance(src, tuple):
+                seconds = _probe(src)
+                if seconds > STREAM_SECONDS:
+                    return "stream", None
+            wave = _decode(src, m.sample_rate)
+            _check_finite_nonempty(wave, "the audio", m.frontend.min_samples())
+            _check_length(wave.shape[-1], "the audio", m.frontend.min_samples(), m.sample_rate)
+        except Exception as e:  # reported in the row; the batch goes on
+            return "error", _reason(e)
+        return "wave", torch.from_numpy(np.ascontiguousarray(wave))
+
+    def _embed_short(self, paths: list[str], waves: dict[int, torch.Tensor], levels: Sequence[str],
+                     results: dict[int, dict[str, Any]], errors: dict[int, str]) -> None:
+        """Files of at most 300 s: grouped by length into batches of at most ``model_batch_size`` chunks."""
+        import torch
+
+        from ..files import _batches, _reason
+
+        m = self.model
+        chunk_samples = m.config.encoder.chunk_frames * m.config.frontend.hop_length
+        chunks = {i: max(1, math.ceil(w.shape[-1] / chunk_samples)) for i, w in waves.items()}
+        order = sorted(waves, key=lambda i: (-waves[i].shape[-1], i))
+        dense = [chunks.get(i, 0) for i in range(len(paths))]
+        for group in _batches(order, dense, m._max_batch(self.model_batch_size)):
+            try:
+                self._embed_group(paths, group, waves, levels, results)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # find the file at fault: each alone
+                if len(group) == 1:
+                    errors[group[0]] = _reason(e)
+                    continue
+                for i in group:
+                    try:
+                        self._embed_group(paths, [i], waves, levels, results)
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except Exception as e1:
+                        errors[i] = _reason(e1)
+
+    def _embed_group(self, paths: list[str], group: list[int], waves: dict[int, torch.Tensor],
+                     levels: Sequence[str], results: dict[int, dict[str, Any]]) -> None:
+        from ..files import _results_from_tokens
+
+        m = self.model
+        ws = [waves[i] for i in group]
+        toks = m._encode_tokens(ws, self.model_batch_size)
+        per_level = {lvl: _results_from_tokens(m, [paths[i] for i in group], toks, [w.shape[-1] for w in ws], lvl,
+                                               self.reduce, self.normalize, self.model_batch_size)
+                     for lvl in levels}
+        for j, i in enumerate(group):
+            results[i] = {lvl: per_level[lvl][j] for lvl in levels}
+
+    def _embed_long(self, i: int, path: str, src: Any, levels: Sequence[str], results: dict[int, dict[str, Any]],
+                    errors: dict[int, str]) -> None:
+        import torch
+
+        from ..files import _embed_streamed, _reason
+
+        out = {}
+        try:
+            for lvl in levels:  # decoded again per level: memory stays bounded whatever the length
+                f = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+                out[lvl] = _embed_streamed(self.model, f, lvl, self.reduce, self.normalize, self.model_batch_size)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            errors[i] = _reason(e)
+            return
+        results[i] = out
+
+    # -- output ---------------------------------------------------------------------------------------------
+    def _table(self, paths: list[str], results: dict[int, dict[str, Any]], errors: dict[int, str]) -> pa.Table:
+        import pyarrow as pa
+
+        n = len(paths)
+        ok = [i in results for i in range(n)]
+        main = self.level
+        durations = [results[i][main].duration if ok[i] else None for i in range(n)]
+        cols: dict[str, Any] = {
+            "path": pa.array(paths, type=pa.string()),
+            "model": pa.array([self.model.name] * n, type=pa.string()),
+            "level": pa.array([main] * n, type=pa.string()),
+            "dim": pa.array([self.dims[main]] * n, type=pa.int32()),
+        }
+        emb, ts = _embedding_columns(main, self.dims[main], [results[i][main] if ok[i] else None for i in range(n)])
+        cols["embedding"], cols["timestamps"] = emb, ts
+        cols["duration"] = pa.array(durations, type=pa.float64())
+        cols["error"] = pa.array([errors.get(i) if not ok[i] else None for i in range(n)], type=pa.string())
+        for lvl in self.extra_levels:
+            emb, ts = _embedding_columns(lvl, self.dims[lvl], [results[i][lvl] if ok[i] else None for i in range(n)])
+            cols[f"{lvl}_embedding"] = emb
+            if lvl == "frame":
+                cols["frame_timestamps"] = ts
+        return pa.table(cols).replace_schema_metadata({"m2d2_embed": json.dumps(self.metadata)})
+
+
+def _check_levels(level: str, extra_levels: Sequence[str]) -> list[str]:
+    from ..outputs import LEVELS
+
+    if isinstance(extra_levels, str):
+        extra_levels = [extra_levels]
+    levels = [level, *extra_levels]
+    bad = [lvl for lvl in levels if lvl not in LEVELS]
+    if bad:
+        raise ValueError(f"unknown level(s) {bad}; use {', '.join(LEVELS)}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"level {level!r} and extra_levels {list(extra_levels)} repeat a level")
+    return levels
+
+
+def _embedding_columns(level: str, dim: int, res: list[Any]) -> tuple[pa.Array, pa.Array]:
+    """(embedding, timestamps) columns for one level; ``None`` items (failed files) become nulls."""
+    import pyarrow as pa
+
+    n = len(res)
+    missing = pa.array([r is None for r in res], type=pa.bool_())
+    if level == "frame":
+        lengths = np.asarray([0 if r is None else len(r.embedding) for r in res], dtype=np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        parts = [r.embedding for r in res if r is not None]
+        flat = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim)
+        ts_parts = [np.asarray(r.timestamps, np.float64) for r in res if r is not None]
+        ts_flat = np.concatenate(ts_parts) if ts_parts else np.zeros(0)
+        emb = pa.ListArray.from_arrays(offsets, vectors, mask=missing)
+        ts = pa.ListArray.from_arrays(offsets, pa.array(ts_flat, type=pa.float64()), mask=missing)
+        return emb, ts
+    flat = np.zeros((n, dim), np.float32)
+    for i, r in enumerate(res):
+        if r is not None:
+            flat[i] = r.embedding
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim, mask=missing)
+    return emb, pa.nulls(n, type=pa.list_(pa.float64()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a batch
+# ---------------------------------------------------------------------------------------------------
+
+def _column(batch: Any, name: str) -> list[Any] | None:
+    if isinstance(batch, Mapping):
+        return list(batch[name]) if name in batch else None
+    names = getattr(batch, "column_names", None)  # pyarrow.Table
+    if names is not None:
+        return batch.column(name).to_pylist() if name in names else None
+    columns = getattr(batch, "columns", None)  # pandas.DataFrame
+    if columns is not None:
+        return list(batch[name]) if name in columns else None
+    raise TypeError(f"cannot read a batch of type {type(batch).__name__}; pass a dict of numpy arrays, a "
+                    "pyarrow.Table or a pandas.DataFrame (map_batches(..., batch_format='numpy'))")
+
+
+def _sources(batch: Any) -> tuple[list[str], list[Any]]:
+    """(paths, sources): a source is encoded bytes, an (array, sample rate) pair, or a path to read."""
+    paths = _column(batch, "path")
+    if paths is None:
+        raise ValueError("the batch has no 'path' column; read the files with include_paths=True (e.g. "
+                         "ray.data.read_binary_files(paths, include_paths=True)) or give a table with a 'path' column")
+    paths = [str(p) for p in paths]
+    data = _column(batch, "bytes")
+    if data is not None:
+        return paths, [bytes(b) if b is not None else b"" for b in data]
+    amplitude = _column(batch, "amplitude")
+    if amplitude is not None:
+        rates = _column(batch, "sample_rate")
+        if rates is None:
+            raise ValueError("the batch has an 'amplitude' column but no 'sample_rate' column")
+        return paths, [(a, int(sr)) for a, sr in zip(amplitude, rates)]
+    return paths, list(paths)
+
+
+def _probe(src: bytes | str) -> float:
+    """Duration in seconds of encoded bytes or a file (header only); ValueError with the reason if unreadable."""
+    import soundfile as sf
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ValueError("empty file (0 bytes)")
+        f: Any = io.BytesIO(src)
+    else:
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"audio file not found: {src}")
+        if os.path.getsize(src) == 0:
+            raise ValueError("empty file (0 bytes)")
+        f = src
+    try:
+        info = sf.info(f)
+    except Exception as e:  # LibsndfileError, RuntimeError, TypeError
+        why = str(e).replace(f"Error opening {f!r}: ", "").rstrip(".")  # no "<_io.BytesIO object at 0x...>"
+        raise ValueError(f"cannot decode: {why}. Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 "
+                         "(and other libsndfile formats); convert others first, e.g. `ffmpeg -i IN OUT.flac`"
+                         ) from e
+    if info.frames <= 0:
+        raise ValueError("no samples (zero-length audio)")
+    return info.frames / info.samplerate
+
+
+def _decode(src: bytes | str | tuple[Any, int], target_sr: int) -> np.ndarray:
+    """Mono float32 [N] at ``target_sr``: the samples :func:`m2d2_embed.load_audio` gives for the same file."""
+    import soundfile as sf
+
+    from ..audio import _to_float_numpy, resample
+
+    if isinstance(src, tuple):
+        a, sr = np.asarray(src[0]), src[1]
+        x = _to_float_numpy(a, "amplitude")
+        if x.ndim == 2:  # read_audio: [channels, samples]
+            x = x.mean(axis=0) if x.shape[0] > 1 else x[0]
+        elif x.ndim != 1:
+            raise ValueError(f"amplitude has shape {x.shape}; expected [channels, samples] or [samples]")
+        if sr <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sr}")
+    else:
+        f: Any = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+        data, sr = sf.read(f, dtype="float32", always_2d=True)  # (N, C)
+        x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return resample(x, int(sr), target_sr) if sr != target_sr else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------
+
+def _as_dataset(data: Any, recursive: bool, glob: str | None) -> ray.data.Dataset:
+    ray = _require_ray()
+    if isinstance(data, ray.data.Dataset):
+        return data
+    items = [os.fspath(data)] if isinstance(data, (str, os.PathLike)) else [os.fspath(p) for p in data]
+    remote = [s for s in items if "://" in s]
+    if remote:
+        if len(remote) != len(items):
+            raise ValueError("give either local paths or URIs (s3://, gs://, ...), not a mix")
+        from ..audio import AUDIO_SUFFIXES
+
+        return ray.data.read_binary_files(items, include_paths=True,
+                                          file_extensions=[s.lstrip(".") for s in AUDIO_SUFFIXES])
+    from ..files import collect_files
+
+    files = collect_files(items, recursive=recursive, glob=glob)
+    return ray.data.read_binary_files([os.path.abspath(f) for f in files], include_paths=True)
+
+
+def _resources(num_gpus_per_actor: float | None, num_cpus_per_actor: float | None,
+               concurrency: int | tuple[int, int] | None) -> tuple[float, float, int | tuple[int, int]]:
+    ray = _require_ray()
+    if not ray.is_initialized():
+        ray.init()  # connects to RAY_ADDRESS if set, else starts a local cluster
+    total = ray.cluster_resources()
+    gpus = float(total.get("GPU", 0))
+    cpus = float(total.get("CPU", 1))
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if num_cpus_per_actor is None:
+        num_cpus_per_actor = 1.0
+    if concurrency is None:
+        if num_gpus_per_actor > 0:
+            concurrency = max(1, int(gpus // num_gpus_per_actor))
+        else:  # leave half of the CPUs to reading and writing
+            concurrency = max(1, int(cpus // 2 // num_cpus_per_actor))
+    return num_gpus_per_actor, num_cpus_per_actor, concurrency
+
+
+def map_embeddings(data: Any, model: str | os.PathLike | None = None, *, level: str = "clip",
+                   extra_levels: Sequence[str] = (), reduce: str = "none", normalize: bool = False,
+                   dtype: str | None = None, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
+                   compile: bool = False, batch_size: int | None = None, model_batch_size: int | None = None,
+                   num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
+                   concurrency: int | tuple[int, int] | None = None, recursive: bool = False,
+                   glob: str | None = None) -> ray.data.Dataset:
+    """The lazy Ray Dataset of embedding rows (the schema of the module docstring), for your own sink.
+
+    Args:
+        data: a folder, file, quoted wildcard or list of them (collected as by ``m2d2-embed embed``, with
+            ``recursive`` and ``glob``); URIs such as ``s3://bucket/audio/`` (all audio files below them); or
+            a :class:`ray.data.Dataset` with ``path`` and ``bytes`` (or ``amplitude`` + ``sample_rate``) columns.
+        model, level, extra_levels, reduce, normalize, dtype, cache_dir, offline, compile, model_batch_size:
+            see :class:`M2D2Embedder`.
+        batch_size: files per ``map_batches`` batch (default 256 with GPUs, 32 on CPUs).
+        num_gpus_per_actor: GPUs per model replica (default 1 when the cluster has GPUs, else 0: CPU actors;
+            fractions put several replicas on one GPU).
+        num_cpus_per_actor: CPUs per replica (default 1; CPU actors use them as torch threads).
+        concurrency: model replicas (an int, or (min, max) to autoscale); default one per GPU, or half the CPUs.
+    """
+    _check_levels(level, extra_levels)  # fail here, not in every actor
+    ds = _as_dataset(data, recursive, glob)
+    gpus, cpus, conc = _resources(num_gpus_per_actor, num_cpus_per_actor, concurrency)
+    device = "cuda" if gpus > 0 else "cpu"
+    kwargs = {"model": os.fspath(model) if model is not None else None, "level": level,
+              "extra_levels": tuple(extra_levels), "reduce": reduce, "normalize": normalize, "device": device,
+              "dtype": dtype, "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
+              "offline": offline, "compile": compile, "model_batch_size": model_batch_size}
+    return ds.map_batches(M2D2Embedder, fn_constructor_kwargs=kwargs, batch_size=batch_size or (256 if gpus else 32),
+                          batch_format="numpy", num_gpus=gpus, num_cpus=cpus, concurrency=conc)
+
+
+def embed_dataset(data: Any, output_uri: str | os.PathLike, model: str | os.PathLike | None = None, *,
+                  level: str = "clip", num_gpus_per_actor: float | None = None,
+                  concurrency: int | tuple[int, int] | None = None, batch_size: int | None = None,
+                  mode: str = "error", min_rows_per_file: int | None = None, **kwargs: Any) -> str:
+    """Embed audio on Ray Data and write Parquet files to ``output_uri`` (a folder or s3://, gs://, ... URI).
+
+    Read the result back with :func:`m2d2_embed.read_embeddings` (a local folder) or any Parquet reader.
+    Files that fail become rows with ``error`` set (listed in ``EmbeddingSet.failures`` when read back).
+
+    Args:
+        data, model, level, num_gpus_per_actor, concurrency, batch_size: see :func:`map_embeddings`; other
+            keyword arguments (``extra_levels``, ``dtype``, ``model_batch_size``, ``recursive``, ``glob``, ...)
+            are passed on to it.
+        mode: what to do when ``output_uri`` exists: ``"error"`` (default), ``"overwrite"`` or ``"append"``.
+        min_rows_per_file: rows per Parquet file at least (default: one file per block).
+    Returns:
+        ``output_uri`` as a string.
+    """
+    ray = _require_ray()
+    ds = map_embeddings(data, model, level=level, num_gpus_per_actor=num_gpus_per_actor, concurrency=concurrency,
+                        batch_size=batch_size, **kwargs)
+    uri = os.fspath(output_uri)
+    ds.write_parquet(uri, mode=ray.data.SaveMode(mode), min_rows_per_file=min_rows_per_file)
+    return uri
+
+
+__all__ = ["M2D2Embedder", "embed_dataset", "map_embeddings"]
