@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import save_tiny, tiny_config
 
 import m2d2_embed as m2d2
-from tiny import save_tiny, tiny_config
 
 SR = 16000
 

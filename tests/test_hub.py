@@ -186,10 +186,10 @@ print(json.dumps(model.clap_text_embeddings(["a dog barks", "rain"]).tolist()))
 def test_2024_model_fetches_its_gte_text_encoder_from_the_hub(server, tmp_path):
     import torch
     from safetensors.torch import save_file
+    from tiny import tiny_config
 
     from m2d2_embed.config import TextConfig
     from m2d2_embed.text import BertTextEncoder, Tokenizer
-    from tiny import tiny_config
 
     folder = "m2d_clap_vit_base-80x608p16x16-240128"
     pth, _ = save_upstream(tmp_path / "src", "2024", folder, config=tiny_config(head="mlp", text=False, width=608))
