@@ -146,63 +146,67 @@ class M2D2(nn.Module):
             return batch_size
         return 256 if self.device.type == "cuda" else 32
 
-    def _log_mels(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Log-mel [1, n_mels, F] per clip; clips of equal length share one front-end call."""
-        out: list[torch.Tensor | None] = [None] * len(waves)
+    @torch.inference_mode()
+    def _encode_groups(self, waves: list[torch.Tensor],
+                       batch_size: int | None = None) -> list[tuple[list[int], torch.Tensor]]:
+        """Patch tokens of clips grouped by length: ``[(indices into waves, tokens [b, f, T, D] float32)]``.
+
+        Clips of one length share one front-end call; chunks of one width from all groups run through the encoder
+        together, at most ``batch_size`` per pass. Work per batch is vectorised: nothing loops over clips.
+        """
+        pw = self.config.encoder.patch_size[1]
+        f = self.freq_patches
         by_len: dict[int, list[int]] = {}
         for i, w in enumerate(waves):
             by_len.setdefault(w.shape[-1], []).append(i)
-        for idx in by_len.values():
-            x = torch.stack([waves[i] for i in idx]).to(self.device, torch.float32)
+        groups: list[tuple[list[int], int]] = []
+        jobs: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # time patches -> [(group, chunk, lms slice)]
+        for g, idx in enumerate(by_len.values()):
+            x = torch.stack([waves[i] for i in idx]).to(self.device, torch.float32, non_blocking=True)
             lms = self.frontend(x)  # (b, 1, n_mels, F)
-            for j, i in enumerate(idx):
-                out[i] = lms[j]
-        return out  # type: ignore[return-value]
-
-    @torch.inference_mode()
-    def _encode_tokens(self, waves: list[torch.Tensor], batch_size: int | None = None) -> list[torch.Tensor]:
-        """Patch tokens of each clip, [f, T, D] float32 (frequency, time, width), chunks joined in time.
-
-        All chunks of all clips are grouped by width and run in as few encoder passes as the batch size allows.
-        """
-        pw = self.config.encoder.patch_size[1]
-        lms = self._log_mels(waves)
-        jobs: dict[int, list[tuple[int, int, int]]] = {}  # time patches -> [(clip, chunk index, start)]
-        plans = [self._chunk_plan(x.shape[-1]) for x in lms]
-        for i, plan in enumerate(plans):
+            plan = self._chunk_plan(lms.shape[-1])
+            groups.append((idx, len(plan)))
             for c, (start, t) in enumerate(plan):
-                jobs.setdefault(t, []).append((i, c, start))
+                chunk = lms[..., start:start + t * pw]
+                if chunk.shape[-1] < t * pw:  # pad with 0 in the normalised domain, as the reference does
+                    chunk = nn.functional.pad(chunk, (0, t * pw - chunk.shape[-1]))
+                jobs.setdefault(t, []).append((g, c, chunk))
         results: dict[tuple[int, int], torch.Tensor] = {}
         max_b = self._max_batch(batch_size)
-        f = self.freq_patches
         for t, items in jobs.items():
-            width = t * pw
-            chunks = []
-            for i, _, start in items:
-                x = lms[i][..., start:start + width]
-                if x.shape[-1] < width:  # pad with 0 in the normalised domain, as the reference does
-                    x = nn.functional.pad(x, (0, width - x.shape[-1]))
-                chunks.append(x)
-            batch = torch.stack(chunks)  # (n, 1, n_mels, width)
-            tokens = self._run_encoder(batch, max_b)  # (n, f*t, D)
-            for (i, c, _), tok in zip(items, tokens):
-                results[(i, c)] = tok.reshape(f, t, -1)
-        return [torch.cat([results[(i, c)] for c in range(len(plan))], dim=1) for i, plan in enumerate(plans)]
+            batch = torch.cat([ch for _, _, ch in items]) if len(items) > 1 else items[0][2]  # (n, 1, n_mels, w)
+            tokens = self._run_encoder(batch, max_b).reshape(-1, f, t, self.embed_dim)  # (n, f, t, D)
+            for (g, c, _), part in zip(items, tokens.split([ch.shape[0] for _, _, ch in items])):
+                results[(g, c)] = part
+        out = []
+        for g, (idx, n_chunks) in enumerate(groups):
+            parts = [results[(g, c)] for c in range(n_chunks)]
+            out.append((idx, parts[0] if n_chunks == 1 else torch.cat(parts, dim=2)))  # chunks joined in time
+        return out
+
+    def _encode_tokens(self, waves: list[torch.Tensor], batch_size: int | None = None) -> list[torch.Tensor]:
+        """Patch tokens of each clip, [f, T, D] float32 (frequency, time, width), chunks joined in time."""
+        out: list[torch.Tensor | None] = [None] * len(waves)
+        for idx, tok in self._encode_groups(waves, batch_size):
+            for j, i in enumerate(idx):
+                out[i] = tok[j]
+        return out  # type: ignore[return-value]
 
     def _map_clips(self, waves: list[torch.Tensor], fn, batch_size: int | None) -> list[Any]:
-        """Encode clips group by group and apply ``fn(tokens, indices) -> results`` to each group.
+        """Encode clips group by group and apply ``fn(tokens [b, f, T, D], num_samples) -> [b, ...]`` to each
+        group of equal-length clips; returns one result per clip, in input order.
 
-        Clips are grouped by length (similar chunk widths run together) and a group holds at most four encoder
-        batches of chunks (or one clip), so 10,000 clips or an hour-long file never hold all their tokens at once.
-        Results come back in input order.
+        Clips are taken in order of length and at most four encoder batches of chunks (or one clip) are encoded at
+        a time, so 10,000 clips or an hour-long file never hold all their tokens at once.
         """
         budget = 4 * self._max_batch(batch_size)
         out: list[Any] = [None] * len(waves)
 
         def flush(group: list[int]) -> None:
-            toks = self._encode_tokens([waves[j] for j in group], batch_size)
-            for j, r in zip(group, fn(toks, group)):
-                out[j] = r
+            for idx, tok in self._encode_groups([waves[j] for j in group], batch_size):
+                res = fn(tok, waves[group[idx[0]]].shape[-1])
+                for j, r in zip(idx, res):
+                    out[group[j]] = r
 
         group: list[int] = []
         n = 0
@@ -277,14 +281,15 @@ class M2D2(nn.Module):
         if reduce not in ("none", "mean"):
             raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
         prep = self._prepare(audio, sample_rate)
-        frames = self._map_clips(prep.waves, lambda toks, _: [self._pool_frames(t, reduce) for t in toks], batch_size)
+        frames = self._map_clips(prep.waves, lambda tok, _: self._pool_frames(tok, reduce), batch_size)
         return self._shape(frames, prep, stack=False)
 
     def _pool_frames(self, tokens: torch.Tensor, reduce: str) -> torch.Tensor:
-        f, T, D = tokens.shape
+        """Tokens [..., f, T, D] -> frames [..., T, f*D] (frequency-major per step) or, with "mean", [..., T, D]."""
         if reduce == "mean":
-            return tokens.mean(0)  # (T, D)
-        return tokens.permute(1, 0, 2).reshape(T, f * D)  # (T, f*D), frequency-major per step
+            return tokens.mean(-3)
+        *lead, f, T, D = tokens.shape
+        return tokens.transpose(-3, -2).reshape(*lead, T, f * D)
 
     def clip_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none",
                         batch_size: int | None = None) -> Any:
@@ -295,8 +300,7 @@ class M2D2(nn.Module):
         if reduce not in ("none", "mean"):
             raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
         prep = self._prepare(audio, sample_rate)
-        clips = self._map_clips(prep.waves, lambda toks, _: [self._pool_frames(t, reduce).mean(0) for t in toks],
-                                batch_size)
+        clips = self._map_clips(prep.waves, lambda tok, _: self._pool_frames(tok, reduce).mean(-2), batch_size)
         return self._shape(clips, prep, stack=True)
 
     # -- CLAP -----------------------------------------------------------------------------------------------------
@@ -328,48 +332,48 @@ class M2D2(nn.Module):
 
     def _clap_audio(self, head: nn.Module, waves: list[torch.Tensor], long_audio: str,
                     batch_size: int | None) -> list[torch.Tensor]:
-        def fn(toks, idx):
-            return list(self._clap_from_tokens(head, toks, [waves[i].shape[-1] for i in idx], long_audio, batch_size))
+        return self._map_clips(waves, lambda tok, n: self._clap_group(head, tok, n, long_audio, batch_size),
+                               batch_size)
 
-        return self._map_clips(waves, fn, batch_size)
+    def _use_chunks(self, num_samples: int, long_audio: str) -> bool:
+        seconds = num_samples / self.sample_rate
+        if long_audio == "auto" and seconds > FULL_ATTENTION_MAX_SECONDS:
+            log.info("a clip is %.0f s long: the CLAP head runs per 10-s chunk and averages them "
+                     "(long_audio='full' attends over the whole clip, with memory growing as length^2)", seconds)
+            return True
+        return long_audio == "chunks"
 
     @torch.inference_mode()
+    def _clap_group(self, head: nn.Module, tok: torch.Tensor, num_samples: int, long_audio: str,
+                    batch_size: int | None) -> torch.Tensor:
+        """CLAP audio embeddings of equal-length clips: tokens [b, f, T, D] -> [b, D]."""
+        b, f, T, D = tok.shape
+        if not self._use_chunks(num_samples, long_audio):
+            return self._run_head(head, tok.reshape(b, f * T, D), batch_size)  # token order is irrelevant to the head
+        parts = tok.split(self.config.encoder.grid[1], dim=2)  # 10-s chunks
+        return torch.stack([self._run_head(head, p.reshape(b, -1, D), batch_size) for p in parts]).mean(0)
+
     def _clap_from_tokens(self, head: nn.Module, toks: list[torch.Tensor], lengths: list[int], long_audio: str,
                           batch_size: int | None) -> torch.Tensor:
-        T = self.config.encoder.grid[1]
-        full, chunked = [], []
-        for i, n in enumerate(lengths):
-            seconds = n / self.sample_rate
-            use_chunks = long_audio == "chunks" or (long_audio == "auto" and seconds > FULL_ATTENTION_MAX_SECONDS)
-            if use_chunks and long_audio == "auto":
-                log.info("clip %d is %.0f s long: the CLAP head runs per 10-s chunk and averages them "
-                         "(long_audio='full' attends over the whole clip, with memory growing as length^2)", i, seconds)
-            (chunked if use_chunks else full).append(i)
-        out: list[torch.Tensor | None] = [None] * len(toks)
-        flat = [toks[i].reshape(-1, toks[i].shape[-1]) for i in full]  # (f*T_i, D), order is irrelevant to the head
-        for j, e in zip(full, self._run_head(head, flat, batch_size)):
-            out[j] = e
-        for i in chunked:
-            parts = [p.reshape(-1, p.shape[-1]) for p in toks[i].split(T, dim=1)]
-            out[i] = self._run_head(head, parts, batch_size).mean(0)
-        return torch.stack(out)  # type: ignore[arg-type]
+        """CLAP audio embeddings of clips given as per-clip tokens [f, T_i, D] -> [n, D]."""
+        return torch.cat([self._clap_group(head, t[None], n, long_audio, batch_size) for t, n in zip(toks, lengths)])
 
-    def _run_head(self, head: nn.Module, seqs: list[torch.Tensor], batch_size: int | None) -> torch.Tensor:
-        """Head over token sets of different lengths; sets of one length run together, others padded + masked."""
-        if not seqs:
-            return torch.empty(0, self.embed_dim, device=self.device)
-        out: list[torch.Tensor | None] = [None] * len(seqs)
-        by_len: dict[int, list[int]] = {}
-        for i, s in enumerate(seqs):
-            by_len.setdefault(s.shape[0], []).append(i)
+    def _run_head(self, head: nn.Module, seqs: torch.Tensor | list[torch.Tensor],
+                  batch_size: int | None) -> torch.Tensor:
+        """Head over token sets [n, N, D] (or a list of [N_i, D], padded and masked) -> [n, D] float32."""
+        mask = None
+        if isinstance(seqs, (list, tuple)):
+            if not seqs:
+                return torch.empty(0, self.embed_dim, device=self.device)
+            longest = max(x.shape[0] for x in seqs)
+            mask = torch.stack([torch.arange(longest, device=self.device) < x.shape[0] for x in seqs])
+            seqs = torch.stack([nn.functional.pad(x, (0, 0, 0, longest - x.shape[0])) for x in seqs])
         max_b = self._max_batch(batch_size)
-        for idx in by_len.values():
-            for k in range(0, len(idx), max_b):
-                part = idx[k:k + max_b]
-                x = torch.stack([seqs[i] for i in part]).to(self.dtype)
-                for i, e in zip(part, head(x).float()):
-                    out[i] = e
-        return torch.stack(out)  # type: ignore[arg-type]
+        outs = []
+        for k in range(0, seqs.shape[0], max_b):
+            m = None if mask is None or bool(mask[k:k + max_b].all()) else mask[k:k + max_b]
+            outs.append(head(seqs[k:k + max_b].to(self.dtype), m).float())
+        return torch.cat(outs)
 
     def _tokenizer_obj(self):
         if self._tokenizer is None:
