@@ -102,7 +102,7 @@ class LogMelSpectrogram(nn.Module):
             seg = x[..., a * c.hop_length:(b - 1) * c.hop_length + c.n_fft]
             spec = torch.stft(seg, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
                               window=self.window, center=False, onesided=True, return_complex=True)
-            power = torch.view_as_real(spec).pow(2).sum(-1)  # (B, n_fft // 2 + 1, frames)
+            power = spec.real.square() + spec.imag.square()  # (B, n_fft // 2 + 1, frames)
             out.append(torch.log(self.mel_fb @ power + LOG_EPS))  # (B, n_mels, frames)
         x = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
         x = (x - c.norm_mean) / c.norm_std
