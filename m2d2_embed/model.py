@@ -325,10 +325,10 @@ class M2D2(nn.Module):
         if long_audio not in ("auto", "full", "chunks"):
             raise ValueError(f"long_audio must be 'auto', 'full' or 'chunks', got {long_audio!r}")
         prep = self._prepare(audio, sample_rate)
-        out = torch.stack(self._clap_audio(head, prep.waves, long_audio, batch_size))
+        out = self._clap_audio(head, prep.waves, long_audio, batch_size)
         if normalize:
-            out = nn.functional.normalize(out, dim=-1)
-        return self._shape(list(out), prep, stack=True)
+            out = [nn.functional.normalize(e, dim=-1) for e in out]
+        return self._shape(out, prep, stack=True)
 
     def _clap_audio(self, head: nn.Module, waves: list[torch.Tensor], long_audio: str,
                     batch_size: int | None) -> list[torch.Tensor]:
