@@ -428,10 +428,16 @@ def _results_from_tokens(model: M2D2, paths: list[str], toks: list[torch.Tensor]
         embs = [model._pool_frames(t, reduce) for t in toks]
     else:
         embs = [model._pool_frames(t, reduce).mean(0) for t in toks]
+    if not embs:
+        return []
+    # one device-to-host copy for the whole batch, then split per file
+    rows = [e.reshape(-1, e.shape[-1]).shape[0] for e in embs]
+    flat = _finish(torch.cat([e.reshape(-1, e.shape[-1]) for e in embs]), normalize)
+    parts = np.split(flat, np.cumsum(rows)[:-1])
     out = []
-    for p, e, n in zip(paths, embs, lengths):
+    for p, e, part, n in zip(paths, embs, parts, lengths):
         ts = model.frame_timestamps(n) if level == "frame" else None
-        out.append(FileResult(p, _finish(e, normalize), n / model.sample_rate, ts))
+        out.append(FileResult(p, part.reshape(tuple(e.shape)), n / model.sample_rate, ts))
     return out
 
 

@@ -355,8 +355,17 @@ class M2D2(nn.Module):
 
     def _clap_from_tokens(self, head: nn.Module, toks: list[torch.Tensor], lengths: list[int], long_audio: str,
                           batch_size: int | None) -> torch.Tensor:
-        """CLAP audio embeddings of clips given as per-clip tokens [f, T_i, D] -> [n, D]."""
-        return torch.cat([self._clap_group(head, t[None], n, long_audio, batch_size) for t, n in zip(toks, lengths)])
+        """CLAP audio embeddings of clips given as per-clip tokens [f, T_i, D] -> [n, D]; clips of one length run
+        through the head together."""
+        by_len: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            by_len.setdefault(n, []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(toks)
+        for n, idx in by_len.items():
+            embs = self._clap_group(head, torch.stack([toks[i] for i in idx]), n, long_audio, batch_size)
+            for i, e in zip(idx, embs):
+                out[i] = e
+        return torch.stack(out)  # type: ignore[arg-type]
 
     def _run_head(self, head: nn.Module, seqs: torch.Tensor | list[torch.Tensor],
                   batch_size: int | None) -> torch.Tensor:
