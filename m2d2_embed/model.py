@@ -146,26 +146,33 @@ class M2D2(nn.Module):
             return batch_size
         return 256 if self.device.type == "cuda" else 32
 
-    @torch.inference_mode()
     def _encode_groups(self, waves: list[torch.Tensor],
                        batch_size: int | None = None) -> list[tuple[list[int], torch.Tensor]]:
-        """Patch tokens of clips grouped by length: ``[(indices into waves, tokens [b, f, T, D] float32)]``.
+        """Patch tokens of clips grouped by length: ``[(indices into waves, tokens [b, f, T, D] float32)]``."""
+        by_len: dict[int, list[int]] = {}
+        for i, w in enumerate(waves):
+            by_len.setdefault(w.shape[-1], []).append(i)
+        idx = list(by_len.values())
+        stacked = [waves[g[0]][None] if len(g) == 1 else torch.stack([waves[i] for i in g]) for g in idx]
+        return list(zip(idx, self._encode_stacked(stacked, batch_size)))
 
-        Clips of one length share one front-end call; chunks of one width from all groups run through the encoder
+    @torch.inference_mode()
+    def _encode_stacked(self, groups: Sequence[torch.Tensor], batch_size: int | None = None) -> list[torch.Tensor]:
+        """Patch tokens of groups of equal-length clips: waveforms [b, N] (N may differ between groups; any
+        device, pinned host memory is copied without blocking) -> tokens [b, f, T, D] float32 per group.
+
+        Clips of one group share one front-end call; chunks of one width from all groups run through the encoder
         together, at most ``batch_size`` per pass. Work per batch is vectorised: nothing loops over clips.
         """
         pw = self.config.encoder.patch_size[1]
         f = self.freq_patches
-        by_len: dict[int, list[int]] = {}
-        for i, w in enumerate(waves):
-            by_len.setdefault(w.shape[-1], []).append(i)
-        groups: list[tuple[list[int], int]] = []
+        n_chunks: list[int] = []
         jobs: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # time patches -> [(group, chunk, lms slice)]
-        for g, idx in enumerate(by_len.values()):
-            x = torch.stack([waves[i] for i in idx]).to(self.device, torch.float32, non_blocking=True)
+        for g, x in enumerate(groups):
+            x = x.to(self.device, torch.float32, non_blocking=True)
             lms = self.frontend(x)  # (b, 1, n_mels, F)
             plan = self._chunk_plan(lms.shape[-1])
-            groups.append((idx, len(plan)))
+            n_chunks.append(len(plan))
             for c, (start, t) in enumerate(plan):
                 chunk = lms[..., start:start + t * pw]
                 if chunk.shape[-1] < t * pw:  # pad with 0 in the normalised domain, as the reference does
@@ -179,9 +186,9 @@ class M2D2(nn.Module):
             for (g, c, _), part in zip(items, tokens.split([ch.shape[0] for _, _, ch in items])):
                 results[(g, c)] = part
         out = []
-        for g, (idx, n_chunks) in enumerate(groups):
-            parts = [results[(g, c)] for c in range(n_chunks)]
-            out.append((idx, parts[0] if n_chunks == 1 else torch.cat(parts, dim=2)))  # chunks joined in time
+        for g, n in enumerate(n_chunks):
+            parts = [results[(g, c)] for c in range(n)]
+            out.append(parts[0] if n == 1 else torch.cat(parts, dim=2))  # chunks joined in time
         return out
 
     def _encode_tokens(self, waves: list[torch.Tensor], batch_size: int | None = None) -> list[torch.Tensor]:
