@@ -29,6 +29,14 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+# bf16/fp16 on CUDA: fc1's bias and GELU run in the matmul's epilogue (cuBLASLt), so the [tokens, 3072] hidden
+# layer is written once instead of written, read and written again: about 10% of the encoder's time on an H100.
+# The epilogue's GELU is the tanh approximation (|error| < 5e-4, below bf16's resolution of 2^-8 relative);
+# float32 and CPU keep the exact erf GELU, so reference-exact numbers are unchanged. False: erf everywhere.
+FUSED_GELU = True
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -36,6 +44,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FUSED_GELU and x.is_cuda and x.dtype in _HALF and type(self.fc1) is nn.Linear:
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(),
+                                        use_gelu=True)  # tanh-approximate GELU fused into the matmul
+            return self.fc2(h.reshape(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm's nn.GELU
 
 
