@@ -199,26 +199,29 @@ class M2D2(nn.Module):
                 out[i] = tok[j]
         return out  # type: ignore[return-value]
 
-    def _map_clips(self, waves: list[torch.Tensor], fn, batch_size: int | None) -> list[Any]:
+    def _map_clips(self, waves: list[torch.Tensor], fn, batch_size: int | None) -> torch.Tensor | list[torch.Tensor]:
         """Encode clips group by group and apply ``fn(tokens [b, f, T, D], num_samples) -> [b, ...]`` to each
-        group of equal-length clips; returns one result per clip, in input order.
+        group of equal-length clips; returns the results in input order: one tensor [n, ...] when every clip's
+        result has the same shape, else a list of per-clip tensors.
 
         Clips are taken in order of length and at most four encoder batches of chunks (or one clip) are encoded at
         a time, so 10,000 clips or an hour-long file never hold all their tokens at once.
         """
         budget = 4 * self._max_batch(batch_size)
-        out: list[Any] = [None] * len(waves)
+        pieces: list[tuple[list[int], torch.Tensor]] = []  # (input indices, fn's results for them)
 
         def flush(group: list[int]) -> None:
             for idx, tok in self._encode_groups([waves[j] for j in group], batch_size):
-                res = fn(tok, waves[group[idx[0]]].shape[-1])
-                for j, r in zip(idx, res):
-                    out[group[j]] = r
+                pieces.append(([group[j] for j in idx], fn(tok, waves[group[idx[0]]].shape[-1])))
 
+        n_chunks: dict[int, int] = {}  # chunks per clip length, computed once per distinct length
         group: list[int] = []
         n = 0
         for i in sorted(range(len(waves)), key=lambda i: waves[i].shape[-1]):
-            c = len(self._chunk_plan(self.frontend.num_frames(waves[i].shape[-1])))
+            L = waves[i].shape[-1]
+            if L not in n_chunks:
+                n_chunks[L] = len(self._chunk_plan(self.frontend.num_frames(L)))
+            c = n_chunks[L]
             if group and n + c > budget:
                 flush(group)
                 group, n = [], 0
@@ -226,7 +229,18 @@ class M2D2(nn.Module):
             n += c
         if group:
             flush(group)
-        return out
+        order = [i for idx, _ in pieces for i in idx]
+        if len({tuple(r.shape[1:]) for _, r in pieces}) == 1:  # one tensor, put in input order with one scatter
+            cat = torch.cat([r for _, r in pieces]) if len(pieces) > 1 else pieces[0][1]
+            if order == list(range(len(order))):
+                return cat
+            out = torch.empty_like(cat)
+            out[torch.tensor(order, device=cat.device)] = cat
+            return out
+        per_clip: list[Any] = [None] * len(waves)
+        for i, r in zip(order, (r for _, rs in pieces for r in rs)):
+            per_clip[i] = r
+        return per_clip
 
     def _run_encoder(self, batch: torch.Tensor, max_b: int) -> torch.Tensor:
         """Encoder over chunks of one width: [n, 1, n_mels, w] -> [n, f*t, D] float32, at most ``max_b`` per pass.
@@ -261,9 +275,11 @@ class M2D2(nn.Module):
     def _out(x: torch.Tensor, kind: str) -> torch.Tensor | np.ndarray:
         return x if kind == "tensor" else x.detach().cpu().numpy()
 
-    def _shape(self, per_clip: list[torch.Tensor], prep, stack: bool) -> Any:
+    def _shape(self, per_clip: torch.Tensor | list[torch.Tensor], prep, stack: bool) -> Any:
         if not prep.batched:
             return self._out(per_clip[0], prep.kind)
+        if isinstance(per_clip, torch.Tensor):
+            return self._out(per_clip, prep.kind)
         if stack or len({p.shape for p in per_clip}) == 1:
             return self._out(torch.stack(per_clip), prep.kind)
         return [self._out(p, prep.kind) for p in per_clip]
@@ -334,11 +350,12 @@ class M2D2(nn.Module):
         prep = self._prepare(audio, sample_rate)
         out = self._clap_audio(head, prep.waves, long_audio, batch_size)
         if normalize:
-            out = [nn.functional.normalize(e, dim=-1) for e in out]
+            out = nn.functional.normalize(out, dim=-1)
         return self._shape(out, prep, stack=True)
 
     def _clap_audio(self, head: nn.Module, waves: list[torch.Tensor], long_audio: str,
-                    batch_size: int | None) -> list[torch.Tensor]:
+                    batch_size: int | None) -> torch.Tensor:
+        """CLAP audio embeddings [n, D] float32 of clips (any lengths), in input order."""
         return self._map_clips(waves, lambda tok, n: self._clap_group(head, tok, n, long_audio, batch_size),
                                batch_size)
 
@@ -451,10 +468,10 @@ class M2D2(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         text = self.clap_text_embeddings([template.format(label=str(lab)) for lab in labels], normalize=True)
         prep = self._prepare(audio, sample_rate)
-        a = torch.stack(self._clap_audio(self._require_head(), prep.waves, "auto", batch_size))
+        a = self._clap_audio(self._require_head(), prep.waves, "auto", batch_size)
         sim = nn.functional.normalize(a, dim=-1) @ text.T
         out = (sim / temperature).softmax(-1) if scores == "softmax" else sim
-        return self._shape(list(out), prep, stack=True)
+        return self._shape(out, prep, stack=True)
 
     def embed_files(self, paths_or_dir: Any, level: str = "clip", **kwargs: Any) -> Any:
         """Embed audio files or folders into an ``EmbeddingSet`` (paths, embeddings, timestamps, failures).
