@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .audio import AUDIO_SUFFIXES, RESAMPLER_QUALITY, _check_finite_nonempty, _check_length, load_audio
 from .model import FULL_ATTENTION_MAX_SECONDS
@@ -173,26 +173,62 @@ def _probe(path: str) -> tuple[float, str | None]:
     return info.frames / info.samplerate, None
 
 
-class _AudioFiles(Dataset):
-    """Decodes file ``i`` (in a DataLoader worker) -> (i, float32 tensor [N] at ``sample_rate`` or None, error)."""
+class _AudioBatches(Dataset):
+    """Decodes batch ``k`` of files (in a DataLoader worker) into waveforms at ``sample_rate``, stacked by length.
 
-    def __init__(self, paths: Sequence[str], sample_rate: int, min_samples: int) -> None:
+    Item ``k`` is ``(groups, failures)``: ``groups`` holds one ``(file indices, float32 tensor [n, N])`` per distinct
+    length N in the batch (batches are sorted by length, so usually one or two), ``failures`` one ``(file index,
+    reason)`` per file that could not be decoded. In a worker each group is written straight into one shared-memory
+    segment, so handing it to the main process copies nothing; on CUDA the pin-memory thread makes one pinned copy
+    per group (not per file), which the model copies to the GPU without blocking.
+    """
+
+    def __init__(self, paths: Sequence[str], batches: Sequence[Sequence[int]], sample_rate: int,
+                 min_samples: int) -> None:
         self.paths = list(paths)
+        self.batches = [list(b) for b in batches]
         self.sample_rate = sample_rate
         self.min_samples = min_samples
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        p = self.paths[i]
+    def __getitem__(self, k: int) -> tuple[list[tuple[list[int], torch.Tensor]], list[tuple[int, str]]]:
+        by_len: dict[int, list[tuple[int, np.ndarray]]] = {}
+        failures: list[tuple[int, str]] = []
+        for i in self.batches[k]:
+            wave, err = self._decode(i)
+            if err is not None:
+                failures.append((i, err))
+            else:
+                by_len.setdefault(wave.shape[-1], []).append((i, wave))  # type: ignore[union-attr]
+        groups = [([i for i, _ in items], _stack([w for _, w in items])) for items in by_len.values()]
+        return groups, failures
+
+    def _decode(self, i: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            wave = load_audio(p, sample_rate=self.sample_rate)
+            wave = load_audio(self.paths[i], sample_rate=self.sample_rate)
             _check_finite_nonempty(wave, "the audio", self.min_samples)
             _check_length(wave.shape[-1], "the audio", self.min_samples, self.sample_rate)
         except Exception as e:  # reported per file; the others go on
-            return i, None, _reason(e)
-        return i, torch.from_numpy(wave), None
+            return None, _reason(e)
+        return wave, None
+
+
+def _stack(waves: list[np.ndarray]) -> torch.Tensor:
+    """Equal-length waveforms -> one float32 tensor [n, N]; in a DataLoader worker, in shared memory (as
+    ``default_collate`` does), so sending it to the main process does not copy it again."""
+    n, length = len(waves), waves[0].shape[-1]
+    if get_worker_info() is not None:
+        elem = torch.empty(0, dtype=torch.float32)
+        try:
+            out = elem.new(elem._typed_storage()._new_shared(n * length, device=elem.device)).resize_(n, length)
+        except (AttributeError, RuntimeError):  # private API: fall back to a plain tensor (shared when sent)
+            out = torch.empty(n, length, dtype=torch.float32)
+    else:
+        out = torch.empty(n, length, dtype=torch.float32)
+    np.stack(waves, out=out.numpy())
+    return out
 
 
 def _reason(e: BaseException) -> str:
@@ -200,8 +236,8 @@ def _reason(e: BaseException) -> str:
     return msg if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {msg}"
 
 
-def _collate(items: list) -> list:
-    return items
+def _identity(item: Any) -> Any:
+    return item
 
 
 def _batches(order: Sequence[int], chunks: Sequence[int], budget: int) -> list[list[int]]:
@@ -320,22 +356,29 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
     batches = _batches(short, chunks, budget)
     try:
         if batches:
-            ds = _AudioFiles(paths, model.sample_rate, model.frontend.min_samples())
+            # Two-stage pipeline: batch k+1's GPU work (copy in, model, pooling, copy out into pinned memory) is
+            # queued before the results of batch k are awaited and built, so the GPU is never left without work
+            # while Python packs results or waits for decoding; at most two batches are in flight. On CPU the
+            # same steps run one after the other.
+            ds = _AudioBatches(paths, batches, model.sample_rate, model.frontend.min_samples())
             workers = min(workers, len(batches) - 1)  # one batch: nothing to overlap, skip the worker start-up
-            loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+            loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
                                 pin_memory=model.device.type == "cuda", prefetch_factor=2 if workers else None)
-            for items in loader:
-                good = [(i, w) for i, w, _ in items if w is not None]
-                for i, _, err in items:
-                    if err is not None:
-                        yield i, fail(i, err)
-                        done(1, 0.0)
-                if good:
-                    idx = [i for i, _ in good]
-                    waves = [w for _, w in good]
-                    res = _embed_waves(model, [paths[i] for i in idx], waves, level, reduce, normalize, batch_size)
-                    yield from zip(idx, res)
-                    done(len(good), sum(w.shape[-1] for w in waves) / model.sample_rate)
+            pending: _InFlight | None = None
+            for groups, failures in loader:
+                launched = None
+                if groups and not (strict and failures):  # strict: the batch is not embedded, its failure raises
+                    launched = _launch(model, groups, level, reduce, normalize, batch_size)
+                if pending is not None:
+                    yield from _collect_batch(model, paths, pending, level)
+                    done(len(pending.idx), pending.audio_seconds)
+                pending = launched
+                for i, err in failures:
+                    yield i, fail(i, err)
+                    done(1, 0.0)
+            if pending is not None:
+                yield from _collect_batch(model, paths, pending, level)
+                done(len(pending.idx), pending.audio_seconds)
         for i in long_:
             try:
                 res = _embed_streamed(model, paths[i], level, reduce, normalize, batch_size)
@@ -410,12 +453,79 @@ def _finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
-def _embed_waves(model: M2D2, paths: list[str], waves: list[torch.Tensor], level: str, reduce: str,
-                 normalize: bool, batch_size: int | None) -> list[FileResult]:
-    """One batch of decoded clips (each at most ``STREAM_SECONDS``) -> results, same order."""
-    toks = model._encode_tokens(waves, batch_size)
-    return _results_from_tokens(model, paths, toks, [w.shape[-1] for w in waves], level, reduce, normalize,
-                                batch_size)
+@dataclass
+class _InFlight:
+    """A batch whose work is queued: its embeddings arrive in ``host`` (rows of all files, [R, D] float32; pinned
+    and filled asynchronously on CUDA, once ``event`` has completed)."""
+
+    idx: list[int]  # file indices, in the order of the rows
+    shapes: list[tuple[int, ...]]  # embedding shape of each file
+    lengths: list[int]  # samples of each file at the model's rate
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    sample_rate: int
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(self.lengths) / self.sample_rate
+
+
+@torch.inference_mode()
+def _launch(model: M2D2, groups: Sequence[tuple[list[int], torch.Tensor]], level: str, reduce: str,
+            normalize: bool, batch_size: int | None) -> _InFlight:
+    """Queue the work of one batch of equal-length groups (file indices, waveforms [n, N]): encoder, pooling at
+    ``level`` and normalisation on the model's device, then one copy of all embeddings to the host. On CUDA
+    nothing here waits for the GPU: the copy goes into pinned memory without blocking and an event marks its end."""
+    toks = model._encode_stacked([x for _, x in groups], batch_size)  # [b, f, T, D] per group
+    head = model._require_head() if level == "clap" else None
+    embs, idx, lengths = [], [], []
+    for (g_idx, x), tok in zip(groups, toks):
+        n = x.shape[-1]
+        if level == "clap":
+            e = model._clap_group(head, tok, n, "auto", batch_size)  # [b, D]
+        elif level == "frame":
+            e = model._pool_frames(tok, reduce)  # [b, T, D]
+        else:
+            e = model._pool_frames(tok, reduce).mean(-2)  # [b, D]
+        embs.append(e)
+        idx += g_idx
+        lengths += [n] * len(g_idx)
+    shapes = [tuple(e.shape[1:]) for e in embs for _ in range(e.shape[0])]
+    flat = torch.cat([e.reshape(-1, e.shape[-1]) for e in embs]) if len(embs) > 1 else \
+        embs[0].reshape(-1, embs[0].shape[-1])
+    flat = nn.functional.normalize(flat.float(), dim=-1) if normalize else flat.float()
+    event = None
+    if flat.is_cuda:
+        host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
+        stream = torch.cuda.current_stream(flat.device)
+        with torch.cuda.stream(stream):
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+    else:
+        host = flat.cpu()
+    return _InFlight(idx, shapes, lengths, host, event, model.sample_rate)
+
+
+def _collect_batch(model: M2D2, paths: Sequence[str], batch: _InFlight,
+                   level: str) -> Iterator[tuple[int, FileResult]]:
+    """Wait for a launched batch and split its embeddings into per-file results."""
+    if batch.event is not None:
+        batch.event.synchronize()
+        flat = batch.host.numpy().copy()  # out of pinned memory: the buffer goes back to the allocator's cache
+    else:
+        flat = batch.host.numpy()
+    timestamps: dict[int, np.ndarray] = {}
+    row = 0
+    for i, shape, n in zip(batch.idx, batch.shapes, batch.lengths):
+        rows = math.prod(shape[:-1])
+        ts = None
+        if level == "frame":
+            if n not in timestamps:
+                timestamps[n] = model.frame_timestamps(n)
+            ts = timestamps[n].copy()
+        yield i, FileResult(paths[i], flat[row:row + rows].reshape(shape), n / model.sample_rate, ts)
+        row += rows
 
 
 def _results_from_tokens(model: M2D2, paths: list[str], toks: list[torch.Tensor], lengths: list[int], level: str,

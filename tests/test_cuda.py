@@ -111,3 +111,39 @@ def test_compiled_path_padding_leaves_real_rows_unchanged(device):
     for a, b in zip(plain, padded):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("workers", [0, 2])
+def test_embed_files_on_cuda_equals_the_in_memory_path_with_pinned_async_batches(tiny_model_dir, tmp_path, no_tf32,
+                                                                                  monkeypatch, workers):
+    import soundfile as sf
+    from audio_files import signal
+
+    from m2d2_embed import files
+
+    model = m2d2.load(tiny_model_dir, device="cuda", dtype="fp32")
+    specs = [(1.0, 16000, 1), (1.0, 16000, 2), (1.0, 44100, 3), (2.5, 22050, 4), (10.0, 16000, 5), (12.5, 16000, 6)]
+    for k, (secs, sr, seed) in enumerate(specs):
+        sf.write(tmp_path / f"{k}.wav", signal(secs, sr, 1, seed), sr, subtype="FLOAT")
+    (tmp_path / "9_corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(40)))
+    good = sorted(str(p) for p in tmp_path.glob("[0-8].wav"))
+    waves = [torch.from_numpy(m2d2.load_audio(p)).cuda() for p in good]
+    seen = []
+    launch = files._launch
+
+    def spy(m, groups, *a, **kw):
+        fl = launch(m, groups, *a, **kw)
+        seen.append((all(x.is_pinned() for _, x in groups), fl.host.is_pinned(), fl.event is not None))
+        return fl
+
+    monkeypatch.setattr(files, "_launch", spy)
+    refs = {"clip": model.clip_embeddings(waves, 16000), "frame": model.frame_embeddings(waves, 16000),
+            "clap": model.clap_audio_embeddings(waves, 16000)}
+    for level, ref in refs.items():
+        es = model.embed_files(tmp_path, level=level, batch_size=3, num_workers=workers, progress=False)
+        assert es.paths == good and [f.path for f in es.failures] == [str(tmp_path / "9_corrupt.wav")]
+        for got, want in zip(es.embeddings, ref):
+            np.testing.assert_allclose(got, to_np(want), atol=2e-5, rtol=1e-4)
+    assert len(seen) >= 9 and all(s == (True, True, True) for s in seen), seen  # pinned in, pinned out, events

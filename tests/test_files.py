@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from audio_files import BAD, GOOD, good_paths, make_audio_folder, signal
 from tiny import save_tiny, tiny_config
+from torch.utils.data import DataLoader
 
 import m2d2_embed as m2d2
 from m2d2_embed import files
@@ -231,3 +233,138 @@ def test_parquet_schema_and_error_rows(tmp_path):
     back = m2d2.read_embeddings(d)
     assert back.paths == ["c.wav"] and back.failures == [FileFailure("bad.wav", "cannot decode")]
     np.testing.assert_array_equal(back.embeddings, np.ones((1, 4), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The file pipeline: batches stacked by length in the workers, two batches in flight
+# ---------------------------------------------------------------------------------------------------
+
+# name -> (seconds, rate, channels, subtype, seed); the 44.1 kHz 1-s file resamples to the length of the 16 kHz ones
+MIXED = {
+    "a_1s.wav": (1.0, 16000, 1, "PCM_16", 1), "b_1s.wav": (1.0, 16000, 1, "PCM_16", 2),
+    "c_1s_44k.flac": (1.0, 44100, 2, "PCM_16", 3), "d_2s.wav": (2.0, 16000, 1, "PCM_16", 4),
+    "e_2s.wav": (2.0, 16000, 1, "FLOAT", 5), "f_3p3s.flac": (3.3, 22050, 1, "PCM_24", 6),
+    "g_10s.wav": (10.0, 16000, 1, "PCM_16", 7), "h_10s.wav": (10.0, 16000, 1, "PCM_16", 8),
+    "i_12p5s.wav": (12.5, 16000, 1, "PCM_16", 9), "j_0p7s.wav": (0.7, 48000, 1, "FLOAT", 10),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    """Files of mixed lengths and rates plus three that fail: at the header (corrupt), and in the decoding
+    workers (NaN samples, too short). Returns (folder, all paths in order, the good ones)."""
+    root = tmp_path_factory.mktemp("mixed")
+    for name, (secs, sr, ch, subtype, seed) in MIXED.items():
+        sf.write(root / name, signal(secs, sr, ch, seed), sr, subtype=subtype)
+    (root / "k_corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(40)))
+    nan = signal(2.0, 16000, 1, 11)
+    nan[5000] = np.nan
+    sf.write(root / "l_nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(root / "m_too_short.wav", signal(0.005, 16000, 1, 12), 16000, subtype="PCM_16")
+    paths = sorted(str(p) for p in root.iterdir())
+    return root, paths, sorted(str(root / n) for n in MIXED)
+
+
+def in_memory(model, waves: list[np.ndarray], level: str, reduce: str = "none", normalize: bool = False):
+    """The in-memory API on decoded waveforms: what embed_files must reproduce."""
+    if level == "clap":
+        return list(model.clap_audio_embeddings(waves, 16000, normalize=normalize))
+    out = (model.frame_embeddings if level == "frame" else model.clip_embeddings)(waves, 16000, reduce=reduce)
+    out = list(out)
+    if normalize:
+        out = [e / np.linalg.norm(e, axis=-1, keepdims=True) for e in out]
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("level", ["clip", "frame", "clap"])
+def test_pipeline_equals_the_in_memory_api_on_decoded_audio(model, mixed, level, workers):
+    root, _, good = mixed
+    waves = [m2d2.load_audio(p) for p in good]
+    want = in_memory(model, waves, level)
+    # batches of at most 3 chunks: many batches, some holding two lengths, and files sharing a length
+    es = model.embed_files(root, level=level, batch_size=3, num_workers=workers, progress=False)
+    assert es.paths == good  # input order, whatever order the batches completed in
+    assert sorted(Path(f.path).name for f in es.failures) == ["k_corrupt.wav", "l_nan.wav", "m_too_short.wav"]
+    reasons = {Path(f.path).name: f.reason for f in es.failures}
+    assert "NaN" in reasons["l_nan.wav"] and "too short" in reasons["m_too_short.wav"]
+    assert "cannot decode" in reasons["k_corrupt.wav"]
+    for got, ref in zip(es.embeddings, want):
+        assert got.shape == ref.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(es.durations, [len(w) / 16000 for w in waves])
+    if level == "frame":
+        for ts, w in zip(es.timestamps, waves):
+            np.testing.assert_array_equal(ts, model.frame_timestamps(len(w)))
+
+
+@pytest.mark.parametrize("level,reduce", [("clip", "mean"), ("frame", "mean"), ("clap", "none")])
+def test_pipeline_with_normalize_and_reduce(model, mixed, level, reduce):
+    root, _, good = mixed
+    waves = [m2d2.load_audio(p) for p in good]
+    want = in_memory(model, waves, level, reduce, normalize=True)
+    es = model.embed_files(root, level=level, reduce=reduce, normalize=True, batch_size=4, num_workers=2,
+                           progress=False)
+    assert es.paths == good
+    for got, ref in zip(es.embeddings, want):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+
+
+def test_workers_return_each_batch_stacked_by_length(model, mixed):
+    _, paths, _ = mixed
+    names = [Path(p).name for p in paths]
+    batch = [names.index(n) for n in ["g_10s.wav", "h_10s.wav", "a_1s.wav", "c_1s_44k.flac", "l_nan.wav",
+                                       "b_1s.wav"]]
+    ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples())
+    groups, failures = next(iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity)))
+    assert [(i, names[i]) for i, _ in failures] == [(batch[4], "l_nan.wav")]
+    assert len(groups) == 2  # one tensor per distinct length, not one per file
+    by_len = {x.shape[-1]: (idx, x) for idx, x in groups}
+    assert sorted(by_len) == [16000, 160000]
+    assert by_len[160000][0] == batch[:2] and by_len[16000][0] == [batch[2], batch[3], batch[5]]
+    for idx, x in groups:
+        assert x.dtype == torch.float32 and x.shape[0] == len(idx)
+        for i, row in zip(idx, x):
+            np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))
+
+
+def test_the_next_batch_is_queued_before_the_previous_one_is_collected(model, mixed, monkeypatch):
+    root, _, good = mixed
+    calls: list[tuple[str, int]] = []
+    launch, collect = files._launch, files._collect_batch
+    launched: list[files._InFlight] = []
+
+    def spy_launch(*a, **kw):
+        fl = launch(*a, **kw)
+        launched.append(fl)
+        calls.append(("launch", len(launched) - 1))
+        return fl
+
+    def spy_collect(m, p, fl, level):
+        calls.append(("collect", next(k for k, x in enumerate(launched) if x is fl)))
+        yield from collect(m, p, fl, level)
+
+    monkeypatch.setattr(files, "_launch", spy_launch)
+    monkeypatch.setattr(files, "_collect_batch", spy_collect)
+    es = model.embed_files(root, batch_size=3, num_workers=0, progress=False)
+    assert es.paths == good
+    n = len(launched)
+    assert n >= 4
+    # launch 0, launch 1, collect 0, launch 2, collect 1, ..., collect n-1: at most two batches in flight
+    want = [("launch", 0)] + [c for k in range(1, n) for c in [("launch", k), ("collect", k - 1)]]
+    assert calls == [*want, ("collect", n - 1)]
+
+
+def test_strict_yields_the_finished_batches_then_raises_at_a_decoding_failure(model, mixed):
+    _, paths, _ = mixed
+    paths = [p for p in paths if "corrupt" not in p]  # a header failure would raise before any batch
+    got = []
+    with pytest.raises(AudioFileError, match="l_nan.wav") as e:
+        for _, r in files.iter_file_embeddings(model, paths, "clip", batch_size=3, num_workers=2, progress=False,
+                                               strict=True):
+            got.append(Path(r.path).name)
+    assert "NaN" in e.value.reason
+    # longest first, 3 chunks a batch: [12.5 s, 10 s], [10 s, 3.3 s, 2 s], then [2 s, NaN, ...] raises; the two
+    # batches before it were embedded and handed out first
+    assert sorted(got) == ["d_2s.wav", "f_3p3s.flac", "g_10s.wav", "h_10s.wav", "i_12p5s.wav"]
