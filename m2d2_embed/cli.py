@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
                    help="decoding processes (default: up to 8, one core left free; 0 decodes in the main process)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the audio encoder: faster on a GPU for long jobs, after a one-off warm-up "
+                        "of tens of seconds (compiled once per micro-batch size, not per batch); not with "
+                        "--dtype int8")
 
     p = argparse.ArgumentParser(prog=PROG, description="Audio embeddings from NTT's M2D2 (M2D-CLAP 2025): frame, "
                                 "clip and text-aligned (CLAP) embeddings of audio files.",
@@ -292,9 +296,12 @@ def _collect(args: argparse.Namespace) -> list[str]:
 def _load_model(args: argparse.Namespace):
     from .loader import load
 
+    compile_ = bool(getattr(args, "compile", False))  # embed and zero-shot have --compile, text does not
+    if compile_ and args.dtype == "int8":
+        fatal("--compile does not work with --dtype int8 (dynamically quantized layers); drop one of them")
     try:
         return load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                    offline=True if args.offline else None)
+                    offline=True if args.offline else None, compile=compile_)
     except (ValueError, OSError, RuntimeError, NotImplementedError) as e:
         fatal(f"cannot load model {args.model!r}: {e}", EXIT_FAILED)
 

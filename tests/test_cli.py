@@ -266,3 +266,31 @@ def test_help_and_version():
         assert command in r.stdout
     assert cli.main(["--version"]) == 0
     assert cli.main([]) == 2
+
+
+def test_compile_reaches_load_for_embed_and_zero_shot_and_is_refused_with_int8(folder, tiny_model_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    from m2d2_embed import loader
+
+    real, seen = loader.load, []
+
+    def recording_load(*a, compile=False, **kw):
+        seen.append(compile)
+        return real(*a, **kw)  # the encoder itself is not compiled: this checks the option's path, fast
+
+    monkeypatch.setattr(loader, "load", recording_load)
+    wav = good_paths(folder)[0]
+    common = ["--model", str(tiny_model_dir), "--num-workers", "0", "--no-progress"]
+    assert cli.main(["embed", wav, "-o", str(tmp_path / "a.npz"), *common, "--compile"]) == 0
+    assert cli.main(["embed", wav, "-o", str(tmp_path / "b.npz"), *common]) == 0
+    assert cli.main(["zero-shot", wav, "--labels", "dog,rain", *common, "--compile"]) == 0
+    assert cli.main(["text", "a dog", "-o", str(tmp_path / "t.npy"), "--model", str(tiny_model_dir)]) == 0
+    assert seen == [True, False, True, False]
+    capsys.readouterr()
+    assert cli.main(["embed", wav, "-o", str(tmp_path / "c.npz"), *common, "--compile", "--dtype", "int8"]) == 2
+    assert "--compile does not work with --dtype int8" in capsys.readouterr().err
+    assert len(seen) == 4  # refused before loading
+    assert "--compile" in run("embed", "--help").stdout
+    # --devices workers get the option too
+    args = cli.build_parser().parse_args(["embed", wav, "-o", "x.npz", "--compile", "--devices", "cpu,cpu"])
+    assert "--compile" in cli._worker_argv(args, 0, 2, "cpu", False)
