@@ -129,6 +129,63 @@ def bare_encoder_variant(model: m2d2_embed.M2D2, batch: int, name: str) -> bench
     return bench.Variant(name, run)
 
 
+def encoder_variants(model: m2d2_embed.M2D2, batch: int, repeats: int, compiled: bool,
+                     calls: int = 8) -> list[dict[str, Any]]:
+    """The bare encoder (bf16, ``batch`` full chunks per call) under each GELU and attention-kernel choice:
+    clips/s, and max abs diff of its tokens against the default choice. Compiled variants are traced afresh
+    under each setting (the attention kernel is picked at trace time)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import m2d2_embed.encoder as E
+
+    enc = model.config.encoder
+    lms = torch.randn(batch, 1, enc.input_size[0], enc.grid[1] * enc.patch_size[1], device=model.device,
+                      dtype=model.dtype)
+    configs = [("GELU in the matmul epilogue (default), default attention kernel", True, None),
+               ("separate erf GELU, default attention kernel", False, None),
+               ("GELU in the matmul epilogue, flash attention", True, SDPBackend.FLASH_ATTENTION),
+               ("GELU in the matmul epilogue, cuDNN attention", True, SDPBackend.CUDNN_ATTENTION),
+               ("GELU in the matmul epilogue, memory-efficient attention", True, SDPBackend.EFFICIENT_ATTENTION)]
+    if compiled:
+        configs = configs[:3]
+    rows, ref = [], None
+    try:
+        for name, fused, backend in configs:
+            E.FUSED_GELU = fused
+            ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+            try:
+                with ctx, torch.inference_mode():
+                    if compiled:
+                        torch._dynamo.reset()
+                        f = torch.compile(model.encoder)
+                    else:
+                        f = model.encoder
+                    t0 = time.perf_counter()
+                    tok = f(lms)
+                    bench.sync(model.device)
+                    warm = time.perf_counter() - t0
+                    times = []
+                    for _ in range(repeats):
+                        times.append(bench.timed(lambda f=f: [f(lms) for _ in range(calls)], model.device))
+            except Exception as e:  # a kernel may not support this GPU or shape: note it and go on
+                rows.append({"variant": name, "compiled": compiled, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            diff = None if ref is None else float((tok.float() - ref).abs().max())
+            if ref is None:
+                ref = tok.float()
+            best = min(times)
+            rows.append({"variant": name, "compiled": compiled, "clips_per_s": batch * calls / best,
+                         "ms_per_batch": 1000 * best / calls, "warmup_s": warm, "max_abs_diff_vs_first": diff})
+            log(f"  encoder {'compiled' if compiled else 'eager'} {name}: {batch * calls / best:.1f} clips/s")
+    finally:
+        E.FUSED_GELU = True
+        if compiled:
+            torch._dynamo.reset()
+    return rows
+
+
 def long_file(model: m2d2_embed.M2D2, seconds: float) -> dict[str, Any]:
     """Frame and CLAP embeddings of one long file; time and peak GPU memory."""
     x = bench.make_clips(1, seconds, model.device)
@@ -169,13 +226,25 @@ def markdown(res: dict[str, Any]) -> str:
               ", ".join(f"{k} {v:.5f}" for k, v in res["agreement"].items()), ""]
     if res.get("throughput"):
         L += ["## Throughput", "",
-              "| clips | path | clips/s | audio-s/s | x ref fp32 | x ref bf16 | warm-up s | peak GPU MiB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| clips | path | clips/s | audio-s/s | x ref fp32 | x ref bf16 | x upstream fp32 | x upstream bf16 "
+              "| warm-up s | peak GPU MiB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["throughput"]:
-            x32, x16, mem = (_fmt(r.get("x_baseline"), ".2f"), _fmt(r.get("x_ref_bf16"), ".2f"),
-                             _fmt(r.get("peak_gpu_mib"), ".0f"))
+            xs = " | ".join(_fmt(r.get(k), ".2f") for k in ("x_baseline", "x_ref_bf16", "x_upstream_fp32",
+                                                            "x_upstream_bf16"))
             L.append(f"| {r['n']} x {r['seconds']:g} s | {r['variant']} | {r['clips_per_s']:.1f} | "
-                     f"{r['audio_s_per_s']:.0f} | {x32} | {x16} | {r['warmup_s']:.1f} | {mem} |")
+                     f"{r['audio_s_per_s']:.0f} | {xs} | {r['warmup_s']:.1f} | {_fmt(r.get('peak_gpu_mib'), '.0f')} |")
+        L.append("")
+    if res.get("encoder_variants"):
+        L += ["## Bare encoder variants (bf16, full chunks)", "",
+              "| variant | compiled | clips/s | ms per batch | max abs diff vs first | warm-up s |",
+              "|---|---|---:|---:|---:|---:|"]
+        for r in res["encoder_variants"]:
+            if "error" in r:
+                L.append(f"| {r['variant']} | {r['compiled']} | {r['error']} | | | |")
+                continue
+            L.append(f"| {r['variant']} | {r['compiled']} | {r['clips_per_s']:.1f} | {r['ms_per_batch']:.2f} | "
+                     f"{_fmt(r['max_abs_diff_vs_first'], '.2e')} | {r['warmup_s']:.1f} |")
         L.append("")
     if "compiled_vs_eager_bf16_min_cosine" in res:
         L += [f"compiled vs eager bf16 frames: min cosine {res['compiled_vs_eager_bf16_min_cosine']:.5f}; "
@@ -210,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=270, help="skip remaining optional sections after this")
+    p.add_argument("--reference", type=Path, help="the upstream portable_m2d.py (needs nnAudio, timm, einops): "
+                   "also time the upstream runtime itself, fp32 and bf16 autocast")
     p.add_argument("--work-dir", type=Path, help="checkpoint location (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = p.parse_args(argv)
@@ -269,6 +340,24 @@ def main(argv: list[str] | None = None) -> int:
 
     section("bf16 agreement", agreement_section)
 
+    def encoder_section(compiled: bool):
+        m = models.get("bf16") or m2d2_embed.load(conv, device=dev, dtype="bf16")
+        res.setdefault("encoder_variants", []).extend(encoder_variants(m, a.batch_size, a.repeats, compiled))
+
+    section("encoder variants", lambda: encoder_section(False))
+    if not a.no_compile:
+        section("encoder variants, compiled", lambda: encoder_section(True), optional=True)
+
+    def erf_gelu(model: m2d2_embed.M2D2, x: torch.Tensor) -> Any:
+        """frame_embeddings with the separate exact GELU (the default before the fused epilogue)."""
+        import m2d2_embed.encoder as E
+
+        E.FUSED_GELU = False
+        try:
+            return model.frame_embeddings(x, SR, batch_size=a.batch_size)
+        finally:
+            E.FUSED_GELU = True
+
     def throughput_section(compiled: bool):
         # PyTorch's default TF32 settings, as a user gets them (matmul TF32 off, cuDNN TF32 on)
         bs = a.batch_size
@@ -281,14 +370,18 @@ def main(argv: list[str] | None = None) -> int:
                 V("reference strategy, bf16 autocast", lambda x: bench.reference_strategy(fp32, x, bs, torch.bfloat16)),
                 V("m2d2_embed, bf16", lambda x: bf16.frame_embeddings(x, SR, batch_size=bs)),
                 V("m2d2_embed, fp32", lambda x: fp32.frame_embeddings(x, SR, batch_size=bs)),
+                V("m2d2_embed, bf16, erf GELU", lambda x: erf_gelu(bf16, x)),
                 bare_encoder_variant(bf16, bs, "bare encoder, bf16, eager"),
             ]
+            if a.reference is not None:
+                variants += bench.upstream_variants(a.reference, pth, dev, bs)
         else:
             comp = m2d2_embed.load(conv, device=dev, dtype="bf16", compile=True)
             variants = [
                 V("reference strategy, bf16 autocast", lambda x: bench.reference_strategy(fp32, x, bs, torch.bfloat16),
                   baseline=True),
                 V("m2d2_embed, bf16, compiled", lambda x: comp.frame_embeddings(x, SR, batch_size=bs)),
+                V("m2d2_embed, bf16, compiled, erf GELU", lambda x: erf_gelu(comp, x)),
                 bare_encoder_variant(comp, bs, "bare encoder, bf16, compiled (ceiling)"),
             ]
         lengths = {"10 s": (a.clips, 10.0), "60 s": (a.clips_60s, 60.0)}
@@ -303,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:  # speed-ups against both reference settings (same clip length, same run)
             same = {x["variant"]: x for x in rows + done if x["clips"] == r["clips"]}
             for key, ref in (("x_baseline", "reference strategy, fp32"),
-                             ("x_ref_bf16", "reference strategy, bf16 autocast")):
+                             ("x_ref_bf16", "reference strategy, bf16 autocast"),
+                             ("x_upstream_fp32", "upstream PortableM2D, fp32"),
+                             ("x_upstream_bf16", "upstream PortableM2D, bf16 autocast")):
                 if ref in same:
                     r[key] = r["clips_per_s"] / same[ref]["clips_per_s"]
         done.extend(rows if not compiled else [r for r in rows if "reference" not in r["variant"]])
