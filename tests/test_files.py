@@ -319,14 +319,35 @@ def test_workers_return_each_batch_stacked_by_length(model, mixed):
     ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples())
     groups, failures = next(iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity)))
     assert [(i, names[i]) for i, _ in failures] == [(batch[4], "l_nan.wav")]
-    assert len(groups) == 2  # one tensor per distinct length, not one per file
-    by_len = {x.shape[-1]: (idx, x) for idx, x in groups}
-    assert sorted(by_len) == [16000, 160000]
-    assert by_len[160000][0] == batch[:2] and by_len[16000][0] == [batch[2], batch[3], batch[5]]
+    # one tensor per distinct length (and sample type), not one per file: 16-bit mono 16-kHz files travel as
+    # int16, the resampled stereo FLAC as float32
+    by_kind = {(x.shape[-1], x.dtype): idx for idx, x in groups}
+    assert by_kind == {(160000, torch.int16): batch[:2], (16000, torch.int16): [batch[2], batch[5]],
+                       (16000, torch.float32): [batch[3]]}
     for idx, x in groups:
-        assert x.dtype == torch.float32 and x.shape[0] == len(idx)
-        for i, row in zip(idx, x):
-            np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))
+        assert x.shape[0] == len(idx)
+        for i, row in zip(idx, files._as_float(x, torch.device("cpu"))):
+            np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))  # bit for bit
+
+
+@pytest.mark.parametrize("channels,sr,subtype,fmt", [(1, 16000, "PCM_16", "WAV"), (2, 16000, "PCM_16", "WAV"),
+                                                     (1, 44100, "PCM_16", "WAV"), (1, 16000, "PCM_16", "FLAC"),
+                                                     (1, 16000, "FLOAT", "WAV"), (1, 16000, "PCM_24", "FLAC"),
+                                                     (1, 22050, "VORBIS", "OGG")])
+def test_fast_16_bit_reads_give_the_samples_of_load_audio(tmp_path, channels, sr, subtype, fmt):
+    path = tmp_path / f"x.{fmt.lower()}"
+    x = signal(1.3, sr, channels, 3)
+    x[:4] = [[-1.0] * channels, [1.0] * channels, [0.5] * channels, [-0.99997] * channels]  # full scale ends
+    sf.write(path, x, sr, subtype=subtype, format=fmt)
+    got = files._read_wave(str(path), 16000)
+    assert got.dtype == (np.int16 if (channels, sr, subtype) == (1, 16000, "PCM_16") else np.float32)
+    got = got * np.float32(files.PCM16_SCALE) if got.dtype == np.int16 else got
+    np.testing.assert_array_equal(got, m2d2.load_audio(path))
+    for bad in [tmp_path / "missing.wav", tmp_path]:  # errors are load_audio's
+        with pytest.raises((OSError, ValueError)) as want:
+            m2d2.load_audio(bad)
+        with pytest.raises(type(want.value), match=str(want.value)[:30]):
+            files._read_wave(str(bad), 16000)
 
 
 def test_the_next_batch_is_queued_before_the_previous_one_is_collected(model, mixed, monkeypatch):
