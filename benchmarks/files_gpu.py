@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""Files vs in-memory: how busy `embed_files` and `m2d2-embed embed` keep the device on a folder of 10-s WAVs.
+
+    PYTHONPATH=. python3 benchmarks/files_gpu.py --out DIR                  # GPU: 4096 files, about a minute
+    PYTHONPATH=. python3 benchmarks/files_gpu.py --device cpu --files 32 --workers 1   # rehearsal on a CPU
+
+One run, one device, one model (the seed-0 synthetic checkpoint of bench.py, converted once into --cache-dir):
+
+1. writes ``--files`` 10-s 16-kHz PCM_16 WAVs of noise into a temporary folder (thread pool);
+2. (a) in memory: ``model.clip_embeddings(x, 16000, batch_size=B)`` on the same audio as a tensor already on the
+   device, best of ``--repeats``: the ceiling the file paths are compared with;
+3. (d) decoding alone: the DataLoader stage of ``embed_files`` (workers decode whole batches, stacked by length,
+   pinned on CUDA) with no model, files/s;
+4. (b) ``model.embed_files(folder, level="clip", batch_size=B, num_workers=W)`` in-process after a warm-up on a
+   few files: wall time (listing, probing, worker start-up included), and the steady rate between the first and
+   the last batch (``iter_file_embeddings``);
+5. (c) the command line, ``python -m m2d2_embed embed FOLDER -o OUT.npz ...`` in a subprocess: wall time
+   (interpreter start and model load included) and the audio-s/s it prints (embedding only); with --compile also
+   ``--compile`` (its rate includes the compilation).
+
+"ratio" is files/s over the in-memory clips/s: how busy the file path keeps the device compared with the model
+fed from device memory. While (a), (b) and (c) run, GPU utilisation is sampled with nvidia-smi every 200 ms when
+it exists (mean over the stage, and over the span between the first and last busy sample). Results: a table on
+stdout, ``files_gpu.json`` and ``files_gpu.md`` in --out (default ``$OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (benchmarks/bench.py: checkpoint, conversion and timing helpers)
+from bench import SR, log  # noqa: E402
+
+import m2d2_embed  # noqa: E402
+from m2d2_embed import files as files_mod  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_SECONDS = 10.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Audio files
+# ---------------------------------------------------------------------------------------------------
+
+def clip_int16(i: int, samples: int) -> np.ndarray:
+    """File ``i``: uniform noise at about -20 dBFS, int16 (content does not affect speed)."""
+    return np.random.default_rng(i).integers(-3300, 3300, samples, dtype=np.int16)
+
+
+def write_files(folder: Path, n: int, threads: int) -> list[np.ndarray]:
+    """Write ``n`` 10-s 16-kHz mono PCM_16 WAVs (``clip_00000.wav`` ...); returns their samples (int16)."""
+    import soundfile as sf
+
+    samples = int(CLIP_SECONDS * SR)
+
+    def one(i: int) -> np.ndarray:
+        x = clip_int16(i, samples)
+        sf.write(folder / f"clip_{i:05d}.wav", x, SR, subtype="PCM_16")
+        return x
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, range(n)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU utilisation
+# ---------------------------------------------------------------------------------------------------
+
+class GpuUtil:
+    """Samples ``utilization.gpu`` of the device with nvidia-smi every 200 ms while the block runs."""
+
+    def __init__(self, device: torch.device, work: Path) -> None:
+        self.exe = shutil.which("nvidia-smi") if device.type == "cuda" else None
+        index = device.index if device.index is not None else 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        if visible and visible[0] and index < len(visible):
+            self.smi_index = visible[index].strip()
+        else:
+            self.smi_index = str(index)
+        self.path = work / f"smi_{time.monotonic_ns()}.csv"
+        self.proc: subprocess.Popen | None = None
+        self.samples: list[int] = []
+
+    def __enter__(self) -> GpuUtil:
+        if self.exe:
+            self._f = open(self.path, "w")
+            self.proc = subprocess.Popen([self.exe, "-i", self.smi_index, "--query-gpu=utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "200"],
+                                         stdout=self._f, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)  # let the first sample in
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is None:
+            return
+        time.sleep(0.3)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._f.close()
+        for line in self.path.read_text().splitlines():
+            line = line.strip()
+            if line.isdigit():
+                self.samples.append(int(line))
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.samples:
+            return None
+        s = self.samples
+        busy = [i for i, v in enumerate(s) if v >= 5]
+        span = s[busy[0]:busy[-1] + 1] if busy else []
+        return {"mean": float(np.mean(s)), "mean_busy_span": float(np.mean(span)) if span else 0.0,
+                "max": int(max(s)), "samples": len(s)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------
+
+def measure_in_memory(model: m2d2_embed.M2D2, waves: list[np.ndarray], batch_size: int, repeats: int,
+                      work: Path) -> dict[str, Any]:
+    dev = model.device
+    x = torch.from_numpy(np.stack(waves)).to(dev).float().div_(32768.0)  # what soundfile reads from PCM_16
+    n = x.shape[0]
+    bench.timed(lambda: model.clip_embeddings(x[:min(n, batch_size)], SR, batch_size=batch_size), dev)  # warm-up
+    times = []
+    with GpuUtil(dev, work) as util:
+        for _ in range(repeats):
+            times.append(bench.timed(lambda: model.clip_embeddings(x, SR, batch_size=batch_size), dev))
+    x = None  # free the device copy before the file runs
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    best = min(times)
+    return {"clips": n, "times_s": times, "best_s": best, "files_per_s": n / best,
+            "audio_s_per_s": n * CLIP_SECONDS / best, "gpu_util": util.summary()}
+
+
+def measure_decode(paths: list[str], batch_size: int, workers: int, pin: bool) -> dict[str, Any]:
+    """The DataLoader stage of embed_files alone: decode, stack by length, (pin), no model."""
+    from torch.utils.data import DataLoader
+
+    batches = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
+    ds = files_mod._AudioBatches(paths, batches, SR, 1)
+    w = min(workers, max(0, len(batches) - 1))
+    t = time.perf_counter()
+    loader = DataLoader(ds, batch_size=None, num_workers=w, collate_fn=files_mod._identity, pin_memory=pin,
+                        prefetch_factor=2 if w else None)
+    n = n_first = 0
+    t_first = None
+    for groups, failures in loader:
+        if t_first is None:
+            t_first = time.perf_counter()
+            n_first = sum(len(i) for i, _ in groups)
+        n += sum(len(i) for i, _ in groups) + len(failures)
+    t_end = time.perf_counter()
+    wall = t_end - t
+    steady = (n - n_first) / (t_end - t_first) if len(batches) > 1 and t_end > t_first else None
+    return {"files": n, "workers": w, "pinned": pin, "wall_s": wall, "files_per_s": n / wall,
+            "steady_files_per_s": steady, "per_worker_files_per_s": (steady / w) if (steady and w) else None}
+
+
+def measure_embed_files(model: m2d2_embed.M2D2, folder: Path, paths: list[str], batch_size: int, workers: int,
+                        work: Path) -> dict[str, Any]:
+    dev = model.device
+    warm = paths[:min(len(paths), 2 * batch_size, 64)]
+    bench.timed(lambda: model.embed_files(warm, level="clip", batch_size=batch_size, num_workers=min(workers, 2),
+                                          progress=False), dev)
+    with GpuUtil(dev, work) as util:
+        t = time.perf_counter()
+        es = model.embed_files(folder, level="clip", batch_size=batch_size, num_workers=workers, progress=False)
+        bench.sync(dev)
+        wall = time.perf_counter() - t
+    assert len(es) == len(paths) and not es.failures, (len(es), es.failures[:3])
+    # steady state: files/s from the first batch's embeddings being ready to the last's (start-up excluded).
+    # Ready: on CUDA when the batch is collected (its event waited on, while the next batch runs), on CPU when
+    # its (synchronous) launch returns
+    ready: list[tuple[float, int]] = []
+    launch, collect = files_mod._launch, files_mod._collect_batch
+
+    def timed_launch(*args, **kw):
+        batch = launch(*args, **kw)
+        if dev.type != "cuda":
+            ready.append((time.perf_counter(), len(batch.idx)))
+        return batch
+
+    def timed_collect(m, p, batch, level):
+        out = list(collect(m, p, batch, level))
+        if dev.type == "cuda":
+            ready.append((time.perf_counter(), len(out)))
+        yield from out
+
+    files_mod._launch, files_mod._collect_batch = timed_launch, timed_collect
+    try:
+        t = time.perf_counter()
+        for _ in files_mod.iter_file_embeddings(model, paths, "clip", batch_size=batch_size, num_workers=workers,
+                                                progress=False):
+            pass
+    finally:
+        files_mod._launch, files_mod._collect_batch = launch, collect
+    steady = None
+    if len(ready) > 1:
+        steady = sum(k for _, k in ready[1:]) / (ready[-1][0] - ready[0][0])
+    n = len(paths)
+    return {"files": n, "workers": workers, "wall_s": wall, "files_per_s": n / wall,
+            "audio_s_per_s": n * CLIP_SECONDS / wall, "first_batch_s": ready[0][0] - t if ready else None,
+            "batches": len(ready), "steady_files_per_s": steady,
+            "gpu_util": util.summary()}
+
+
+def measure_cli(converted: Path, folder: Path, n: int, device: torch.device, batch_size: int, workers: int,
+                dtype: str | None, compile_: bool, work: Path) -> dict[str, Any]:
+    out = work / f"cli{'_compiled' if compile_ else ''}.npz"
+    argv = [sys.executable, "-m", "m2d2_embed", "embed", str(folder), "-o", str(out), "--overwrite", "--level",
+            "clip", "--model", str(converted), "--device", str(device), "--batch-size", str(batch_size),
+            "--num-workers", str(workers), "--no-progress"]
+    argv += ["--dtype", dtype] if dtype else []
+    argv += ["--compile"] if compile_ else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with GpuUtil(device, work) as util:
+        t = time.perf_counter()
+        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
+        wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"CLI exit {r.returncode}: {r.stderr[-2000:]}")
+    m = re.search(r"\(([\d.]+) audio-s/s\)", r.stdout)
+    rate = float(m.group(1)) if m else math.nan
+    m2 = re.search(r"in ([\d.]+) s \(", r.stdout)
+    embed_s = float(m2.group(1)) if m2 else math.nan
+    es = m2d2_embed.read_embeddings(out)
+    assert len(es) == n, (len(es), n)
+    return {"argv": " ".join(argv[1:]), "wall_s": wall, "files_per_s_wall": n / wall, "embed_s": embed_s,
+            "audio_s_per_s": rate, "files_per_s": rate / CLIP_SECONDS, "stdout": r.stdout.strip(),
+            "gpu_util": util.summary()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+def _fmt(v: Any, spec: str | None = None) -> str:
+    """``spec``, or by default whole numbers from 100 up and three significant digits below."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if spec is None:
+        spec = ".0f" if abs(v) >= 100 else ".3g"
+    return format(v, spec)
+
+
+def _util(r: dict[str, Any] | None) -> tuple[str, str]:
+    u = (r or {}).get("gpu_util")
+    return (_fmt(u["mean"]), _fmt(u["mean_busy_span"])) if u else ("-", "-")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    mem = res.get("in_memory") or {}
+    ref = mem.get("files_per_s")
+    env = res["environment"]
+    lines = [f"# files_gpu: {res['files']} x 10-s WAV, {res['device']} ({env.get('gpu') or env.get('cpu')}), "
+             f"{res['dtype']}, batch {res['batch_size']}, {res['workers']} workers",
+             "", f"torch {env.get('torch')}, Python {env.get('python')}, {os.cpu_count()} CPUs; "
+             f"files written in {_fmt(res.get('write_s'), '.1f')} s; total {_fmt(res.get('total_s'), '.0f')} s", "",
+             "| path | files/s | ratio to in-memory | GPU util % (mean) | GPU util % (busy span) | wall s |",
+             "|---|---:|---:|---:|---:|---:|"]
+
+    def row(name: str, r: dict[str, Any] | None, fps_key: str = "files_per_s", wall_key: str = "wall_s") -> None:
+        if not r:
+            return
+        fps = r.get(fps_key)
+        ratio = _fmt(fps / ref, ".2f") if fps and ref else "-"
+        u_mean, u_span = _util(r)
+        lines.append(f"| {name} | {_fmt(fps)} | {ratio} | {u_mean} | {u_span} | {_fmt(r.get(wall_key), '.2f')} |")
+
+    row("(a) in memory: clip_embeddings on a device tensor (best)", mem, wall_key="best_s")
+    d = res.get("decode")
+    if d:
+        lines.append(f"| (d) decoding only, DataLoader, {d['workers']} workers (steady: "
+                     f"{_fmt(d.get('steady_files_per_s'))}/s) | {_fmt(d['files_per_s'])} | - | - | - | "
+                     f"{_fmt(d['wall_s'], '.2f')} |")
+    b = res.get("embed_files")
+    row("(b) embed_files, wall (probe + worker start-up included)", b)
+    if b:
+        row("(b) embed_files, steady state (first to last batch)", {**b, "gpu_util": None, "wall_s": None},
+            fps_key="steady_files_per_s")
+    for key, name in [("cli", "(c) CLI `m2d2-embed embed`, its own rate (embedding only)"),
+                      ("cli_compile", "(c) CLI with --compile, its own rate (compilation included)")]:
+        r = res.get(key)
+        row(name, r)
+        if r:
+            row(f"{name.split(',')[0]}, wall (interpreter + model load)", {**r, "gpu_util": None},
+                fps_key="files_per_s_wall")
+    if res.get("errors"):
+        lines += ["", "Errors: " + ", ".join(res["errors"])]
+    return "\n".join(lines) + "\n"
+
+
+def save(res: dict[str, Any], out: Path | None) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "files_gpu.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / "files_gpu.md").write_text(markdown(res))
+
+
+def environment(dev: torch.device) -> dict[str, Any]:
+    import platform
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+           "cpu": platform.processor() or platform.machine()}
+    if dev.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--files", type=int, default=4096, help="10-s WAV files to write and embed (default 4096)")
+    p.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
+                   help="decoding workers (default min(8, CPUs - 1))")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="chunks per batch (default 256 on CUDA; 8 on CPU, so a rehearsal has several batches)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="also run the CLI with --compile (and the in-memory "
+                   "path compiled, as its reference); adds the compilation time")
+    p.add_argument("--repeats", type=int, default=None, help="in-memory runs, best kept (default 3 CUDA, 2 CPU)")
+    p.add_argument("--no-cli", action="store_true", help="skip the command-line runs")
+    p.add_argument("--cache-dir", type=Path, default=None, help="checkpoint cache (default as bench.py)")
+    p.add_argument("--tmp-dir", type=Path, default=None, help="where the WAV folder is written (default: $TMPDIR)")
+    p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    bs = a.batch_size or (256 if dev.type == "cuda" else 8)
+    repeats = a.repeats or (3 if dev.type == "cuda" else 2)
+    res: dict[str, Any] = {"environment": environment(dev), "device": str(dev), "files": a.files,
+                           "workers": a.workers, "batch_size": bs, "dtype": a.dtype or "default",
+                           "args": {k: str(v) for k, v in vars(a).items()}, "errors": {}}
+
+    def section(name: str, fn) -> Any:
+        log(f"[{name}] {time.perf_counter() - t0:.0f} s")
+        try:
+            return fn()
+        except Exception:  # record and go on
+            res["errors"][name] = traceback.format_exc()
+            log(res["errors"][name])
+            return None
+        finally:
+            res["total_s"] = time.perf_counter() - t0
+            save(res, a.out)
+
+    cache = a.cache_dir or bench.default_cache()
+    converted = bench.ensure_converted(bench.ensure_checkpoint(cache), cache)
+    res["prepare_s"] = time.perf_counter() - t0
+    model = m2d2_embed.load(converted, device=dev, dtype=a.dtype)
+    res["dtype"] = str(model.dtype).replace("torch.", "")
+    with tempfile.TemporaryDirectory(prefix="m2d2_files_gpu_", dir=a.tmp_dir) as tmp:
+        work = Path(tmp)
+        folder = work / "wavs"
+        folder.mkdir()
+        t = time.perf_counter()
+        waves = write_files(folder, a.files, threads=min(32, 2 * (os.cpu_count() or 1)))
+        res["write_s"] = time.perf_counter() - t
+        paths = sorted(str(q) for q in folder.iterdir())
+        log(f"wrote {a.files} files in {res['write_s']:.1f} s")
+        res["in_memory"] = section("in_memory", lambda: measure_in_memory(model, waves, bs, repeats, work))
+        waves = []  # free the host copy
+        res["decode"] = section("decode", lambda: measure_decode(paths, bs, a.workers, dev.type == "cuda"))
+        res["embed_files"] = section("embed_files",
+                                     lambda: measure_embed_files(model, folder, paths, bs, a.workers, work))
+        if not a.no_cli:
+            res["cli"] = section("cli", lambda: measure_cli(converted, folder, a.files, dev, bs, a.workers,
+                                                            a.dtype, False, work))
+        if a.compile:
+            def compiled_in_memory() -> dict[str, Any]:
+                cm = m2d2_embed.load(converted, device=dev, dtype=a.dtype, compile=True)
+                return measure_in_memory(cm, [clip_int16(i, int(CLIP_SECONDS * SR)) for i in range(a.files)], bs,
+                                         repeats, work)
+
+            res["in_memory_compile"] = section("in_memory_compile", compiled_in_memory)
+            if not a.no_cli:
+                res["cli_compile"] = section("cli_compile", lambda: measure_cli(
+                    converted, folder, a.files, dev, bs, a.workers, a.dtype, True, work))
+    res["total_s"] = time.perf_counter() - t0
+    save(res, a.out)
+    print(markdown(res))
+    if a.compile and res.get("in_memory_compile") and res.get("cli_compile"):
+        ref = res["in_memory_compile"]["files_per_s"]
+        print(f"compiled: in memory {ref:.0f} clips/s; CLI --compile {res['cli_compile']['files_per_s']:.0f} "
+              f"files/s (ratio {res['cli_compile']['files_per_s'] / ref:.2f}, compilation included)")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
