@@ -345,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         res.setdefault("encoder_variants", []).extend(encoder_variants(m, a.batch_size, a.repeats, compiled))
 
     section("encoder variants", lambda: encoder_section(False))
-    if not a.no_compile:
-        section("encoder variants, compiled", lambda: encoder_section(True), optional=True)
 
     def erf_gelu(model: m2d2_embed.M2D2, x: torch.Tensor) -> Any:
         """frame_embeddings with the separate exact GELU (the default before the fused epilogue)."""
@@ -406,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     section("throughput", lambda: throughput_section(False))
     if not a.no_compile:
         section("throughput, compiled", lambda: throughput_section(True), optional=True)
+        section("encoder variants, compiled", lambda: encoder_section(True), optional=True)
 
     def long_section():
         m = models.get("bf16") or m2d2_embed.load(conv, device=dev, dtype="bf16")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU check in one run (about 8 minutes on one H100), for a machine lent for a few minutes:
+#   1. benchmarks/gpu_check.py: fp32 parity with TF32 off, bf16 agreement, encoder variants, throughput;
+#   2. benchmarks/files_gpu.py: `m2d2-embed embed` over a folder of 10-s WAVs against the in-memory path;
+#   3. the CUDA tests (tests/test_cuda.py, tests/test_fused_gelu.py).
+#
+#   bash benchmarks/gpu_all.sh [--wheels DIR] [--reference PATH/TO/portable_m2d.py]
+#
+# --wheels DIR: install the wheels in DIR first, offline (soundfile, soxr, cffi, nnAudio, ... for a machine
+# without them). --reference: also time the upstream runtime (needs nnAudio, timm, einops).
+# Results (markdown, JSON and logs) go to $OUT (default ./gpu_results). Each step has its own time limit, so
+# one step that hangs does not lose the others.
+set -u
+OUT=${OUT:-$PWD/gpu_results}
+mkdir -p "$OUT"
+WHEELS=""
+REF=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --wheels) WHEELS=$2; shift 2 ;;
+    --reference) REF=$2; shift 2 ;;
+    *) echo "gpu_all.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+if [ -n "$WHEELS" ]; then
+  $PY -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl 2>&1 | tail -3
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export M2D2_BENCH_CACHE=${M2D2_BENCH_CACHE:-/tmp/m2d2_bench_cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+start=$(date +%s)
+
+echo "== gpu_check ($(( $(date +%s) - start )) s)"
+timeout 320 $PY benchmarks/gpu_check.py --budget-s 250 --work-dir "$M2D2_BENCH_CACHE" ${REF:+--reference "$REF"} \
+  --out "$OUT" >"$OUT/gpu_check.log" 2>&1
+echo "gpu_check exit $?"; tail -5 "$OUT/gpu_check.log"
+
+echo "== files_gpu ($(( $(date +%s) - start )) s)"
+timeout 120 $PY benchmarks/files_gpu.py --files 8192 --cache-dir "$M2D2_BENCH_CACHE" --out "$OUT" >"$OUT/files_gpu.log" 2>&1
+echo "files_gpu exit $?"; tail -25 "$OUT/files_gpu.log"
+echo "== CUDA tests"
+timeout 140 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_gelu.py >"$OUT/pytest_cuda.txt" 2>&1
+echo "pytest exit $?"; tail -15 "$OUT/pytest_cuda.txt"
+
+echo "== done in $(( $(date +%s) - start )) s"
