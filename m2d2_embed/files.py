@@ -158,12 +158,26 @@ def _why_empty(d: str, recursive: bool, pattern: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 def _probe(path: str) -> tuple[float, str | None]:
-    """(duration in seconds, None) or (0, reason). Reads only the header."""
+    """(duration in seconds, None) or (0, reason). Reads only the header: WAV headers are parsed directly (a few
+    microseconds), anything else (or any WAV header this parser does not follow) goes through ``sf.info``."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        return 0.0, f"cannot read: {e.strerror or e}"
+    if size == 0:
+        return 0.0, "empty file (0 bytes)"
+    if path.lower().endswith((".wav", ".wave")):
+        found = _wav_frames(path, size)
+        if found is not None:
+            frames, rate = found
+            return (frames / rate, None) if frames > 0 else (0.0, "no samples (zero-length audio)")
+    return _probe_soundfile(path)
+
+
+def _probe_soundfile(path: str) -> tuple[float, str | None]:
     import soundfile as sf
 
     try:
-        if os.path.getsize(path) == 0:
-            return 0.0, "empty file (0 bytes)"
         info = sf.info(path)
     except Exception as e:  # LibsndfileError, RuntimeError, OSError
         return 0.0, (f"cannot decode: {str(e).rstrip('.')}. Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 "
@@ -173,7 +187,61 @@ def _probe(path: str) -> tuple[float, str | None]:
     return info.frames / info.samplerate, None
 
 
+def _wav_frames(path: str, size: int) -> tuple[int, int] | None:
+    """(frames, sample rate) from a plain RIFF/WAVE header, or None when the header is anything else (RF64, a
+    streamed header with no data size, an odd chunk layout): the caller then asks libsndfile. The frame count is
+    cut to the bytes actually in the file, as libsndfile does for a truncated file."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            pos, rate, align = 12, 0, 0
+            for _ in range(64):  # chunks before 'data' (fmt, LIST, fact, ...): a handful in practice
+                f.seek(pos)
+                hdr = f.read(8)
+                if len(hdr) < 8:
+                    return None
+                cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(16)
+                    if len(fmt) < 16:
+                        return None
+                    _tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt[:14])
+                    if channels == 0 or rate == 0 or align == 0:
+                        return None
+                elif cid == b"data":
+                    if not align or n in (0, 0xFFFFFFFF):
+                        return None
+                    return min(n, size - pos - 8) // align, rate
+                pos += 8 + n + (n & 1)  # chunks are padded to an even size
+                if pos >= size:
+                    return None
+    except (OSError, struct.error):
+        return None
+    return None
+
+
 PCM16_SCALE = 2.0 ** -15  # 16-bit PCM sample -> float, as libsndfile reads it (exact: a power of two)
+
+
+def _probe_all(paths: Sequence[str]) -> list[tuple[float, str | None]]:
+    """``_probe`` of every path: WAV headers in this thread (faster than threads contending for the GIL), the
+    other files' ``sf.info`` in a thread pool (libsndfile releases the GIL while it reads)."""
+    probes: list[tuple[float, str | None] | None] = [None] * len(paths)
+    rest = []
+    for i, p in enumerate(paths):
+        if p.lower().endswith((".wav", ".wave")):
+            probes[i] = _probe(p)
+        else:
+            rest.append(i)
+    if rest:
+        with ThreadPoolExecutor(max_workers=min(8, len(rest))) as pool:
+            for i, r in zip(rest, pool.map(_probe, [paths[i] for i in rest])):
+                probes[i] = r
+    return probes  # type: ignore[return-value]
 
 
 class _AudioBatches(Dataset):
@@ -369,8 +437,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
     if workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {workers}")
     chunk_s = model.config.encoder.chunk_frames * model.config.frontend.hop_length / model.sample_rate
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        probes = list(pool.map(_probe, paths))
+    probes = _probe_all(paths)
     bar = tqdm(total=len(paths), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     audio_s = 0.0
     t0 = time.perf_counter()

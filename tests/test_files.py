@@ -389,3 +389,39 @@ def test_strict_yields_the_finished_batches_then_raises_at_a_decoding_failure(mo
     # longest first, 3 chunks a batch: [12.5 s, 10 s], [10 s, 3.3 s, 2 s], then [2 s, NaN, ...] raises; the two
     # batches before it were embedded and handed out first
     assert sorted(got) == ["d_2s.wav", "f_3p3s.flac", "g_10s.wav", "h_10s.wav", "i_12p5s.wav"]
+
+
+@pytest.mark.parametrize("subtype,channels,rate", [("PCM_16", 1, 16000), ("PCM_24", 2, 44100), ("FLOAT", 1, 22050),
+                                                   ("PCM_U8", 1, 8000), ("DOUBLE", 3, 48000)])
+def test_wav_header_probe_agrees_with_libsndfile(tmp_path, subtype, channels, rate):
+    n = 12345  # odd frame counts make odd data sizes (8-bit mono), so the pad byte rule is exercised too
+    p = tmp_path / "a.wav"
+    sf.write(p, np.zeros((n, channels), np.float32), rate, subtype=subtype)
+    assert files._wav_frames(str(p), p.stat().st_size) == (n, rate)
+    assert files._probe(str(p)) == files._probe_soundfile(str(p)) == (n / rate, None)
+
+
+def test_wav_header_probe_follows_chunks_and_falls_back(tmp_path):
+    import struct
+
+    pcm = np.arange(-500, 500, dtype=np.int16).tobytes()  # 1000 frames, mono 16-bit
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    extra = b"LIST" + struct.pack("<I", 5) + b"abcde" + b"\0"  # odd-sized chunk before 'data', padded
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + extra + b"data" + struct.pack("<I", len(pcm)) + pcm
+    p = tmp_path / "list.wav"
+    p.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    assert files._wav_frames(str(p), p.stat().st_size) == (1000, 16000)
+    assert files._probe(str(p)) == files._probe_soundfile(str(p))
+    truncated = tmp_path / "cut.wav"  # the header promises 1000 frames, the file holds 400
+    truncated.write_bytes(p.read_bytes()[:-1200])
+    assert files._wav_frames(str(truncated), truncated.stat().st_size) == (400, 16000)
+    flac_named_wav = tmp_path / "really_flac.wav"  # not RIFF: libsndfile reads it
+    sf.write(flac_named_wav, np.zeros(800, np.float32), 16000, format="FLAC")
+    assert files._wav_frames(str(flac_named_wav), flac_named_wav.stat().st_size) is None
+    assert files._probe(str(flac_named_wav)) == (0.05, None)
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF\x04\x00\x00\x00WAVEnothing useful")
+    assert files._probe(str(junk))[1].startswith("cannot decode")
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    assert files._probe(str(empty)) == (0.0, "empty file (0 bytes)")
