@@ -479,7 +479,10 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
             loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
                                 pin_memory=model.device.type == "cuda", prefetch_factor=2 if workers else None)
             pending: _InFlight | None = None
-            for groups, failures in loader:
+            batches_in = iter(loader)  # the workers start decoding the first batches now
+            if model.device.type == "cuda" and workers:
+                _warm_up(model, len(batches[0]), max(probes[i][0] for i in batches[0]), batch_size)
+            for groups, failures in batches_in:
                 launched = None
                 if groups and not (strict and failures):  # strict: the batch is not embedded, its failure raises
                     launched = _launch(model, groups, level, reduce, normalize, batch_size)
@@ -565,6 +568,15 @@ def _finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
     if normalize:
         x = nn.functional.normalize(x.float(), dim=-1)
     return x.detach().float().cpu().numpy()
+
+
+@torch.inference_mode()
+def _warm_up(model: M2D2, n: int, seconds: float, batch_size: int | None) -> None:
+    """Run the model once on silence shaped like the first batch while the workers decode it: the one-off CUDA
+    costs of a fresh process (library handles, kernel loading, attention and FFT plans, compilation with
+    ``compile=True``) then overlap the decoding instead of delaying the first batch. Queued, not awaited."""
+    samples = max(model.frontend.min_samples(), round(seconds * model.sample_rate))
+    model._encode_stacked([torch.zeros(n, samples, device=model.device)], batch_size)
 
 
 @dataclass
