@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -425,3 +426,19 @@ def test_wav_header_probe_follows_chunks_and_falls_back(tmp_path):
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     assert files._probe(str(empty)) == (0.0, "empty file (0 bytes)")
+
+
+def test_collect_dedupes_through_links_and_does_not_follow_folder_links(tmp_path):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for rel in ("b.wav", "sub/a.wav", "a.wav"):
+        (d / rel).write_bytes(b"x")
+    (d / "link_to_b.wav").symlink_to(d / "b.wav")  # the same file twice: embedded once
+    (d / "loop").symlink_to(d, target_is_directory=True)  # a folder link: never walked into
+    (d / "dangling.wav").symlink_to(tmp_path / "missing.wav")
+    got = collect_files(d, recursive=True)
+    assert [os.path.relpath(p, d) for p in got] == ["a.wav", "b.wav", os.path.join("sub", "a.wav")]
+    # the folder reached through a link to it: the same real files, so nothing new is added
+    (tmp_path / "alias").symlink_to(d, target_is_directory=True)
+    assert collect_files([d, tmp_path / "alias"], recursive=True) == got
+    assert collect_files([str(d / "a.wav"), d]) == [str(d / "a.wav"), str(d / "b.wav")]  # named, then the rest
