@@ -442,3 +442,28 @@ def test_collect_dedupes_through_links_and_does_not_follow_folder_links(tmp_path
     (tmp_path / "alias").symlink_to(d, target_is_directory=True)
     assert collect_files([d, tmp_path / "alias"], recursive=True) == got
     assert collect_files([str(d / "a.wav"), d]) == [str(d / "a.wav"), str(d / "b.wav")]  # named, then the rest
+
+
+def test_probing_in_processes_gives_the_same_answers_in_order(folder, monkeypatch, caplog):
+    paths = collect_files(folder, recursive=True)  # WAVs (header path) mixed with FLAC/OGG/broken (libsndfile path)
+    serial = [files._probe(p) for p in paths]
+    monkeypatch.setattr(files, "PROBE_PROCESSES_FROM", 1)
+    monkeypatch.setattr(files, "_cpu_count", lambda: 3)  # two processes even on a 2-core runner
+    pools = []
+
+    class Spy(files.ProcessPoolExecutor):
+        def map(self, fn, *iterables, **kw):
+            pools.append(fn)
+            return super().map(fn, *iterables, **kw)
+
+    monkeypatch.setattr(files, "ProcessPoolExecutor", Spy)
+    with caplog.at_level("DEBUG", logger="m2d2_embed.files"):
+        assert files._probe_all(paths) == serial
+    assert pools == [files._probe_many] and "probing in processes failed" not in caplog.text
+    assert any(p.endswith(".wav") for p in paths) and any(not p.endswith(".wav") for p in paths)
+
+
+def test_default_workers_leave_cores_to_the_main_process(monkeypatch):
+    for cpus, want in [(1, 0), (2, 1), (4, 3), (8, 6), (16, 12), (64, 12)]:
+        monkeypatch.setattr(files, "_cpu_count", lambda c=cpus: c)
+        assert files.default_num_workers() == want
