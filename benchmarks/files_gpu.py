@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--files", type=int, default=4096, help="10-s WAV files to write and embed (default 4096)")
     p.add_argument("--workers", type=int, default=files_mod.default_num_workers(),
-                   help="decoding workers (default: embed_files's, up to 12)")
+                   help="decoding workers (default: embed_files's, up to 8)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="chunks per batch (default 256 on CUDA; 8 on CPU, so a rehearsal has several batches)")
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")

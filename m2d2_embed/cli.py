@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive, default=None, metavar="N",
                    help="10-s chunks per batch (default 32 on CPU, 256 on CUDA)")
     g.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
-                   help="decoding processes (default: up to 12, two cores left free; 0 decodes in the main process)")
+                   help="decoding processes (default: up to 8, two cores left free; 0 decodes in the main process)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the audio encoder: faster on a GPU for long jobs, after a one-off warm-up "

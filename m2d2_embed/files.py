@@ -427,11 +427,11 @@ def _batches(order: Sequence[int], chunks: Sequence[int], budget: int) -> list[l
 
 
 def default_num_workers() -> int:
-    """Decoding workers used by default: up to 12, leaving two cores (one on 4 or fewer) to the main process and
-    its pin-memory thread. On a GPU, decoding sets the pace: on one H100 with 16 cores, 8 workers decode about
-    6,300-7,100 ten-second 16-bit WAVs per second, just above what the model embeds."""
+    """Decoding workers used by default: up to 8, leaving two cores (one on 4 or fewer) to the main process and
+    its pin-memory thread. On one H100 with 16 cores, 8 workers decode about 7,000 ten-second 16-bit WAVs per
+    second, about what the model embeds; 12 were slower (the main process's share of the work sets the pace)."""
     cpus = _cpu_count()
-    return max(0, min(12, cpus - (2 if cpus > 4 else 1)))
+    return max(0, min(8, cpus - (2 if cpus > 4 else 1)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, ba
             (the audio side of the shared audio-text space, [768]).
         batch_size: most 10-s chunks per batch (a clip of up to 10 s is one chunk); default 32 on CPU,
             256 on CUDA. Files are sorted by length and grouped to fill batches with little padding.
-        num_workers: decoding processes (default: up to 12, two cores left free; 0 decodes inline).
+        num_workers: decoding processes (default: up to 8, two cores left free; 0 decodes inline).
         progress: show a progress bar (files/s) on stderr.
         strict: raise :class:`AudioFileError` at the first file that fails instead of skipping it.
         recursive, glob: how folders are searched (see :func:`collect_files`).

@@ -464,6 +464,6 @@ def test_probing_in_processes_gives_the_same_answers_in_order(folder, monkeypatc
 
 
 def test_default_workers_leave_cores_to_the_main_process(monkeypatch):
-    for cpus, want in [(1, 0), (2, 1), (4, 3), (8, 6), (16, 12), (64, 12)]:
+    for cpus, want in [(1, 0), (2, 1), (4, 3), (8, 6), (16, 8), (64, 8)]:
         monkeypatch.setattr(files, "_cpu_count", lambda c=cpus: c)
         assert files.default_num_workers() == want
