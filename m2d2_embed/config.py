@@ -86,6 +86,23 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    """Task head over clip features (upstream EVAR's fine-tuning head, or ``m2d2_embed.train finetune``'s):
+    an optional BatchNorm1d without affine parameters, then one Linear.
+
+    State-dict keys: ``classifier.norm.running_mean`` / ``running_var`` (when ``norm``),
+    ``classifier.linear.weight`` [num_classes, in_features] / ``bias`` [num_classes].
+    """
+
+    in_features: int = 768  # 768: time-averaged features averaged over frequency patches; f*768 (3840): stacked
+    num_classes: int = 527
+    norm: bool = True  # BatchNorm1d(affine=False) before the Linear (EVAR); False for our own fine-tuning head
+    norm_eps: float = 1e-5
+    labels: tuple[str, ...] | None = None  # class names in output order (None: "class_0", "class_1", ...)
+    multi_label: bool = True  # AudioSet is multi-label: sigmoid scores by default
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model from its weights."""
 
@@ -95,6 +112,7 @@ class ModelConfig:
     audio_head: AudioHeadConfig | None = None
     text: TextConfig | None = None
     text_weights: str | None = None  # where text weights live when not in the checkpoint (e.g. "hf://thenlper/gte-base")
+    classifier: ClassifierConfig | None = None  # task head (AudioSet tagging of fine-tuned models), when present
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,4 +134,14 @@ class ModelConfig:
             audio_head=AudioHeadConfig(**d["audio_head"]) if d.get("audio_head") else None,
             text=TextConfig(**d["text"]) if d.get("text") else None,
             text_weights=d.get("text_weights"),
+            classifier=_classifier_from_dict(d.get("classifier")),
         )
+
+
+def _classifier_from_dict(d: dict[str, Any] | None) -> ClassifierConfig | None:
+    if not d:
+        return None
+    d = dict(d)
+    if d.get("labels") is not None:
+        d["labels"] = tuple(d["labels"])
+    return ClassifierConfig(**d)
