@@ -81,7 +81,10 @@ class ClapConfig:
     weight: float = 0.01  # stage 1: total = M2D + weight x CLAP (upstream --loss_off)
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
-    gather: bool = True  # all-gather embeddings so negatives span every process
+    # negatives across processes: "exact" (the global-batch loss and gradient, whatever the number of
+    # processes), "upstream" (as upstream's code: audio/text gradients 1/processes of that, the temperature's
+    # whole; reproduces the paper's runs), "local" (this process's batch only). See losses.info_nce
+    gather: str = "exact"
 
 
 @dataclass
