@@ -48,6 +48,9 @@ class TrainConfig:
     log_every: int = 50  # log loss, lr and metrics every N steps
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     export: bool = True  # write the runtime model (safetensors + config) to out_dir/model at the end
+    # also write out_dir/upstream/<release name>/checkpoint-<epoch>.pth in upstream's layout (stage 1: the
+    # full pre-training layout with predictor and target, which upstream's and EVAR's tools read)
+    export_upstream: bool = False
 
 
 @dataclass
@@ -57,7 +60,9 @@ class DataConfig:
     csv: str = ""
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
     crop_frames: int | None = None  # frames per random crop; default: the encoder's chunk width
-    norm_stats: str | tuple[float, float] = "model"  # "model": the front end's; "auto": estimate from data
+    # None: "auto" when training from scratch, "model" when continuing from init_from (as upstream);
+    # "model": the (pre-trained) front end's; "auto": estimated from the training data; or [mean, std]
+    norm_stats: str | tuple[float, float] | None = None
     captions: str | None = None  # stage 1: caption embeddings .npy [N, E] or [N, K, E] aligned with the CSV
 
 
@@ -91,8 +96,12 @@ class ClapConfig:
 class Stage1Config:
     """M2D + CLAP pre-training against precomputed caption embeddings."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(audio_head=AudioHeadConfig()))
-    init_from: str | None = None  # continue from a checkpoint (upstream .pth or ours): encoder [+ head]
+    # audio head: upstream's stage 1 (M2D-CLAP 2024) MLP over the mean of the visible tokens; "semantic" is
+    # the M2D2 2025 head
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(audio_head=AudioHeadConfig(kind="mlp")))
+    # continue from a checkpoint (upstream .pth or ours): encoder [+ head]; an upstream pre-training .pth also
+    # gives the predictor, the EMA target, text_proj and the logit scale
+    init_from: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/stage1"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,26 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def atomic_write(dst: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``dst``, give it the mode a plain new file gets
+    (0o666 less the umask, as ``m2d2_embed.convert.save_model``'s files) and rename it onto ``dst``; the
+    temporary file is removed on failure. Returns ``dst``."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -176,12 +197,8 @@ class Trainer:
         """Write ``out_dir/checkpoint.pt`` atomically (temporary file + rename) from rank 0."""
         path = self.out_dir / CHECKPOINT
         if self.info.is_main:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                torch.save(self.state_dict(), tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            state = self.state_dict()
+            atomic_write(path, lambda p: torch.save(state, p))
             log.info("step %d: saved %s", self.step, path)
         dist.barrier()
         return path if self.info.is_main else None
@@ -314,6 +331,11 @@ class Trainer:
             path = save_model({k: v.detach().float().cpu() for k, v in sd.items()}, cfg, self.out_dir / "model")
             if hasattr(self.model, "export_extra"):
                 self.model.export_extra(path)
+            if self.cfg.export_upstream:
+                from .upstream import write_upstream_checkpoint
+
+                epoch = math.ceil(self.step / self.steps_per_epoch)
+                write_upstream_checkpoint(self.model, self.out_dir / "upstream", epoch=epoch)
             log.info("exported %s (load it with m2d2_embed.load)", path)
         dist.barrier()
         return path

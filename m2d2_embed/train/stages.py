@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +25,7 @@ from . import dist
 from .config import DataConfig, Stage1Config, Stage2Config, to_dict
 from .data import ClipDataset, Row, estimate_norm_stats, load_caption_embeddings, read_csv
 from .loop import Trainer
-from .losses import LogitScale, info_nce
+from .losses import LogitScale, info_nce, normalise_gather
 from .m2d import (
     M2D,
     ema_decay,
@@ -36,6 +37,7 @@ from .m2d import (
     run_blocks,
     time_mask,
 )
+from .upstream import TrainingState, load_training_state, read_training_state
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,24 @@ def load_text_weights(encoder: BertTextEncoder, spec: str | None) -> None:
         log.info("text_init %s: ignored %d tensors (%s...)", spec, len(ignored), ", ".join(ignored[:4]))
 
 
-def resolve_norm_stats(data: DataConfig, rows: list[Row], model: ModelConfig, seed: int) -> ModelConfig:
-    """The model config with the front end's normalisation set as ``data.norm_stats`` says."""
+def resolve_norm_stats(
+    data: DataConfig, rows: list[Row], model: ModelConfig, seed: int, continuing: bool = True
+) -> ModelConfig:
+    """The model config with the front end's normalisation set as ``data.norm_stats`` says; None (the
+    default) means "auto" for a model trained from scratch (``continuing=False``, as upstream, which computes
+    them from the training data) and "model" when continuing from pre-trained weights."""
     ns = data.norm_stats
+    if ns is None:
+        ns = "model" if continuing else "auto"
+        if ns == "auto":
+            log.info("training from scratch: estimating the log-mel statistics from the training data")
     if ns == "model":
+        if continuing:
+            log.info(
+                "keeping the pre-trained model's log-mel statistics: mean %.4f, std %.4f",
+                model.frontend.norm_mean,
+                model.frontend.norm_std,
+            )
         return model
     if ns == "auto":
         mean, std = estimate_norm_stats(rows, model.frontend, seed=seed)
@@ -113,7 +129,7 @@ def resolve_norm_stats(data: DataConfig, rows: list[Row], model: ModelConfig, se
     elif isinstance(ns, (tuple, list)) and len(ns) == 2:
         mean, std = float(ns[0]), float(ns[1])
     else:
-        raise ValueError(f"data.norm_stats must be 'model', 'auto' or [mean, std], got {ns!r}")
+        raise ValueError(f"data.norm_stats must be null, 'model', 'auto' or [mean, std], got {ns!r}")
     return dataclasses.replace(model, frontend=dataclasses.replace(model.frontend, norm_mean=mean, norm_std=std))
 
 
@@ -138,10 +154,12 @@ class Stage1Model(nn.Module):
         model: ModelConfig,
         caption_dim: int,
         pretrained: dict[str, torch.Tensor] | None = None,
+        training_state: TrainingState | None = None,
     ) -> None:
         super().__init__()
         if model.audio_head is None:
             raise ValueError("stage 1 needs model.audio_head (the CLAP audio head)")
+        normalise_gather(cfg.clap.gather)
         self.model_config = model
         self.cfg = cfg
         self.encoder = AudioEncoder(model.encoder)
@@ -156,9 +174,19 @@ class Stage1Model(nn.Module):
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos, as upstream
         m = cfg.m2d
         self.m2d = M2D(self.encoder, m.mask_ratio, m.predictor_dim, m.predictor_depth, m.predictor_heads, m.target_eps)
-        self.text_proj = nn.Linear(caption_dim, model.audio_head.out_dim)
-        init_weights(self.text_proj)
+        # as upstream: Identity when the caption embeddings are as wide as the audio embeddings
+        out_dim = model.audio_head.out_dim
+        self.text_proj: nn.Module = nn.Identity() if caption_dim == out_dim else nn.Linear(caption_dim, out_dim)
+        self.text_proj.apply(init_weights)
         self.logit_scale = LogitScale(cfg.clap.logit_scale_init, cfg.clap.logit_scale_max)
+        loaded = {"loaded": [], "fresh": ["predictor", "target", "logit_scale"]}
+        if training_state is not None and training_state.tensors:
+            loaded = load_training_state(self, training_state)
+        elif pretrained:
+            loaded["fresh"][1] = "target (a copy of the loaded encoder)"
+        if isinstance(self.text_proj, nn.Linear) and "text_proj" not in loaded["loaded"]:
+            loaded["fresh"].append("text_proj")
+        self.init_report: dict[str, list[str]] = loaded
 
     def forward(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
@@ -186,12 +214,21 @@ class Stage1Model(nn.Module):
 
 
 def setup_stage1(cfg: Stage1Config, info: dist.DistInfo) -> Trainer:
-    """Data, model and trainer for stage 1 (nothing is trained yet)."""
+    """Data, model and trainer for stage 1 (nothing is trained yet).
+
+    With ``init_from`` an upstream pre-training checkpoint ("Fur-PT Ready" releases), the predictor, the EMA
+    target, ``text_proj`` and the logit scale are loaded too when present (predictor size from the file);
+    a log line says what was loaded and what starts fresh."""
     if not cfg.data.csv or not cfg.data.captions:
         raise ValueError("stage 1 needs data.csv (the clips) and data.captions (caption embeddings .npy)")
     rows = read_csv(cfg.data.csv, cfg.data.root)
-    embs = load_caption_embeddings(cfg.data.captions)
-    model_cfg, pretrained = cfg.model, None
+    embs = load_caption_embeddings(cfg.data.captions, rows)
+    if not isinstance(embs, np.memmap):  # built from upstream {ytid: emb} files: drop clips without a caption
+        keep = ~np.isnan(embs.reshape(len(embs), -1, embs.shape[-1])).any(-1).all(-1)
+        if not keep.all():
+            log.warning("%d of %d clips have no caption embedding and are left out", int((~keep).sum()), len(rows))
+            rows, embs = [r for r, k in zip(rows, keep, strict=True) if k], embs[keep]
+    model_cfg, pretrained, state = cfg.model, None, None
     if cfg.init_from:
         pretrained, pcfg = read_pretrained(cfg.init_from)
         model_cfg = _with_pretrained_audio(model_cfg, pcfg)
@@ -202,11 +239,35 @@ def setup_stage1(cfg: Stage1Config, info: dist.DistInfo) -> Trainer:
                 model_cfg.audio_head,
             )
             pretrained = {k: v for k, v in pretrained.items() if not k.startswith("audio_proj.")}
-    model_cfg = resolve_norm_stats(cfg.data, rows, model_cfg, cfg.train.seed)
+        state = read_training_state(cfg.init_from)
+        if state.predictor_dim is not None:
+            m = cfg.m2d
+            if (m.predictor_dim, m.predictor_depth) != (state.predictor_dim, state.predictor_depth):
+                log.info(
+                    "using the predictor size of %s: %d-d, %d blocks (the config said %d-d, %d blocks)",
+                    cfg.init_from,
+                    state.predictor_dim,
+                    state.predictor_depth,
+                    m.predictor_dim,
+                    m.predictor_depth,
+                )
+            cfg = dataclasses.replace(
+                cfg,
+                m2d=dataclasses.replace(m, predictor_dim=state.predictor_dim, predictor_depth=state.predictor_depth),
+            )
+    model_cfg = resolve_norm_stats(cfg.data, rows, model_cfg, cfg.train.seed, continuing=bool(cfg.init_from))
     crop = cfg.data.crop_frames or model_cfg.encoder.chunk_frames
     ds = ClipDataset(rows, model_cfg.frontend, crop, seed=cfg.train.seed, caption_embs=embs)
     torch.manual_seed(cfg.train.seed)
-    model = Stage1Model(cfg, model_cfg, int(embs.shape[-1]), pretrained)
+    model = Stage1Model(cfg, model_cfg, int(embs.shape[-1]), pretrained, state)
+    if cfg.init_from:
+        log.info(
+            "init_from %s: loaded encoder%s, %s; fresh: %s",
+            cfg.init_from,
+            "" if "audio_proj" not in {k.split(".")[0] for k in pretrained or {}} else ", audio head",
+            ", ".join(model.init_report["loaded"]) or "nothing else",
+            ", ".join(model.init_report["fresh"]) or "nothing",
+        )
     return Trainer(model, ds, cfg.train, cfg.optim, info, run_config={"stage": "stage1", **to_dict(cfg)})
 
 
