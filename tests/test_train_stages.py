@@ -192,12 +192,11 @@ def test_importing_m2d2_embed_does_not_import_training():
 
 
 def test_cli_probe_on_an_exported_model(stage1_model, synth, capsys):
-    assert (
-        main(["probe", "--model", str(stage1_model), "--train", str(synth.train_csv), "--test", str(synth.val_csv)])
-        == 0
-    )
+    args = ["probe", "--model", str(stage1_model), "--train", str(synth.train_csv), "--test", str(synth.val_csv)]
+    assert main([*args, "--epochs", "7", "--patience", "100", "--lr", "1e-3", "--batch-size", "8"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "accuracy" and out["classes"] == 4 and 0.0 <= out["test"] <= 1.0
+    assert out["best_epoch"] <= 6  # --epochs bounds the run
 
 
 def test_text_init_reads_hugging_face_bert_files_and_our_exports(tmp_path):

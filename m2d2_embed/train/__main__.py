@@ -88,13 +88,29 @@ def main(argv: list[str] | None = None) -> int:
             help="override one setting, e.g. --set train.batch_size=16 (value parsed as JSON)",
         )
         s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    s = sub.add_parser("probe", help="linear probe on the clip embeddings of a trained model")
+    s = sub.add_parser(
+        "probe",
+        help="linear probe on the clip embeddings of a trained model (EVAR's linear evaluation protocol)",
+        description="Standardised clip embeddings, one linear layer, Adam, early stopping on the validation "
+        "score: upstream EVAR's lineareval.py with its M2D settings as defaults.",
+    )
     s.add_argument("--model", required=True, help="a model directory or .safetensors (what the stages export)")
     s.add_argument("--train", required=True, type=Path, help="CSV with file,label")
     s.add_argument("--val", type=Path, help="validation CSV (default: 10%% of --train held out)")
     s.add_argument("--test", type=Path, help="test CSV")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=42, help="EVAR's default seed (default: %(default)s)")
+    s.add_argument(
+        "--lr", type=float, default=3e-5, help="Adam learning rate; EVAR's lr_lineareval for M2D (default: %(default)s)"
+    )
+    s.add_argument("--epochs", type=int, default=200, help="at most this many epochs (default: %(default)s)")
+    s.add_argument(
+        "--patience", type=int, default=20, help="early stopping: epochs without a new best (default: %(default)s)"
+    )
+    s.add_argument("--batch-size", type=int, default=200, help="mini-batch size (default: %(default)s)")
+    s.add_argument("--weight-decay", type=float, default=1e-8, help="Adam L2 penalty (default: %(default)s)")
+    s.add_argument("--no-standardise", action="store_true", help="feed raw embeddings (EVAR: --standard_scaler False)")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="held out of --train when --val is not given")
     s = sub.add_parser("synth", help="write a tiny synthetic dataset and CPU-sized configs for every stage")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--n-train", type=int, default=48)
@@ -121,7 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                 fatal(f"file list not found: {f}")
         from .downstream import probe_csv
 
-        res = probe_csv(args.model, args.train, args.val, args.test, device=args.device, seed=args.seed)
+        res = probe_csv(
+            args.model,
+            args.train,
+            args.val,
+            args.test,
+            device=args.device,
+            seed=args.seed,
+            lr=args.lr,
+            max_epochs=args.epochs,
+            patience=args.patience,
+            batch_size=args.batch_size,
+            weight_decay=args.weight_decay,
+            standardise=not args.no_standardise,
+            val_fraction=args.val_fraction,
+        )
         print(
             json.dumps(
                 {

@@ -94,22 +94,34 @@ def linear_probe(
     test_y: np.ndarray | Sequence[Any] | None = None,
     *,
     val_fraction: float = 0.1,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
+    lr: float = 3e-5,
+    weight_decay: float = 1e-8,
+    batch_size: int = 200,
     max_epochs: int = 200,
     patience: int = 20,
-    seed: int = 0,
+    standardise: bool = True,
+    seed: int = 42,
 ) -> ProbeResult:
-    """Linear evaluation of fixed embeddings: standardise with the training statistics, train a logistic
-    regression (softmax, or sigmoid per class for multi-label) with Adam, keep the epoch with the best
-    validation score, stop after ``patience`` epochs without improvement.
+    """Linear evaluation of fixed embeddings with upstream EVAR's protocol (``lineareval.py``, whose
+    classifier is ``TorchMLPClassifier2`` with no hidden layer; defaults from EVAR's M2D configs):
+
+    - features standardised with the training set's mean and (population) standard deviation;
+    - one ``nn.Linear`` (PyTorch's default initialisation);
+    - Adam, ``lr`` (EVAR's ``lr_lineareval``: 3e-5 for M2D/M2D-CLAP, 3e-4 for BYOL-A or AST), betas
+      (0.9, 0.999), eps 1e-8, L2 ``weight_decay`` 1e-8;
+    - mini-batches of ``min(batch_size, N)`` (EVAR: 200), shuffled, the last one kept;
+    - loss: mean over batch and classes of ``-onehot * log_softmax`` (single-label), or binary
+      cross-entropy of the sigmoid (multi-label);
+    - after each epoch, the validation accuracy (or mAP); the best epoch's weights are kept (ties go to
+      the later epoch), and training stops when ``patience`` epochs (EVAR's ``early_stop_epochs``: 20)
+      pass without a new best, or after ``max_epochs`` (EVAR: 200).
 
     Args:
         train_x: embeddings [N, D].
         train_y: labels [N] (any hashable values), or multi-hot [N, C] for a multi-label task.
         val_x, val_y: validation set; without it, ``val_fraction`` of the training set is held out.
         test_x, test_y: scored once with the selected epoch.
+        standardise: False feeds the raw features (EVAR's ``--standard_scaler False``).
     Returns:
         ``ProbeResult`` with the validation and test scores (accuracy or mAP).
     """
@@ -142,33 +154,55 @@ def linear_probe(
         val_x, y_val, train_x, y_tr = train_x[v], y_tr[v], train_x[t], y_tr[t]
     else:
         val_x, y_val = np.asarray(val_x, dtype=np.float32), enc(val_y)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-8
+    if standardise:  # scikit-learn's StandardScaler: population std, constant features left unscaled
+        mean, std = train_x.mean(0), train_x.std(0)
+        std = np.where(std > 1e-12, std, 1.0).astype(np.float32)
+    else:
+        mean, std = np.zeros(train_x.shape[1], np.float32), np.ones(train_x.shape[1], np.float32)
 
     def prep(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((np.asarray(x, dtype=np.float32) - mean) / std)
 
-    xt, yt, xv = prep(train_x), torch.from_numpy(y_tr), prep(val_x)
+    xt, xv = prep(train_x), prep(val_x)
+    n_cls = len(classes)
+    yt = torch.from_numpy(y_tr) if multi else F.one_hot(torch.from_numpy(y_tr), n_cls).float()
     torch.manual_seed(seed)
-    head = nn.Linear(xt.shape[1], len(classes))
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = F.binary_cross_entropy_with_logits if multi else F.cross_entropy
+    head = nn.Linear(xt.shape[1], n_cls)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if multi:
+            return F.binary_cross_entropy(torch.sigmoid(logits), target)
+        return -(target * F.log_softmax(logits, dim=-1)).mean()
+
+    bs = min(batch_size, len(xt))
     best, best_state, best_epoch, waited = -np.inf, None, 0, 0
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(max_epochs):
-        for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
+        for idx in torch.randperm(len(xt), generator=gen).split(bs):
             opt.zero_grad()
             loss_fn(head(xt[idx]), yt[idx]).backward()
             opt.step()
         with torch.no_grad():
             s = score(head(xv).numpy(), y_val, multi)
-        if s > best:
-            best, best_epoch, waited = s, epoch, 0
+        if s >= best:
+            best, best_epoch, waited = s, epoch, 1
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
         else:
-            waited += 1
             if waited >= patience:
                 break
+            waited += 1
     head.load_state_dict(best_state)
+    log.info("linear probe: best validation %s %.4f at epoch %d", "mAP" if multi else "accuracy", best, best_epoch + 1)
+    if best_epoch == max_epochs - 1:
+        log.warning(
+            "the linear probe was still improving at its last epoch (%d); it may under-fit: EVAR's protocol keeps "
+            "lr %.3g and %d epochs for comparable numbers, a small data set may need a larger lr (e.g. 3e-4) or "
+            "more epochs",
+            max_epochs,
+            lr,
+            max_epochs,
+        )
     res = ProbeResult(
         "mAP" if multi else "accuracy",
         float(best),
