@@ -37,7 +37,10 @@ class TrainConfig:
     """The training loop: length, batch, precision, checkpoints, logging."""
 
     out_dir: str = "runs/m2d2"  # checkpoint.pt, log.jsonl, config.json and the exported model/ go here
-    batch_size: int = 64  # per process; the global batch is batch_size x processes
+    batch_size: int = 64  # per process and micro-batch; the global batch is batch_size x accum_steps x processes
+    # gradient accumulation: micro-batches per optimizer step. Exact for the M2D loss (a mean over equal-sized
+    # micro-batches); contrastive negatives come from each micro-batch (x processes), not the whole step
+    accum_steps: int = 1
     epochs: float = 300.0  # upstream stage 1: 300 epochs of AudioSet
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     seed: int = 0

@@ -144,15 +144,19 @@ class Trainer:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
 
-        self.steps_per_epoch = EpochBatches.steps_per_epoch(len(dataset), train.batch_size, info.world_size)
+        if train.accum_steps < 1:
+            raise ValueError(f"train.accum_steps must be >= 1, got {train.accum_steps}")
+        self.accum_steps = int(train.accum_steps)
+        self.step_batch = train.batch_size * self.accum_steps  # clips per process per optimizer step
+        self.steps_per_epoch = EpochBatches.steps_per_epoch(len(dataset), self.step_batch, info.world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(dataset)} clips are fewer than one global batch ({train.batch_size} x "
-                f"{info.world_size} processes); lower train.batch_size or add data"
+                f"{len(dataset)} clips are fewer than one global batch ({train.batch_size} x {self.accum_steps} "
+                f"accumulation steps x {info.world_size} processes); lower train.batch_size or add data"
             )
         self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
         self.warmup_steps = min(round(optim.warmup_epochs * self.steps_per_epoch), self.total_steps)
-        global_batch = train.batch_size * info.world_size
+        global_batch = self.step_batch * info.world_size
         self.peak_lr = optim.lr if optim.lr is not None else optim.base_lr * global_batch / 256
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, optim.weight_decay), lr=self.peak_lr, betas=tuple(optim.betas)
@@ -238,7 +242,7 @@ class Trainer:
                 self.dataset.set_epoch(epoch)
             batches = EpochBatches(
                 len(self.dataset),
-                self.cfg.batch_size,
+                self.step_batch,
                 self.info.rank,
                 self.info.world_size,
                 self.cfg.seed,
@@ -268,6 +272,37 @@ class Trainer:
                 self.export()
         return {k: float(v) for k, v in last.items()}
 
+    def forward_backward(
+        self, batch: dict[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss and gradients of one step's batch (``accum_steps`` x ``batch_size`` clips of this process), in
+        ``accum_steps`` micro-batches whose losses are averaged; DDP synchronises only the last backward.
+        Returns the mean loss and the stage's metrics, averaged over the micro-batches."""
+        n = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+        size = -(-n // self.accum_steps)
+        parts = [
+            {k: (v[i : i + size] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            for i in range(0, n, size)
+        ]
+        total: torch.Tensor = torch.zeros((), device=self.info.device)
+        sums: dict[str, Any] = {}
+        for j, part in enumerate(parts):
+            sync = j == len(parts) - 1 or not isinstance(self.wrapped, DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+            with ctx:
+                with autocast(self.info.device, self.amp_dtype):
+                    loss, metrics = self.wrapped(part, generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {self.step}; lower the learning rate, use "
+                        "amp='bf16' or 'none', or check the data"
+                    )
+                self.scaler.scale(loss * (len(next(iter(part.values()))) / n)).backward()
+            total = total + loss.detach() / len(parts)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v / len(parts)
+        return total, sums
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One optimizer step; returns the loss, lr and the stage's metrics (tensors or floats)."""
         lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, self.optim_cfg.min_lr)
@@ -275,14 +310,7 @@ class Trainer:
             g["lr"] = lr
         batch = _move(batch, self.info.device)
         gen = step_generator(self.cfg.seed, self.step, self.info.rank)
-        with autocast(self.info.device, self.amp_dtype):
-            loss, metrics = self.wrapped(batch, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.step}; lower the learning rate, use "
-                "amp='bf16' or 'none', or check the data"
-            )
-        self.scaler.scale(loss).backward()
+        loss, metrics = self.forward_backward(batch, gen)
         if self.optim_cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -292,7 +320,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_step(self.step, self.total_steps)
         self.step += 1
-        out = {"loss": loss.detach(), "lr": lr, **metrics}  # tensors: no device sync unless logged
+        out = {"loss": loss, "lr": lr, **metrics}  # tensors: no device sync unless logged
         if self.info.is_main and (self.step % self.cfg.log_every == 0 or self.step in (1, self.total_steps)):
             self._log({k: float(v) for k, v in out.items()})
         return out
