@@ -274,3 +274,25 @@ def test_stage1_continues_from_a_pretrained_model(synth, stage1_model, tmp_path)
     assert all(torch.equal(v, sd["encoder." + k]) for k, v in model.encoder.state_dict().items())
     assert all(torch.equal(v, sd["audio_proj." + k]) for k, v in model.audio_proj.state_dict().items())
     assert torch.equal(model.m2d.target.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_stage2_bert_trains_with_dropout_and_evaluates_without(synth, stage1_model, tmp_path):
+    from m2d2_embed.text import BertTextEncoder
+
+    trainer = setup_stage2(stage2_config(synth, stage1_model, tmp_path), DistInfo())
+    text = trainer.model.text_encoder
+    plain = BertTextEncoder(text.config)
+    plain.load_state_dict(text.state_dict())  # same keys: dropout adds no tensors
+    ids = torch.randint(1000, 2000, (3, 12))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    trainer.model.train()
+    a, b = text(ids, mask), text(ids, mask)
+    assert not torch.allclose(a, b), "dropout is active while training"
+    trainer.model.eval()
+    torch.testing.assert_close(text(ids, mask), plain.eval()(ids, mask), rtol=0, atol=0)
+    # 512-token captions fit when the text encoder has 512 positions
+    cfg = stage2_config(synth, stage1_model, tmp_path / "long")
+    cfg.max_text_tokens = 100
+    with pytest.raises(ValueError, match="exceeds the text encoder's 64 positions"):
+        setup_stage2(cfg, DistInfo())

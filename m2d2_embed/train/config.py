@@ -126,7 +126,9 @@ class Stage2Config:
     clap: ClapConfig = field(default_factory=lambda: ClapConfig(weight=1.0, logit_scale_init=math.log(100.0)))
     mask_ratio: float = 0.3  # structured masking of the encoder input; 0.0 for the refinement stage
     mask_kind: str = "time"  # "time": whole time columns of patches; "random": unstructured patches
-    max_text_tokens: int = 128  # captions are cut to this many BERT tokens
+    max_text_tokens: int = 128  # captions are cut to this many BERT tokens (up to model.text.max_position, 512)
+    text_dropout: float = 0.1  # BERT's hidden dropout while training, as Hugging Face's BertModel (0 disables)
+    attention_dropout: float = 0.1  # BERT's attention-probability dropout while training
 
 
 @dataclass

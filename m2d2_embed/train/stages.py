@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..encoder import AudioEncoder
 from ..heads import build_audio_head
-from ..text import BertTextEncoder, Tokenizer
+from ..text import BertSelfAttention, BertTextEncoder, Tokenizer
 from . import dist
 from .config import DataConfig, Stage1Config, Stage2Config, to_dict
 from .data import ClipDataset, Row, estimate_norm_stats, load_caption_embeddings, read_csv
@@ -102,6 +103,42 @@ def load_text_weights(encoder: BertTextEncoder, spec: str | None) -> None:
     encoder.load_state_dict(sd, strict=False)
     if ignored:
         log.info("text_init %s: ignored %d tensors (%s...)", spec, len(ignored), ", ".join(ignored[:4]))
+
+
+class _DropoutSelfAttention(BertSelfAttention):
+    """``BertSelfAttention`` with dropout on the attention probabilities while training (as Hugging Face's)."""
+
+    attn_dropout: float = 0.0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        N, L, D = x.shape
+        q, k, v = (
+            m(x).view(N, L, self.n_head, D // self.n_head).transpose(1, 2) for m in (self.query, self.key, self.value)
+        )
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return y.transpose(1, 2).reshape(N, L, D)
+
+
+def enable_text_dropout(encoder: BertTextEncoder, hidden: float = 0.1, attention: float = 0.1) -> None:
+    """Give the (inference-only, dropout-free) BERT text encoder Hugging Face ``BertModel``'s training-time
+    dropout: ``hidden`` after the embedding LayerNorm and on both sub-layer outputs before their residual
+    (``hidden_dropout_prob``), ``attention`` on the attention probabilities (``attention_probs_dropout_prob``).
+    Active only in training mode; parameters and state-dict keys are unchanged."""
+
+    def drop(module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        return F.dropout(out, hidden, module.training)
+
+    if hidden > 0:
+        encoder.embeddings.register_forward_hook(drop)
+        for layer in encoder.encoder.layer:
+            layer.attention.output.dense.register_forward_hook(drop)
+            layer.output.dense.register_forward_hook(drop)
+    if attention > 0:
+        for layer in encoder.encoder.layer:
+            att = layer.attention.self
+            att.__class__ = _DropoutSelfAttention
+            att.attn_dropout = attention
 
 
 def resolve_norm_stats(
@@ -301,6 +338,7 @@ class Stage2Model(nn.Module):
             self.audio_proj.apply(init_weights)
             load_text_weights(self.text_encoder, cfg.text_init)
         self.text_encoder.pooler.requires_grad_(False)  # unused by CLAP; DDP needs every trainable tensor used
+        enable_text_dropout(self.text_encoder, cfg.text_dropout, cfg.attention_dropout)
         if self.text_encoder.out_dim != model.audio_head.out_dim:
             raise ValueError(
                 f"text embeddings have {self.text_encoder.out_dim} dims but the audio head outputs "
