@@ -67,12 +67,82 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then half-cycle cosine from ``peak`` to ``min_lr``."""
+def lr_at(
+    step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0, cosine: str = "after_warmup"
+) -> float:
+    """Linear warm-up from 0 over ``warmup`` steps, then half-cycle cosine from ``peak`` to ``min_lr``: over the
+    steps after the warm-up (``cosine="after_warmup"``, upstream's pre-training), or over all steps with the
+    warm-up replacing its start (``"whole_run"``, timm's ``CosineLRScheduler`` as EVAR's fine-tuning uses)."""
     if step < warmup:
         return peak * step / warmup
+    if cosine == "whole_run":
+        return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    if cosine != "after_warmup":
+        raise ValueError(f"optim.cosine must be 'after_warmup' or 'whole_run', got {cosine!r}")
     progress = (step - warmup) / max(total - warmup, 1)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS (You et al., 2017) with timm's ``Lars`` semantics, as EVAR's fine-tuning uses it: SGD with momentum
+    whose per-tensor step is scaled by the trust ratio ``trust_coeff * |w| / (|g| + weight_decay * |w| + eps)``
+    only when ``weight_decay`` is non-zero or ``always_adapt`` is set (so EVAR's ``Lars(lr, momentum=0.9,
+    weight_decay=0)`` is SGD with momentum 0.9). The first step's momentum buffer is the gradient itself."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coeff: float = 0.001,
+        eps: float = 1e-8,
+        always_adapt: bool = False,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Lars needs lr, momentum and weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=trust_coeff, eps=eps)
+        super().__init__(params, {**defaults, "always_adapt": always_adapt})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, mom = group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd != 0 or group["always_adapt"]:
+                    w_norm, g_norm = p.norm(2.0), g.norm(2.0)
+                    ratio = group["trust_coeff"] * w_norm / (g_norm + w_norm * wd + group["eps"])
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                    g = g.add(p, alpha=wd).mul_(ratio)
+                if mom != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = g.detach().clone()
+                    else:
+                        state["momentum_buffer"].mul_(mom).add_(g)
+                    g = state["momentum_buffer"]
+                p.add_(g, alpha=-group["lr"])
+        return loss
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """``optim.optimizer`` over the trainable parameters: "adamw" (weight decay on weights of rank >= 2 only),
+    "lars" (``Lars``, momentum 0.9) or "sgd" (momentum 0.9); weight decay ``optim.weight_decay``."""
+    groups = param_groups(model, optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+    if optim.optimizer == "lars":
+        return Lars(groups, lr=lr, momentum=0.9)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    raise ValueError(f"optim.optimizer must be 'adamw', 'lars' or 'sgd', got {optim.optimizer!r}")
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -158,9 +228,7 @@ class Trainer:
         self.warmup_steps = min(round(optim.warmup_epochs * self.steps_per_epoch), self.total_steps)
         global_batch = self.step_batch * info.world_size
         self.peak_lr = optim.lr if optim.lr is not None else optim.base_lr * global_batch / 256
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, optim.weight_decay), lr=self.peak_lr, betas=tuple(optim.betas)
-        )
+        self.optimizer = make_optimizer(self.model, optim, self.peak_lr)
         self.amp_dtype = AMP_DTYPES[train.amp]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=train.amp == "fp16")
         self.step = 0
@@ -305,7 +373,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One optimizer step; returns the loss, lr and the stage's metrics (tensors or floats)."""
-        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, self.optim_cfg.min_lr)
+        o = self.optim_cfg
+        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, o.min_lr, o.cosine)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         batch = _move(batch, self.info.device)
