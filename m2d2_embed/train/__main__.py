@@ -1,4 +1,4 @@
-"""Command line: ``python -m m2d2_embed.train stage1|stage2|finetune|probe|synth ...``.
+"""Command line: ``python -m m2d2_embed.train stage1|stage2|finetune|probe|captions|synth ...``.
 
 Training stages take a JSON config (``--config``; defaults: ``--print-config``) and ``--set KEY=VALUE``
 overrides, and run single-process or under ``torchrun --nproc_per_node N``.
@@ -111,6 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--weight-decay", type=float, default=1e-8, help="Adam L2 penalty (default: %(default)s)")
     s.add_argument("--no-standardise", action="store_true", help="feed raw embeddings (EVAR: --standard_scaler False)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held out of --train when --val is not given")
+    s = sub.add_parser(
+        "captions",
+        help="caption embeddings for stage 1 (an LLM sentence embedder over the CSV's captions)",
+        description="Embed the 'caption' column of CSV (several captions per row separated by '|') into an "
+        "[N, K, E] .npy for data.captions. Defaults follow upstream M2D-CLAP (GTE-base through transformers, "
+        "mean pooling, 512 tokens). Resumable: rerun the same command after an interruption.",
+    )
+    s.add_argument("csv", type=Path, help="CSV with file and caption columns")
+    s.add_argument("--embedder", default="hf://thenlper/gte-base", help="hf://<repo> or a local model folder")
+    s.add_argument("-o", "--out", required=True, type=Path, help="output .npy")
+    s.add_argument("--backend", default="transformers", choices=["transformers", "sentence-transformers"])
+    s.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="transformers backend only")
+    s.add_argument("--max-length", type=int, default=512, help="tokens per caption (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="cpu")
     s = sub.add_parser("synth", help="write a tiny synthetic dataset and CPU-sized configs for every stage")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--n-train", type=int, default=48)
@@ -129,6 +144,27 @@ def main(argv: list[str] | None = None) -> int:
         for name, cfg in tiny_configs(args.out).items():
             (args.out / f"{name}.json").write_text(json.dumps(cfg, indent=2))
         print(f"wrote {ds.train_csv.name}, {ds.val_csv.name}, captions and stage configs in {args.out}")
+        return 0
+
+    if args.cmd == "captions":
+        if not args.csv.exists():
+            fatal(f"file list not found: {args.csv}")
+        from .captions import captions_csv
+
+        try:
+            out = captions_csv(
+                args.csv,
+                args.embedder,
+                args.out,
+                backend=args.backend,
+                device=args.device,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                pooling=args.pooling,
+            )
+        except (ValueError, ImportError) as e:
+            fatal(str(e))
+        print(f"wrote {out}")
         return 0
 
     if args.cmd == "probe":
