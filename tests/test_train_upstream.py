@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,23 @@ def test_upstream_export_round_trips_through_load(synth64, tmp_path):
 def test_audio_head_defaults_to_upstream_stage1_mlp():
     cfg = load_config("stage1")
     assert cfg.model.audio_head == AudioHeadConfig(kind="mlp")
+
+
+def test_stage2_exports_the_m2d2_2025_layout(tmp_path_factory, tmp_path):
+    from train_fixtures import get_stage1_model, get_synth, stage2_config
+
+    from m2d2_embed.train.stages import setup_stage2
+
+    cfg = stage2_config(get_synth(tmp_path_factory), get_stage1_model(tmp_path_factory), tmp_path)
+    trainer = setup_stage2(cfg, DistInfo())
+    trainer.fit()
+    pth = write_upstream_checkpoint(trainer.model, tmp_path / "up.pth", epoch=1)
+    raw = torch.load(pth, weights_only=False)["model"]
+    assert any(k.startswith("backbone.audio_proj.") for k in raw) and "backbone.norm_stats" in raw
+    assert any(k.startswith("text_encoder.text_encoder.encoder.layer.") for k in raw)
+    sd_up, cfg_up = read_any(pth)
+    sd_ours, cfg_ours = read_any(tmp_path / "model")
+    # a .pth does not record head counts; readers assume 64-d heads (ViT-B, BERT-base), the tiny BERT has 16-d ones
+    assert dataclasses.replace(cfg_up.text, num_heads=cfg_ours.text.num_heads) == cfg_ours.text
+    assert cfg_up.audio_head == cfg_ours.audio_head
+    assert sd_up.keys() == sd_ours.keys() and all(torch.equal(sd_up[k], sd_ours[k]) for k in sd_ours)
