@@ -160,3 +160,28 @@ def test_stage2_exports_the_m2d2_2025_layout(tmp_path_factory, tmp_path):
     assert dataclasses.replace(cfg_up.text, num_heads=cfg_ours.text.num_heads) == cfg_ours.text
     assert cfg_up.audio_head == cfg_ours.audio_head
     assert sd_up.keys() == sd_ours.keys() and all(torch.equal(sd_up[k], sd_ours[k]) for k in sd_ours)
+
+
+def test_m2d_alone_continues_an_m2d_release_without_captions(make_checkpoint_module, synth64, tmp_path):
+    """An M2D (no CLAP) pre-training checkpoint, as m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth:
+    with no caption embeddings and clap.weight 0, stage 1 is M2D alone and continues predictor and target."""
+    path, ck = make_checkpoint_module.write_training_checkpoint(tmp_path / "rel", seed=5, **TINY)
+    m2d_only = {k: v for k, v in ck.items() if not k.startswith("audio_proj.") and k != "logit_scale"}
+    torch.save({"model": m2d_only, "epoch": 300}, path)
+    cfg = _config(synth64, tmp_path / "run", init_from=path, max_steps=1)
+    with pytest.raises(ValueError, match="clap.weight=0 for M2D alone"):
+        cfg.data.captions = None
+        setup_stage1(cfg, DistInfo())
+    cfg.clap.weight = 0.0
+    trainer = setup_stage1(cfg, DistInfo())
+    model = trainer.model
+    assert model.audio_proj is None and model.logit_scale is None
+    assert model.init_report == {"loaded": ["predictor", "target"], "fresh": []}
+    assert torch.equal(model.m2d.predictor.mask_token, ck["mask_token"])
+    assert torch.equal(model.m2d.target.blocks[1].mlp.fc2.weight, ck["target_blocks.1.mlp.fc2.weight"])
+    trainer.fit()
+    sd, mcfg = read_any(tmp_path / "run" / "model")
+    assert mcfg.audio_head is None and not any(k.startswith("audio_proj.") for k in sd)
+    pth = write_upstream_checkpoint(model, tmp_path / "up", epoch=1)
+    assert pth.parent.name.startswith("m2d_vit_64d2-80x608p16x16p16k")
+    assert read_training_state(pth).groups() == ["predictor", "target"]

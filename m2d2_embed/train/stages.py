@@ -38,7 +38,7 @@ from .m2d import (
     run_blocks,
     time_mask,
 )
-from .upstream import TrainingState, load_training_state, read_training_state
+from .upstream import TrainingState, load_training_state, read_training_state, stage1_key_group
 
 log = logging.getLogger(__name__)
 
@@ -183,44 +183,62 @@ def _with_pretrained_audio(cfg_model: ModelConfig, pretrained: ModelConfig) -> M
 
 
 class Stage1Model(nn.Module):
-    """M2D + CLAP. Batch: ``x`` [B, 1, n_mels, frames], ``caption_emb`` [B, E]."""
+    """M2D + CLAP. Batch: ``x`` [B, 1, n_mels, frames], ``caption_emb`` [B, E].
+
+    Without an audio head (``model.audio_head`` None, ``caption_dim`` None): M2D alone, as upstream's M2D
+    pre-training (``train_audio.py``); batches then need only ``x``."""
 
     def __init__(
         self,
         cfg: Stage1Config,
         model: ModelConfig,
-        caption_dim: int,
+        caption_dim: int | None,
         pretrained: dict[str, torch.Tensor] | None = None,
         training_state: TrainingState | None = None,
     ) -> None:
         super().__init__()
-        if model.audio_head is None:
-            raise ValueError("stage 1 needs model.audio_head (the CLAP audio head)")
+        if (model.audio_head is None) != (caption_dim is None):
+            raise ValueError(
+                "stage 1 with CLAP needs both model.audio_head and caption embeddings; M2D alone needs neither"
+            )
         normalise_gather(cfg.clap.gather)
         self.model_config = model
         self.cfg = cfg
         self.encoder = AudioEncoder(model.encoder)
         init_encoder(self.encoder)
-        self.audio_proj = build_audio_head(model.audio_head)
-        self.audio_proj.apply(init_weights)
+        self.audio_proj: nn.Module | None = None
+        if model.audio_head is not None:
+            self.audio_proj = build_audio_head(model.audio_head)
+            self.audio_proj.apply(init_weights)
         if pretrained:
             self.encoder.load_state_dict(sub_state(pretrained, "encoder."))
             head = sub_state(pretrained, "audio_proj.")
-            if head:
+            if head and self.audio_proj is not None:
                 self.audio_proj.load_state_dict(head)
         self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos, as upstream
         m = cfg.m2d
         self.m2d = M2D(self.encoder, m.mask_ratio, m.predictor_dim, m.predictor_depth, m.predictor_heads, m.target_eps)
-        # as upstream: Identity when the caption embeddings are as wide as the audio embeddings
-        out_dim = model.audio_head.out_dim
-        self.text_proj: nn.Module = nn.Identity() if caption_dim == out_dim else nn.Linear(caption_dim, out_dim)
-        self.text_proj.apply(init_weights)
-        self.logit_scale = LogitScale(cfg.clap.logit_scale_init, cfg.clap.logit_scale_max)
-        loaded = {"loaded": [], "fresh": ["predictor", "target", "logit_scale"]}
+        self.text_proj: nn.Module | None = None
+        self.logit_scale: LogitScale | None = None
+        if model.audio_head is not None:
+            # as upstream: Identity when the caption embeddings are as wide as the audio embeddings
+            out_dim = model.audio_head.out_dim
+            self.text_proj = nn.Identity() if caption_dim == out_dim else nn.Linear(caption_dim, out_dim)
+            self.text_proj.apply(init_weights)
+            self.logit_scale = LogitScale(cfg.clap.logit_scale_init, cfg.clap.logit_scale_max)
+        wanted = ["predictor", "target"] + (["logit_scale"] if self.logit_scale is not None else [])
+        loaded = {"loaded": [], "fresh": wanted}
+        if training_state is not None and self.logit_scale is None:  # M2D alone: the CLAP parts are not used
+            unused = {k for k in training_state.tensors if stage1_key_group(k) in ("text_proj", "logit_scale")}
+            if unused:
+                log.info("M2D alone: not using the checkpoint's %s", ", ".join(sorted(unused)))
+            training_state = dataclasses.replace(
+                training_state, tensors={k: v for k, v in training_state.tensors.items() if k not in unused}
+            )
         if training_state is not None and training_state.tensors:
             loaded = load_training_state(self, training_state)
         elif pretrained:
-            loaded["fresh"][1] = "target (a copy of the loaded encoder)"
+            loaded["fresh"] = ["target (a copy of the loaded encoder)" if g == "target" else g for g in wanted]
         if isinstance(self.text_proj, nn.Linear) and "text_proj" not in loaded["loaded"]:
             loaded["fresh"].append("text_proj")
         self.init_report: dict[str, list[str]] = loaded
@@ -229,6 +247,8 @@ class Stage1Model(nn.Module):
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss_m2d, z = self.m2d(self.encoder, batch["x"], generator)  # z (B, 1 + n_visible, D)
+        if self.audio_proj is None or self.text_proj is None or self.logit_scale is None:
+            return loss_m2d, {"m2d": loss_m2d.detach()}
         audio = self.audio_proj(z[:, 1:])  # (B, out_dim)
         text = self.text_proj(batch["caption_emb"].to(audio.dtype))  # (B, out_dim)
         loss_clap = info_nce(audio, text, self.logit_scale(), self.cfg.clap.gather)
@@ -242,11 +262,13 @@ class Stage1Model(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         m = self.cfg.m2d
         self.m2d.target.update(self.encoder, ema_decay(step, total_steps, m.ema_decay_init, m.ema_decay_final))
-        self.logit_scale.clamp_()
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_()
 
     def export(self) -> tuple[dict[str, torch.Tensor], ModelConfig]:
         sd = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
-        sd.update({f"audio_proj.{k}": v for k, v in self.audio_proj.state_dict().items()})
+        if self.audio_proj is not None:
+            sd.update({f"audio_proj.{k}": v for k, v in self.audio_proj.state_dict().items()})
         return sd, dataclasses.replace(self.model_config, text=None, text_weights=None)
 
 
@@ -256,20 +278,29 @@ def setup_stage1(cfg: Stage1Config, info: dist.DistInfo) -> Trainer:
     With ``init_from`` an upstream pre-training checkpoint ("Fur-PT Ready" releases), the predictor, the EMA
     target, ``text_proj`` and the logit scale are loaded too when present (predictor size from the file);
     a log line says what was loaded and what starts fresh."""
-    if not cfg.data.csv or not cfg.data.captions:
-        raise ValueError("stage 1 needs data.csv (the clips) and data.captions (caption embeddings .npy)")
+    if not cfg.data.csv:
+        raise ValueError("stage 1 needs data.csv (the clips)")
+    if not cfg.data.captions and cfg.clap.weight != 0:
+        raise ValueError(
+            "stage 1 needs data.captions (caption embeddings .npy, see `python -m m2d2_embed.train captions`), "
+            "or clap.weight=0 for M2D alone"
+        )
     rows = read_csv(cfg.data.csv, cfg.data.root)
-    embs = load_caption_embeddings(cfg.data.captions, rows)
-    if not isinstance(embs, np.memmap):  # built from upstream {ytid: emb} files: drop clips without a caption
+    embs = load_caption_embeddings(cfg.data.captions, rows) if cfg.data.captions else None
+    # built from upstream {ytid: emb} files: drop the clips without a caption
+    if embs is not None and not isinstance(embs, np.memmap):
         keep = ~np.isnan(embs.reshape(len(embs), -1, embs.shape[-1])).any(-1).all(-1)
         if not keep.all():
             log.warning("%d of %d clips have no caption embedding and are left out", int((~keep).sum()), len(rows))
             rows, embs = [r for r, k in zip(rows, keep, strict=True) if k], embs[keep]
     model_cfg, pretrained, state = cfg.model, None, None
+    if embs is None:
+        log.info("no caption embeddings and clap.weight 0: M2D alone (no audio head)")
+        model_cfg = dataclasses.replace(model_cfg, audio_head=None)
     if cfg.init_from:
         pretrained, pcfg = read_pretrained(cfg.init_from)
         model_cfg = _with_pretrained_audio(model_cfg, pcfg)
-        if pcfg.audio_head != model_cfg.audio_head:  # keep the configured (fresh) head
+        if pcfg.audio_head != model_cfg.audio_head and model_cfg.audio_head is not None:  # configured (fresh) head
             log.info(
                 "init_from has audio head %s, the config asks for %s: the head starts fresh",
                 pcfg.audio_head,
@@ -296,7 +327,7 @@ def setup_stage1(cfg: Stage1Config, info: dist.DistInfo) -> Trainer:
     crop = cfg.data.crop_frames or model_cfg.encoder.chunk_frames
     ds = ClipDataset(rows, model_cfg.frontend, crop, seed=cfg.train.seed, caption_embs=embs)
     torch.manual_seed(cfg.train.seed)
-    model = Stage1Model(cfg, model_cfg, int(embs.shape[-1]), pretrained, state)
+    model = Stage1Model(cfg, model_cfg, int(embs.shape[-1]) if embs is not None else None, pretrained, state)
     if cfg.init_from:
         log.info(
             "init_from %s: loaded encoder%s, %s; fresh: %s",

@@ -141,7 +141,7 @@ def load_training_state(model: nn.Module, state: TrainingState) -> dict[str, lis
         for k, v in state.tensors.items():
             own[k].copy_(v.to(own[k].dtype))
     present = state.groups()
-    wanted = ["predictor", "target", "logit_scale"]
+    wanted = ["predictor", "target"] + (["logit_scale"] if "logit_scale.value" in own else [])
     wanted += ["text_proj"] if any(k.startswith("text_proj.") for k in own) else []
     return {"loaded": present, "fresh": [g for g in wanted if g not in present]}
 
@@ -182,8 +182,9 @@ def upstream_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     fe = model.model_config.frontend
     stats = torch.tensor([fe.norm_mean, fe.norm_std], dtype=torch.float32)
-    enc = {k: v for k, v in model.encoder.state_dict().items()}
-    head = {k: v for k, v in model.audio_proj.state_dict().items()} if hasattr(model, "audio_proj") else {}
+    enc = dict(model.encoder.state_dict())
+    proj = getattr(model, "audio_proj", None)
+    head = dict(proj.state_dict()) if proj is not None else {}
     out: dict[str, torch.Tensor] = {}
     text = getattr(model, "text_encoder", None)
     if text is not None:
@@ -218,7 +219,7 @@ def write_upstream_checkpoint(
     cfg = model.model_config
     dst = Path(dst)
     if dst.suffix != ".pth":
-        kind = "m2d_clap" if hasattr(model, "audio_proj") else "m2d"
+        kind = "m2d_clap" if getattr(model, "audio_proj", None) is not None else "m2d"
         dst = dst / release_name(cfg, kind) / f"checkpoint-{epoch}.pth"
     e = cfg.encoder
     ns = argparse.Namespace(
