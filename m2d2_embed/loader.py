@@ -521,7 +521,7 @@ def cache_summary(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
                 entries.append({"name": p.name, "bytes": _dir_bytes(p)})
     return {"path": root, "total_bytes": sum(e["bytes"] for e in entries), "entries": entries,
             "clear_hint": "remove one entry with `m2d2-embed cache --clear NAME`, or all with `m2d2-embed cache "
-                          "--clear`"}
+                          f"--clear` (or by hand: rm -r {root})"}
 
 
 def _ours(p: Path) -> bool:
