@@ -100,9 +100,9 @@ def _refused(path: Path, err: BaseException) -> CheckpointError:
         detail = f" ({found[1] if found.groups() else found[0]})" if found else ""
         return CheckpointError(
             f"{path} was not loaded: it holds Python objects other than tensors, containers and argparse.Namespace"
-            f"{detail}, and unpickling untrusted files can run code. Official M2D checkpoints do not; if this one should be "
-            "one, download it again from the official release. If it is your own checkpoint, save only its state "
-            "dict (torch.save(model.state_dict(), path)) and load that, or convert the dict in Python with "
+            f"{detail}, and unpickling untrusted files can run code. Official M2D checkpoints do not; if this one "
+            "should be one, download it again from the official release. If it is your own checkpoint, save only "
+            "its state dict (torch.save(model.state_dict(), path)) and load that, or convert the dict in Python with "
             "m2d2_embed.convert.from_state_dict()")
     if isinstance(err, (EOFError, zipfile.BadZipFile)) or "failed finding central directory" in text or not text:
         return CheckpointError(f"{path} is truncated or damaged ({describe_file(path)}); download or copy it again")
@@ -453,6 +453,7 @@ def save_model(state_dict: dict[str, torch.Tensor], config: ModelConfig, dst: st
     from safetensors.torch import save_file
 
     dst = Path(dst)
+    check_finite(state_dict, f"the state dict to save as {dst}", fix="nothing was written")
     meta_cfg = json.dumps({**config.to_dict(), "format_version": FORMAT_VERSION})
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     meta = {"format": "pt", "m2d2_embed_config": meta_cfg}
@@ -533,12 +534,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
                               "it); it was not written by m2d2_embed. Convert the upstream .pth instead")
     if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
         raise CheckpointError(f"{weights} uses format version {cfg['format_version']}; upgrade m2d2_embed")
-    if weights.name == WEIGHTS_NAME:
-        verify_checksum(weights)
+    verified = verify_checksum(weights) if weights.name == WEIGHTS_NAME else None
     try:
         sd = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise _damaged(weights, e) from e
+    if not verified:  # recorded checksums cover weights found finite when written
+        check_finite(sd, path)
     config = ModelConfig.from_dict(cfg)
     extra = weights.parent / CLASSIFIER_NAME
     if extra.is_file() and config.classifier is None and not any(k.startswith("classifier.") for k in sd):
@@ -549,22 +551,28 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return sd, config
 
 
-def check_finite(state_dict: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Raise CheckpointError naming ``source`` and the first tensors holding NaN or infinity.
+def check_finite(state_dict: dict[str, torch.Tensor], source: str | os.PathLike, fix: str | None = None) -> None:
+    """Raise CheckpointError naming ``source``, the first tensors holding NaN or infinity, and ``fix`` (default:
+    how to replace the damaged file).
 
-    One reduction per tensor (a sum is finite exactly when no element is NaN/inf, barring overflow, which a
-    second exact check rules out), so this costs a fraction of a load."""
+    One reduction per tensor (a sum is finite when no element is NaN/inf; an overflowing sum is told apart by
+    a second, exact check), so it costs about as much as reading the weights once."""
     bad = []
     for k, v in state_dict.items():
-        if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum(dtype=torch.float64)):
+        if not v.is_floating_point() or not v.numel():
+            continue
+        total = v.sum() if v.dtype in (torch.float32, torch.float64) else v.sum(dtype=torch.float32)
+        if not torch.isfinite(total):
             if not bool(torch.isfinite(v).all()):
                 bad.append(k)
     if bad:
         src = Path(source)
         weights = src / WEIGHTS_NAME if src.is_dir() else src
-        fix = _fix(weights) if weights.suffix == ".safetensors" else "download or copy the checkpoint again"
+        if fix is None:
+            fix = "the file is damaged: " + (_fix(weights) if weights.suffix == ".safetensors"
+                                             else "download or copy the checkpoint again")
         raise CheckpointError(f"{source} holds NaN or infinite weights in {len(bad)} tensors ({', '.join(bad[:5])}); "
-                              f"the file is damaged: {fix}")
+                              f"{fix}")
 
 
 def read_any(path: str | os.PathLike, config: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -578,11 +586,10 @@ def read_any(path: str | os.PathLike, config: ModelConfig | None = None) -> tupl
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir() or path.suffix == ".safetensors":
-        sd, cfg = read_safetensors(path)
-    else:
-        obj = read_pth(path)
-        raw = obj["model"] if isinstance(obj.get("model"), dict) else obj
-        sd, cfg = from_state_dict(raw, name=_upstream_name(path), args=obj.get("args"), config=config)
+        return read_safetensors(path)  # checks finiteness unless a recorded checksum vouches for the weights
+    obj = read_pth(path)
+    raw = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    sd, cfg = from_state_dict(raw, name=_upstream_name(path), args=obj.get("args"), config=config)
     check_finite(sd, path)
     return sd, cfg
 
