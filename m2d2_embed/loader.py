@@ -353,19 +353,13 @@ def _download_and_convert(url: str, member: str | None, member_sha256: str | Non
         break
     if keep_source:
         dl.record_sha256(archive)  # recorded only now that the download proved usable
-    _cleanup(work, keep_source)
-
-
-def _cleanup(work: Path, keep_source: bool) -> None:
-    if keep_source or not work.is_dir():
         return
-    for p in sorted(work.rglob("*"), reverse=True):
-        if p.suffix == ".lock":
-            continue
-        if p.is_file():
-            p.unlink(missing_ok=True)
-        elif p.is_dir() and not any(p.iterdir()):
-            p.rmdir()
+    _discard(archive, ckpt)  # only this download's files: another process may be downloading beside them
+    if ckpt is not None and ckpt.parent != work:
+        try:
+            ckpt.parent.rmdir()
+        except OSError:  # not empty: shared with another download
+            pass
 
 
 def fetch_registry_model(info: ModelInfo, *, cache_dir: str | os.PathLike | None = None,
