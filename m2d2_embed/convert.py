@@ -432,14 +432,17 @@ def verify_checksum(weights: str | os.PathLike, *, full: bool = False) -> bool |
     return True
 
 
+def _in_cache(folder: Path) -> bool:
+    try:
+        return folder.resolve().is_relative_to(cache_dir().resolve())
+    except OSError:
+        return False
+
+
 def _fix(weights: Path) -> str:
     """What to do about a damaged converted model, cache entries named by their command."""
     folder = weights.parent if weights.name == WEIGHTS_NAME else weights
-    try:
-        in_cache = folder.resolve().is_relative_to(cache_dir().resolve())
-    except OSError:
-        in_cache = False
-    if in_cache:
+    if _in_cache(folder):
         return (f"remove it with `m2d2-embed cache --clear {folder.name}` (the next load downloads and converts it "
                 "again)")
     return ("convert the upstream checkpoint again (`m2d2-embed convert SRC DST`), or, if it came from the model "
@@ -541,6 +544,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise _damaged(weights, e) from e
     if not verified:  # recorded checksums cover weights found finite when written
         check_finite(sd, path)
+        if verified is None and weights.name == WEIGHTS_NAME and _in_cache(weights.parent):
+            try:  # converted by an older version: record now, so later loads only compare size and mtime
+                record_checksum(weights)
+                log.info("recorded the SHA-256 of %s", weights)
+            except OSError as e:
+                log.debug("could not record the SHA-256 of %s: %s", weights, e)
     config = ModelConfig.from_dict(cfg)
     extra = weights.parent / CLASSIFIER_NAME
     if extra.is_file() and config.classifier is None and not any(k.startswith("classifier.") for k in sd):

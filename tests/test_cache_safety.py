@@ -318,3 +318,14 @@ def test_default_model_offline_in_the_cli_says_how_to_work_without_it(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     for part in ("--model PATH", "m2d2_embed.load(PATH)", "m2d2-embed download m2d2-clap-2025", "M2D2_EMBED_CACHE"):
         assert part in proc.stderr, (part, proc.stderr)
+
+
+def test_cache_entry_without_a_record_is_checked_and_recorded_on_first_load(monkeypatch, server, release, tmp_path):
+    weights = _cached_model(monkeypatch, server, release, tmp_path)
+    (weights.parent / CHECKSUM_NAME).unlink()  # converted by an older version
+    monkeypatch.setenv("M2D2_EMBED_CACHE", str(tmp_path))
+    m2d2.load("tiny-test", device="cpu", offline=True)
+    import json
+
+    rec = json.loads((weights.parent / CHECKSUM_NAME).read_text())
+    assert rec["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest() and rec["size"] == weights.stat().st_size
