@@ -12,13 +12,13 @@ import logging
 from .audio import load_audio
 from .config import ModelConfig
 from .convert import convert
-from .loader import load
+from .loader import list_models, load
 from .model import M2D2, similarity
 from .outputs import EmbeddingSet, read_embeddings
 from .registry import available_models
 
 __version__ = "0.1.0.dev0"
-__all__ = ["M2D2", "EmbeddingSet", "ModelConfig", "__version__", "available_models", "convert", "load", "load_audio",
-           "read_embeddings", "similarity"]
+__all__ = ["M2D2", "EmbeddingSet", "ModelConfig", "__version__", "available_models", "convert", "list_models", "load",
+           "load_audio", "read_embeddings", "similarity"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Show the model cache folder, its entries and sizes, and how to clear it.")
     ca.add_argument("--cache-dir", default=None, help="model cache to inspect")
     ca.add_argument("--json", action="store_true", help="print JSON")
+    ca.add_argument("--clear", nargs="?", const="", default=None, metavar="NAME",
+                    help="remove entry NAME (a model name from `list`, or a folder shown here), or everything")
+    ca.add_argument("--verify", action="store_true",
+                    help="hash every converted model against the SHA-256 recorded at conversion; exit 1 if damaged")
     ca.set_defaults(func=cmd_cache)
     return p
 
@@ -1112,7 +1116,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .hub import download_model
+    from .loader import download_model
 
     path = download_model(args.name, cache_dir=args.cache_dir, progress=False if args.no_progress else None,
                           keep_source=args.keep_source)
@@ -1129,28 +1133,40 @@ def _human(n: float) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .hub import list_models
-    from .registry import DEFAULT_MODEL
+    from .loader import list_models
 
     models = list_models(args.cache_dir)
     if args.json:
         print(json.dumps([{**m, "path": str(m["path"])} for m in models], indent=2))
         return EXIT_OK
-    rows = [["name", "kind", "download", "cached", "description"]]
+    rows = [["name", "best for", "frame", "dims", "download", "cached"]]
     for m in models:
-        name = m["name"] + (" (default)" if m["name"] == DEFAULT_MODEL else "")
-        rows.append([name, m["kind"], f"{m['size_mb']} MB", "yes" if m["cached"] else "no", m["description"]])
-    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        dims = "/".join(str(m["dims"][k]) for k in ("clip", "clap") if k in m["dims"])
+        rows.append([m["name"] + (" (default)" if m["default"] else ""), m["best_for"], f"{m['frame_ms']:g} ms",
+                     dims + (f" +{m['dims']['classes']} tags" if "classes" in m["dims"] else ""),
+                     f"~{m['size_mb']} MB", "yes" if m["cached"] else "no"])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if models:
-        print(f"\nlicence: {models[0]['license']}")
+        print(f"\ndims: clip (and frame) / CLAP embedding widths. licence: {models[0]['license']}")
     return EXIT_OK
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .hub import cache_summary
+    from .loader import cache_summary, clear_cache, verify_cache
 
+    if args.clear is not None:
+        removed = clear_cache(args.clear or None, args.cache_dir)
+        print(f"removed {len(removed)} items" + "".join(f"\n  {p}" for p in removed))
+        return EXIT_OK
+    if args.verify:
+        rows = verify_cache(args.cache_dir)
+        for r in rows:
+            print(f"{'ok' if r['ok'] else 'DAMAGED':<8} {r['name']}: {r['status']}")
+        if not rows:
+            print("no converted models in the cache")
+        return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
     s = cache_summary(args.cache_dir)
     if args.json:
         print(json.dumps({**s, "path": str(s["path"])}, indent=2))

@@ -47,6 +47,10 @@ class DownloadError(RuntimeError):
     """A file could not be downloaded, verified, found in the cache or extracted."""
 
 
+class ChecksumMismatch(DownloadError):
+    """A download (or the checkpoint extracted from it) does not have its pinned SHA-256."""
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -115,6 +119,16 @@ def _read_sidecar(dest: Path) -> str | None:
     return words[0].lower() if words and _HEX64.fullmatch(words[0].lower()) else None
 
 
+def record_sha256(dest: str | os.PathLike[str], digest: str | None = None) -> str:
+    """Record ``digest`` (default: hash ``dest`` now) in ``<dest>.sha256``, so later reads of ``dest`` are
+    verified against it. For callers that download with ``record_hash=False`` and record the hash only once the
+    file proved usable (e.g. the archive was extracted and converted). Returns the digest."""
+    dest = Path(dest)
+    digest = digest or sha256_file(dest)
+    _write_sidecar(dest, digest)
+    return digest
+
+
 def _write_sidecar(dest: Path, digest: str) -> None:
     """Write ``<dest>.sha256`` (``sha256sum`` format) atomically."""
     side = _sidecar(dest)
@@ -123,11 +137,11 @@ def _write_sidecar(dest: Path, digest: str) -> None:
     os.replace(tmp, side)
 
 
-def _verified(dest: Path, expected: str | None, *, warn: bool = True) -> bool:
+def _verified(dest: Path, expected: str | None, *, warn: bool = True, record: bool = True) -> bool:
     """True if ``dest`` exists and matches ``expected`` (or its recorded hash); warns if corrupt.
 
-    A file with neither a pinned nor a recorded hash (placed there by hand) is accepted and its hash
-    recorded, so that later changes are caught.
+    A file with neither a pinned nor a recorded hash (placed there by hand) is accepted and, with ``record``,
+    its hash recorded, so that later changes are caught.
     """
     if not dest.is_file():
         return False
@@ -135,6 +149,8 @@ def _verified(dest: Path, expected: str | None, *, warn: bool = True) -> bool:
     want = expected or recorded
     got = sha256_file(dest)
     if want is None:
+        if not record:
+            return True
         log.info("%s has no recorded SHA-256; recording %s", dest, got)
         try:
             _write_sidecar(dest, got)
@@ -326,6 +342,7 @@ def download_url(
     timeout: float = 60,
     offline: bool | None = None,
     hint: str | None = None,
+    record_hash: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest`` (streamed, SHA-256 verified, atomic) unless a verified copy exists.
 
@@ -343,17 +360,20 @@ def download_url(
         offline: forbid the network (default: :func:`is_offline`); then ``dest`` must already exist.
         hint: what the user should do if the file is missing offline, e.g.
             ``"run `m2d2-embed download NAME` while online"``.
+        record_hash: without a pinned ``sha256``, record the hash of the download in ``<dest>.sha256``.
+            False leaves that to the caller (:func:`record_sha256`), once it knows the file is usable.
 
     Returns:
         ``dest`` as a Path.
 
     Raises:
-        DownloadError: offline and missing, HTTP 401/403/404/410, retries exhausted, or a checksum
-            mismatch (the ``.part`` file is deleted; ``dest`` is never left corrupt).
+        DownloadError: offline and missing, HTTP 401/403/404/410, retries exhausted.
+        ChecksumMismatch: the download does not match ``sha256`` (the ``.part`` file is deleted; ``dest`` is
+            never left corrupt).
     """
     dest = Path(dest).expanduser()
     expected = _normalise_sha(sha256)
-    if _verified(dest, expected):
+    if _verified(dest, expected, record=record_hash):
         return dest
     if is_offline(offline):
         state = "is corrupt" if dest.exists() else "is not downloaded"
@@ -363,7 +383,7 @@ def download_url(
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _locked(dest):
-        if _verified(dest, expected, warn=False):  # another process finished it while we waited
+        if _verified(dest, expected, warn=False, record=record_hash):  # another process finished it meanwhile
             return dest
         part = dest.with_name(dest.name + ".part")
         if part.exists() and expected is None:
@@ -388,11 +408,11 @@ def download_url(
             raise
         if expected is not None and got != expected:
             part.unlink(missing_ok=True)
-            raise DownloadError(
+            raise ChecksumMismatch(
                 f"SHA-256 mismatch for {url}: expected {expected}, got {got}. The download was deleted; "
                 "retry, and if it persists the file on the server changed (update the pinned hash)"
             )
-        if expected is None:
+        if expected is None and record_hash:
             _write_sidecar(dest, got)  # before the rename: dest never exists without its hash
         os.replace(part, dest)
         log.info("downloaded %s to %s (SHA-256 %s)", url, dest, got)
@@ -536,6 +556,7 @@ def hf_download(
 
 
 __all__ = [
+    "ChecksumMismatch",
     "DownloadError",
     "HFSpec",
     "cache_dir",
@@ -544,5 +565,6 @@ __all__ = [
     "hf_download",
     "is_offline",
     "parse_hf_spec",
+    "record_sha256",
     "sha256_file",
 ]

@@ -1,18 +1,55 @@
-"""``load()``: a name, path or URL -> a ready ``M2D2`` on the requested device and dtype."""
+"""``load()``: a name, path or URL -> a ready ``M2D2`` on the requested device and dtype.
+
+The whole load path reads top to bottom in this file: a registry name (or URL) -> the converted weights in the
+cache (downloaded, checked and converted once) -> our state dict and config -> the model.
+
+Cache layout (``<cache>`` from :func:`m2d2_embed.download.cache_dir`)::
+
+    <cache>/<name>/model.safetensors, config.json,    converted registry model (what load() reads); the
+                   checksum.json                      weights' SHA-256, recorded when converted
+    <cache>/downloads/<release>.zip[.sha256]          the official archive (removed after conversion
+    <cache>/downloads/<folder>/checkpoint-NN.pth      unless keep_source=True)
+    <cache>/url-<hash>/...                            the same for a model loaded from an http(s) URL
+
+Nothing bad stays in the cache: a download that is not a valid archive or checkpoint is deleted with everything
+derived from it, and hashes are recorded only once conversion succeeded.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import shutil
 import warnings
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 import torch
 
+from . import download as dl
 from . import registry
-from .convert import CheckpointError, read_any
+from .config import ModelConfig, TextConfig
+from .convert import (
+    CHECKSUM_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_finite,
+    describe_file,
+    read_any,
+    read_safetensors,
+    record_checksum,
+    save_model,
+    text_config_from_state_dict,
+    verify_checksum,
+)
+from .download import DownloadError
 from .model import M2D2
+from .registry import LICENSE_SUMMARY, LICENSE_URL, MODELS, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +133,8 @@ def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.devic
         model.audio_proj.to(device=device, dtype=dtype)
     if model.text_encoder is not None:
         model.text_encoder.to(device=device, dtype=dtype)
+    if model.classifier is not None:  # the task head stays float32 (see heads.Classifier)
+        model.classifier.to(device=device, dtype=torch.float32)
     model.frontend.to(device)
     model.eval()
     if compile:
@@ -138,7 +177,7 @@ def compile_encoder(model: M2D2) -> None:
     eagerly. The first call of each size pays the compilation (tens of seconds on a GPU).
     """
     model.encoder.compile(dynamic=False)
-    model._compiled = True
+    model.compiled = True
     log.info("audio encoder compiled with torch.compile (dynamic=False); the first batches pay the compilation")
 
 
@@ -148,8 +187,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     """Load an M2D2 model.
 
     Args:
-        name_or_path: a registry name (see :func:`available_models`; default ``"m2d2-clap-2025"``), a local
-            upstream ``.pth``, one of our ``.safetensors`` files or a directory holding our converted format.
+        name_or_path: a registry name (see :func:`available_models` and :func:`list_models`; default
+            ``"m2d2-clap-2025"``), a local upstream ``.pth``, one of our ``.safetensors`` files or a directory
+            holding our converted format, an ``http(s)://`` URL or ``hf://owner/repo[/file][@rev]``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default CUDA when available.
         dtype: default bfloat16 on CUDA, float32 on CPU; ``torch.float32`` gives reference-exact numbers.
             ``"int8"``: dynamic int8 quantization of the Linear layers (CPU).
@@ -159,6 +199,12 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
         compile: ``torch.compile`` the audio encoder (worth it for long jobs on a GPU). Full 10-s chunks run
             through the compiled graph in micro-batches padded to a few fixed sizes, so it compiles once per size
             (a one-off warm-up of tens of seconds), not per batch. Not with ``dtype='int8'``.
+
+    Raises:
+        ValueError: unknown name, device or dtype.
+        DownloadError: the weights could not be downloaded (the message says how to work offline instead).
+        CheckpointError: the weights are damaged, not finite or of an unknown layout (the message names the
+            file and the fix).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -166,9 +212,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     path = _resolve(target, cache_dir=cache_dir, offline=offline)
     sd, cfg = read_any(path)
     if cfg.text is not None and cfg.text_weights and not any(k.startswith("text_encoder.") for k in sd):
-        from .hub import fetch_text_weights  # e.g. GTE-base for the 2024 M2D-CLAP, from the Hub's cache
-
-        text_sd, text_cfg = fetch_text_weights(cfg, offline=offline)
+        text_sd, text_cfg = fetch_text_weights(cfg, offline=offline)  # e.g. GTE-base for the 2024 M2D-CLAP
         sd, cfg = {**sd, **text_sd}, dataclasses.replace(cfg, text=text_cfg)
     model = build_model(sd, cfg, dev, dt, compile=compile)
     log.info("loaded %s from %s on %s (%s%s)", cfg.name, path, dev, dt, ", compiled" if compile else "")
@@ -178,13 +222,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
 def _resolve(target: str | os.PathLike, *, cache_dir, offline) -> Path:
     """A name, path or URL -> a local path that ``read_any`` understands."""
     s = os.fspath(target)
-    if s in registry.MODELS:
-        from .hub import fetch_registry_model
-
+    if s in MODELS:
         return fetch_registry_model(registry.get(s), cache_dir=cache_dir, offline=offline)
     if s.startswith(("http://", "https://", "hf://")):
-        from .hub import fetch_remote
-
         return fetch_remote(s, cache_dir=cache_dir, offline=offline)
     p = Path(s).expanduser()
     if p.exists():
@@ -193,3 +233,373 @@ def _resolve(target: str | os.PathLike, *, cache_dir, offline) -> Path:
         raise FileNotFoundError(f"checkpoint not found: {p}")
     registry.get(s)  # raises: unknown model name, listing the available ones
     raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry names and URLs -> converted weights in the cache
+# ---------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def converted_path(info: ModelInfo, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the converted safetensors of a registry model live in the cache."""
+    return dl.cache_dir(cache_dir) / info.name
+
+
+def _is_converted(d: Path) -> bool:
+    return (d / WEIGHTS_NAME).is_file() and (d / CONFIG_NAME).is_file()
+
+
+def _offline_advice(name: str) -> str:
+    return (f"To work without this download, pass a local checkpoint instead (`--model PATH` on the command line, "
+            f"`m2d2_embed.load(PATH)` in Python: an upstream .pth or a converted folder), or run "
+            f"`m2d2-embed download {name}` on a machine that can reach the release and copy its cache folder "
+            f"(`m2d2-embed cache` prints it) here, pointing {dl.ENV_CACHE} at the copy")
+
+
+class _BadPayload(Exception):
+    """The server answered, but what it sent is not a usable archive or checkpoint."""
+
+
+def _pick_member(archive: Path) -> str:
+    with zipfile.ZipFile(archive) as zf:
+        found = [n for n in zf.namelist() if n.endswith(_CHECKPOINT_SUFFIXES)]
+    if len(found) != 1:
+        listed = ", ".join(found[:10]) or "none"
+        raise _BadPayload(f"it holds {len(found)} checkpoint files ({listed}); expected exactly one .pth or "
+                          ".safetensors")
+    return found[0]
+
+
+def _convert_into(pth: Path, dst: Path, config: ModelConfig | None, text_weights: str | None = None) -> None:
+    """Convert ``pth`` into the folder ``dst``, which appears whole or not at all."""
+    tmp = dst.with_name(dst.name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sd, cfg = read_any(pth, config)
+    cfg = dataclasses.replace(cfg, name=dst.name)
+    if text_weights and cfg.text is None:  # the text encoder lives elsewhere; fetched at load time
+        cfg = dataclasses.replace(cfg, text=TextConfig(pooling="mean"), text_weights=text_weights)
+    try:
+        save_model(sd, cfg, tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _discard(*paths: Path | None) -> None:
+    """Delete a bad download and everything derived from it (sidecars, partial and extracted files)."""
+    for p in paths:
+        if p is None:
+            continue
+        for q in (p, p.with_name(p.name + ".sha256"), p.with_name(p.name + ".part"),
+                  p.with_name(p.name + ".converting")):
+            if q.is_dir():
+                shutil.rmtree(q, ignore_errors=True)
+            else:
+                q.unlink(missing_ok=True)
+
+
+def _download_and_convert(url: str, member: str | None, member_sha256: str | None, work: Path, dst: Path, *,
+                          config: ModelConfig | None, text_weights: str | None, progress: bool | None, hint: str,
+                          keep_source: bool, advice: str = "") -> None:
+    """Download a release zip (or a bare checkpoint) into ``work``, check it, convert it into ``dst``.
+
+    A payload that is not a valid archive or checkpoint is deleted with everything derived from it. A pinned
+    hash that does not match is deleted and downloaded again once (a transfer or cache hiccup), then an error.
+    Hashes are recorded (``keep_source``) only once the conversion succeeded.
+    """
+    name = PurePosixPath(unquote(urlparse(url).path)).name or "download"
+    is_zip = name.endswith(".zip")
+    for attempt in (1, 2):
+        archive, ckpt = work / name, None
+        try:
+            try:
+                if is_zip:
+                    dl.download_url(url, archive, progress=progress, hint=hint, record_hash=False)
+                    try:
+                        inner = member or _pick_member(archive)
+                        ckpt = work / inner
+                        dl.extract_member(archive, inner, ckpt)
+                    except (zipfile.BadZipFile, DownloadError) as e:
+                        raise _BadPayload(f"it is not a usable release archive ({e})") from e
+                    if member_sha256 and (got := dl.sha256_file(ckpt)) != member_sha256:
+                        raise dl.ChecksumMismatch(f"SHA-256 mismatch for {inner} extracted from {url}: expected "
+                                                  f"{member_sha256}, got {got}")
+                else:
+                    ckpt = dl.download_url(url, archive, sha256=member_sha256, progress=progress, hint=hint,
+                                           record_hash=False)
+                _convert_into(ckpt, dst, config, text_weights)
+            except dl.ChecksumMismatch:
+                raise
+            except DownloadError as e:  # the network or the server failed: nothing usable arrived
+                raise DownloadError(f"{e}. {advice}" if advice else str(e)) from e
+            except CheckpointError as e:
+                raise _BadPayload(str(e)) from e
+        except dl.ChecksumMismatch as e:
+            _discard(archive, ckpt, dst.with_name(dst.name + ".converting"))
+            if attempt == 1:
+                log.warning("%s; deleted it, downloading again once", e)
+                continue
+            raise dl.ChecksumMismatch(f"{e}, twice in a row. The downloads were deleted; the file on the server "
+                                      "differs from the one this version of m2d2-embed knows: report it, or "
+                                      "load a checkpoint you trust by path") from e
+        except _BadPayload as e:
+            what = describe_file(archive if archive.is_file() else ckpt) if (archive.is_file() or ckpt) else "?"
+            _discard(archive, ckpt, dst.with_name(dst.name + ".converting"))
+            kind = "zip archive" if is_zip else "checkpoint"
+            raise dl.DownloadError(f"{url} did not give a valid {kind}: received {what}; {e}. It was deleted, "
+                                   "with everything derived from it; the next call downloads it again") from None
+        break
+    if keep_source:
+        dl.record_sha256(archive)  # recorded only now that the download proved usable
+        return
+    _discard(archive, ckpt)  # only this download's files: another process may be downloading beside them
+    if ckpt is not None and ckpt.parent != work:
+        try:
+            ckpt.parent.rmdir()
+        except OSError:  # not empty: shared with another download
+            pass
+
+
+def fetch_registry_model(info: ModelInfo, *, cache_dir: str | os.PathLike | None = None,
+                         offline: bool | None = None, progress: bool | None = None,
+                         keep_source: bool = False) -> Path:
+    """Converted weights of a registry model: from the cache, else downloaded, verified and converted.
+
+    Raises:
+        DownloadError: offline and not cached, the download failed (the message says how to use a local
+            checkpoint or a cache copied from another machine instead), or the server sent something that is
+            not the release (deleted again; the next call downloads afresh).
+    """
+    dst = converted_path(info, cache_dir)
+    if _is_converted(dst):
+        return dst
+    hint = f"fetch it while online with `m2d2-embed download {info.name}`, or pass a local checkpoint path"
+    if dl.is_offline(offline):
+        raise DownloadError(f"model {info.name!r} is not in the cache ({dst}) and offline mode is on "
+                            f"(offline=True, M2D2_EMBED_OFFLINE=1 or HF_HUB_OFFLINE=1). {_offline_advice(info.name)}")
+    root = dl.cache_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    import filelock
+
+    with filelock.FileLock(str(dst) + ".lock"):
+        if _is_converted(dst):  # another process finished it while we waited
+            return dst
+        log.warning("downloading %s (about %d MB) from %s\nLicence: %s (%s)", info.name, info.size_mb, info.url,
+                    LICENSE_SUMMARY, LICENSE_URL)
+        _download_and_convert(info.url, info.member, info.sha256, root / "downloads", dst, config=info.config,
+                              text_weights=info.text_weights, progress=progress, hint=hint, keep_source=keep_source,
+                              advice=_offline_advice(info.name))
+    return dst
+
+
+def fetch_remote(spec: str, *, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
+                 progress: bool | None = None, keep_source: bool = False) -> Path:
+    """``hf://owner/repo[/path][@rev]`` or an ``http(s)://`` URL (zip, .pth or .safetensors) -> a local path."""
+    if spec.startswith("hf://"):
+        return dl.hf_download(spec, offline=offline, hint="download it once while online")
+    name = PurePosixPath(unquote(urlparse(spec).path)).name
+    if not name.endswith((".zip", *_CHECKPOINT_SUFFIXES)):
+        raise ValueError(f"cannot tell what {spec!r} holds; a URL must end in .zip, .pth, .pt or .safetensors")
+    root = dl.cache_dir(cache_dir) / f"url-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+    hint = f"fetch it while online with `m2d2-embed download {spec}`"
+    if name.endswith(".safetensors"):
+        return _fetch_safetensors(spec, root / name, progress=progress, offline=offline, hint=hint)
+    dst = root / "converted"
+    if _is_converted(dst):
+        return dst
+    if dl.is_offline(offline):
+        raise DownloadError(f"{spec} is not in the cache ({dst}) and offline mode is on; {hint}")
+    root.mkdir(parents=True, exist_ok=True)
+    import filelock
+
+    with filelock.FileLock(str(dst) + ".lock"):
+        if _is_converted(dst):
+            return dst
+        _download_and_convert(spec, None, None, root / "source", dst, config=None, text_weights=None,
+                              progress=progress, hint=hint, keep_source=keep_source)
+    return dst
+
+
+def _fetch_safetensors(url: str, dest: Path, *, progress: bool | None, offline: bool | None, hint: str) -> Path:
+    """One of our ``.safetensors`` files from a URL; checked (header, config) before its hash is recorded."""
+    recorded = dest.with_name(dest.name + ".sha256").is_file()
+    path = dl.download_url(url, dest, progress=progress, offline=offline, hint=hint, record_hash=False)
+    if recorded:
+        return path
+    try:
+        read_safetensors(path)
+    except CheckpointError:
+        what = describe_file(path)
+        _discard(path)
+        raise DownloadError(f"{url} did not give a valid m2d2_embed .safetensors file: received {what}. It was "
+                            "deleted; the next call downloads it again") from None
+    dl.record_sha256(path)
+    return path
+
+
+def download_model(name_or_url: str, *, cache_dir: str | os.PathLike | None = None, progress: bool | None = None,
+                   keep_source: bool = False) -> Path:
+    """Download (if needed), verify and convert a registry model or URL into the cache; return the converted path."""
+    if name_or_url in MODELS:
+        return fetch_registry_model(MODELS[name_or_url], cache_dir=cache_dir, offline=False, progress=progress,
+                                    keep_source=keep_source)
+    if name_or_url.startswith(("http://", "https://", "hf://")):
+        return fetch_remote(name_or_url, cache_dir=cache_dir, offline=False, progress=progress, keep_source=keep_source)
+    raise ValueError(f"unknown model {name_or_url!r}; available: {', '.join(MODELS)}, or an http(s):// or hf:// URL")
+
+
+def fetch_text_weights(config: ModelConfig, *, offline: bool | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                     TextConfig]:
+    """(state dict ``text_encoder.*``, TextConfig) of a text encoder kept outside the checkpoint, e.g. GTE-base
+    from the Hub (``config.text_weights``), fetched through ``huggingface_hub`` and its cache. The config comes
+    from the tensor shapes; the pooling from ``config.text``."""
+    from safetensors.torch import load_file
+
+    spec = config.text_weights
+    if not spec or not spec.startswith("hf://"):
+        raise ValueError(f"unsupported text_weights location {spec!r}; expected hf://owner/repo/file.safetensors")
+    path = dl.hf_download(spec, offline=offline, hint="load the model once while online to cache its text encoder")
+    sd = load_file(str(path))
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("bert.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith(("embeddings.", "encoder.", "pooler.")):
+            out["text_encoder." + k] = v
+    if "text_encoder.embeddings.word_embeddings.weight" not in out:
+        raise ValueError(f"{spec} does not hold BERT-style text encoder weights (found e.g. {sorted(sd)[:5]})")
+    text = text_config_from_state_dict(out, "text_encoder.", pooling=config.text.pooling)
+    if "text_encoder.pooler.dense.weight" not in out:  # the pooler is unused; some exports drop it
+        d = text.hidden_size
+        out["text_encoder.pooler.dense.weight"] = torch.zeros(d, d)
+        out["text_encoder.pooler.dense.bias"] = torch.zeros(d)
+    return out, text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache: list, summarise, verify, clear
+# ---------------------------------------------------------------------------------------------------
+
+def _dir_bytes(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def list_models(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The registry as rows, default first: ``name``, ``best_for`` (upstream's recommendation), ``frame_ms``
+    (time between frame embeddings: 20, 40 or 160), ``dims`` (``{"frame", "clip"[, "clap"][, "classes"]}``),
+    ``sample_rate`` (Hz), ``size_mb`` (approximate download), ``cached`` (bool), ``path`` (Path in the cache),
+    ``description``, ``kind``, ``url``, ``license``, ``default`` (bool)."""
+    out = []
+    for info in MODELS.values():
+        dst = converted_path(info, cache_dir)
+        out.append({"name": info.name, "best_for": info.best_for, "frame_ms": info.frame_ms, "dims": info.dims,
+                    "sample_rate": info.config.frontend.sample_rate if info.config else None,
+                    "size_mb": info.size_mb, "cached": _is_converted(dst), "path": dst,
+                    "description": info.description, "kind": info.kind, "url": info.url, "license": LICENSE_SUMMARY,
+                    "default": info.name == registry.DEFAULT_MODEL})
+    return out
+
+
+def cache_summary(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """{'path': Path, 'total_bytes': int, 'entries': [{'name': str, 'bytes': int}], 'clear_hint': str}."""
+    root = dl.cache_dir(cache_dir)
+    entries = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.suffix != ".lock":
+                entries.append({"name": p.name, "bytes": _dir_bytes(p)})
+    return {"path": root, "total_bytes": sum(e["bytes"] for e in entries), "entries": entries,
+            "clear_hint": "remove one entry with `m2d2-embed cache --clear NAME`, or all with `m2d2-embed cache "
+                          f"--clear` (or by hand: rm -r {root})"}
+
+
+def _ours(p: Path) -> bool:
+    """Whether a cache folder item was made by this package (so --clear may remove it)."""
+    n = p.name
+    return (n in MODELS or n == "downloads" or n.startswith("url-") or n.endswith((".lock", ".converting"))
+            or _is_converted(p))
+
+
+def clear_cache(name: str | None = None, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove one cache entry (a registry name or an entry folder name such as ``url-...``) with its downloads,
+    or with ``name=None`` everything this package put in the cache. Returns the removed paths.
+
+    Raises:
+        ValueError: ``name`` is not in the cache (the message lists what is).
+    """
+    root = dl.cache_dir(cache_dir)
+    if not root.is_dir():
+        if name is None:
+            return []
+        raise ValueError(f"{name!r} is not in the cache {root} (the cache is empty)")
+    if name is None:
+        targets = [p for p in sorted(root.iterdir()) if _ours(p)]
+        skipped = [p.name for p in root.iterdir() if not _ours(p)]
+        if skipped:
+            log.warning("left %d items in %s that m2d2-embed did not make: %s", len(skipped), root, skipped[:5])
+    else:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"{name!r} is not a cache entry name; see `m2d2-embed cache`")
+        entry = root / name
+        if not entry.exists():
+            present = [p.name for p in sorted(root.iterdir()) if p.is_dir() and p.name != "downloads"]
+            raise ValueError(f"{name!r} is not in the cache {root}; entries: {', '.join(present) or 'none'}")
+        targets = [entry, root / f"{name}.lock", root / f"{name}.converting"]
+        info = MODELS.get(name)
+        if info is not None:  # its downloaded archive and extracted checkpoint, if kept
+            archive = PurePosixPath(unquote(urlparse(info.url).path)).name
+            downloads = root / "downloads"
+            targets += [downloads / archive, downloads / (archive + ".sha256"), downloads / (archive + ".part"),
+                        downloads / archive.removesuffix(".zip")]
+    removed = []
+    for p in targets:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    log.info("removed %d items from the cache %s", len(removed), root)
+    return removed
+
+
+def verify_cache(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Hash every converted model in the cache against the SHA-256 recorded at conversion and check that its
+    weights are finite. One row per entry: ``name``, ``path``, ``ok`` (bool) and ``status`` (what was found and,
+    if damaged, the fix). Entries converted before hashes were recorded get one now (``status`` says so)."""
+    root = dl.cache_dir(cache_dir)
+    rows = []
+    if not root.is_dir():
+        return rows
+    for p in sorted(root.iterdir()):
+        weights = p / WEIGHTS_NAME
+        if p.name.startswith("url-"):
+            weights = p / "converted" / WEIGHTS_NAME
+        if not weights.is_file():
+            continue
+        row = {"name": p.name, "path": weights.parent, "ok": True, "status": "ok"}
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            had = verify_checksum(weights, full=True)
+
+            check_finite(load_file(str(weights)), weights.parent)
+            if had is None:
+                record_checksum(weights)
+                row["status"] = f"ok (no {CHECKSUM_NAME} from an older version; recorded now)"
+        except (CheckpointError, OSError) as e:
+            row.update(ok=False, status=str(e))
+        except SafetensorError as e:
+            row.update(ok=False, status=f"{weights} is unreadable ({e}); remove it with "
+                                        f"`m2d2-embed cache --clear {p.name}`")
+        rows.append(row)
+    return rows

@@ -510,10 +510,10 @@ class M2D2(nn.Module):
 
     def _require_classifier(self):
         if self.config.classifier is None:
-            from .registry import models_with_classifier
+            from .registry import tagging_models
 
             raise ValueError(f"model {self.name!r} has no classifier head, so it cannot tag; use a model fine-tuned "
-                             f"on AudioSet ({', '.join(models_with_classifier())}) or one you fine-tuned with "
+                             f"on AudioSet ({', '.join(tagging_models())}) or one you fine-tuned with "
                              "`m2d2_embed.train finetune`")
         return self.config.classifier
 

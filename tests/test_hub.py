@@ -20,7 +20,7 @@ from tiny import UPSTREAM_2025, save_tiny, save_upstream
 import m2d2_embed as m2d2
 from m2d2_embed import registry
 from m2d2_embed.download import DownloadError
-from m2d2_embed.hub import cache_summary, download_model, list_models
+from m2d2_embed.loader import cache_summary, download_model, list_models
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAVE = (0.3 * np.sin(np.linspace(0, 3000, 2 * 16000))).astype(np.float32)
@@ -64,7 +64,7 @@ def register(monkeypatch, server, release, sha=None, name="tiny-test"):
 def test_registry_name_downloads_verifies_converts_and_then_loads_offline(monkeypatch, server, release, tmp_path,
                                                                           caplog):
     info = register(monkeypatch, server, release)
-    with caplog.at_level(logging.WARNING, logger="m2d2_embed.hub"):
+    with caplog.at_level(logging.WARNING, logger="m2d2_embed.loader"):
         model = m2d2.load("tiny-test", device="cpu", cache_dir=tmp_path)
     np.testing.assert_array_equal(model.clip_embeddings(WAVE, sample_rate=16000), release["expected"])
     assert "Licence:" in caplog.text and registry.LICENSE_URL in caplog.text
