@@ -479,8 +479,9 @@ def _damaged(weights: Path, err: BaseException) -> CheckpointError:
 
 
 def _read_classifier(path: Path) -> tuple[dict[str, torch.Tensor], ClassifierConfig]:
-    """``classifier.safetensors`` of ``m2d2_embed.train finetune`` (a Linear head: ``weight``/``bias``; metadata
-    ``labels`` and ``multi_label`` as JSON) -> ``classifier.linear.*`` and its config."""
+    """``classifier.safetensors`` of ``m2d2_embed.train finetune``: tensors ``linear.weight`` / ``linear.bias``
+    (earlier exports: ``weight`` / ``bias``) and, for a BatchNorm head, ``norm.running_mean`` / ``running_var``;
+    metadata ``labels`` and ``multi_label`` as JSON (and ``classifier_config``) -> ``classifier.*`` and its config."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -489,20 +490,26 @@ def _read_classifier(path: Path) -> tuple[dict[str, torch.Tensor], ClassifierCon
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except (SafetensorError, OSError) as e:
         raise _damaged(path, e) from e
-    w, b = sd.get("weight"), sd.get("bias")
-    if w is None or b is None or w.ndim != 2:
-        raise CheckpointError(f"{path} is not a classifier head (expected tensors 'weight' [C, D] and 'bias' [C], "
-                              f"found {sorted(sd)}); delete it or fine-tune again")
+    sd = {("linear." + k if k in ("weight", "bias") else k): v for k, v in sd.items()}
+    w, b = sd.get("linear.weight"), sd.get("linear.bias")
+    norm = "norm.running_mean" in sd and "norm.running_var" in sd
+    if w is None or b is None or w.ndim != 2 or set(sd) - {"linear.weight", "linear.bias", "norm.running_mean",
+                                                           "norm.running_var"}:
+        raise CheckpointError(f"{path} is not a classifier head (expected tensors 'linear.weight' [C, D] and "
+                              f"'linear.bias' [C], optionally 'norm.running_mean'/'norm.running_var' [D], found "
+                              f"{sorted(sd)}); delete it or fine-tune again")
     try:
         labels = json.loads(meta["labels"]) if "labels" in meta else None
         multi = bool(json.loads(meta.get("multi_label", "false")))
-    except ValueError as e:
+        eps = float(json.loads(meta["classifier_config"]).get("norm_eps", 1e-5)) if "classifier_config" in meta \
+            else 1e-5
+    except (ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} has unreadable metadata ({e}); export the classifier again") from e
     if labels is not None and len(labels) != w.shape[0]:
         raise CheckpointError(f"{path} names {len(labels)} labels for {w.shape[0]} outputs; export it again")
-    cfg = ClassifierConfig(in_features=int(w.shape[1]), num_classes=int(w.shape[0]), norm=False,
+    cfg = ClassifierConfig(in_features=int(w.shape[1]), num_classes=int(w.shape[0]), norm=norm, norm_eps=eps,
                            labels=tuple(labels) if labels is not None else None, multi_label=multi)
-    return {"classifier.linear.weight": w, "classifier.linear.bias": b}, cfg
+    return {f"classifier.{k}": v for k, v in sd.items()}, cfg
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:

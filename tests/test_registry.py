@@ -130,8 +130,7 @@ def test_every_entry_converts_from_its_upstream_layout_to_the_model_it_describes
         built = M2D2(cfg).state_dict()
     if info.text_weights:  # GTE-base comes from the Hub at load time (see test_hub)
         built = {k: v for k, v in built.items() if not k.startswith("text_encoder.")}
-    model_keys = {k for k in out if not k.startswith("classifier.")}
-    assert model_keys == set(built), sorted(model_keys ^ set(built))[:5]
+    assert set(out) == set(built), sorted(set(out) ^ set(built))[:5]  # the classifier too: nothing ignored
     for k, v in built.items():
         assert out[k].shape == v.shape, k
     if info.config.classifier is not None:
@@ -249,15 +248,17 @@ def test_evar_head_is_converted_with_audioset_labels(tmp_path):
 def test_finetune_export_classifier_is_read_beside_the_model(tmp_path):
     from types import SimpleNamespace
 
-    from m2d2_embed.train.downstream import FinetuneModel
+    from m2d2_embed.train.downstream import FinetuneModel, TaskHead
 
     dst = save_tiny(tmp_path / "ft", tiny_config(head=None, text=False))
-    head = torch.nn.Linear(320, 3)
+    head = TaskHead(320, 3, norm=False)
     labels = SimpleNamespace(names=["dog", "rain", "siren"], multi_label=False)
-    FinetuneModel.export_extra(SimpleNamespace(head=head, labels=labels), dst)  # the real exporter
+    ft = SimpleNamespace(head=head, labels=labels)
+    ft.classifier_config = lambda: FinetuneModel.classifier_config(ft)
+    FinetuneModel.export_extra(ft, dst)  # the real exporter
     sd, cfg = read_any(dst)
     assert cfg.classifier == ClassifierConfig(in_features=320, num_classes=3, norm=False,
                                               labels=("dog", "rain", "siren"), multi_label=False)
-    assert torch.equal(sd["classifier.linear.weight"], head.weight.detach())
-    assert torch.equal(sd["classifier.linear.bias"], head.bias.detach())
+    assert torch.equal(sd["classifier.linear.weight"], head.linear.weight.detach())
+    assert torch.equal(sd["classifier.linear.bias"], head.linear.bias.detach())
     assert json.loads((dst / "config.json").read_text())["classifier"] is None  # read from the file, not copied

@@ -127,3 +127,31 @@ def test_detect_events_merges_adjacent_frames_above_threshold():
     assert detect_events(s, ts, ["dog", "rain"], threshold=0.99, hop_seconds=0.16) == []
     with pytest.raises(ValueError, match="do not match"):
         detect_events(s, ts[:3], ["dog", "rain"], threshold=0.5, hop_seconds=0.16)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_a_head_fine_tuned_with_our_trainer_tags_through_the_same_api(tmp_path, norm):
+    from types import SimpleNamespace
+
+    from m2d2_embed.train.downstream import FinetuneModel, TaskHead
+
+    dst = save_tiny(tmp_path / "ft", tiny_config(head=None, text=False))
+    torch.manual_seed(0)
+    head = TaskHead(5 * 64, 2, norm=norm).eval()
+    if norm:
+        head.norm.running_mean.normal_(0, 0.05)
+        head.norm.running_var.uniform_(0.01, 0.1)
+    ft = SimpleNamespace(head=head, labels=SimpleNamespace(names=["cough", "sneeze"], multi_label=False))
+    ft.classifier_config = lambda: FinetuneModel.classifier_config(ft)
+    FinetuneModel.export_extra(ft, dst)  # what `m2d2_embed.train finetune` writes beside the model
+    model = m2d2.load(dst, device="cpu", dtype=torch.float32)
+    assert model.labels == ["cough", "sneeze"]
+    x = signal(2.5, SR, 1, 9)[:, 0]
+    feats = torch.as_tensor(model.clip_embeddings(x, sample_rate=SR))  # the trainer's features: stacked, time mean
+    with torch.no_grad():
+        want = head(feats[None])[0]
+    np.testing.assert_allclose(model.tag(x, sample_rate=SR, scores="logits"), want.numpy(), atol=1e-5)
+    # a single-label head scores with softmax by default in the file engine
+    sf.write(tmp_path / "x.wav", x, SR, subtype="FLOAT")
+    es = model.embed_files([tmp_path / "x.wav"], level="tags", num_workers=0, progress=False)
+    np.testing.assert_allclose(es.embeddings[0], torch.softmax(want, -1).numpy(), atol=1e-5)
