@@ -396,80 +396,44 @@ def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out
     if level in ("tags", "frame_tags"):
         meta.setdefault("labels", list(model.labels))
     if d is not None:
-        d.check(meta)  # written with the first part: a run that fails at once leaves nothing behind
-    pending: list[tuple[int, files.FileResult]] = []
-    run = _Run(EXIT_OK, False, skipped=len(paths) - len(todo))
-    audio_s, t0 = 0.0, time.perf_counter()
-
-    def flush() -> None:
-        if d is not None and pending:
-            pending.sort(key=lambda r: r[0])
-            d.start(meta)
-            d.add_part(files.results_to_set([r for _, r in pending], [], meta, level))
-            pending.clear()
-
-    def save_failures() -> Path | None:
-        if d is not None:
-            d.start(meta)
-            return d.write_failures(run.failures)
-        if out is not None:
-            outputs.write_failures(run.failures, outputs.failures_path(out))
-            return outputs.failures_path(out)
-        return None
-
-    kept: list[tuple[int, files.FileResult]] = []
+        d.check(meta)  # the manifest is written with the first part: a run that fails at once leaves nothing
+    writer = outputs.ResultWriter(d if d is not None else out, fmt, meta, level, part_size=args.shard_size,
+                                  keep=keep)
+    t0 = time.perf_counter()
     restore = _sigterm_as_interrupt()
     try:
         for i, r in files.iter_file_embeddings(model, todo, level, reduce=reduce, normalize=normalize,
                                                batch_size=args.batch_size, num_workers=args.num_workers,
                                                progress=_progress(args), strict=getattr(args, "strict", False)):
-            if isinstance(r, files.FileResult):
-                if d is not None:
-                    pending.append((i, r))
-                if keep or d is None:
-                    kept.append((i, r))
-                run.embedded += 1
-                audio_s += r.duration
-                if d is not None and len(pending) >= args.shard_size:
-                    flush()
-            else:
-                run.failures.append(r)
+            writer.add(i, r)
     except files.AudioFileError as e:
-        flush()
-        run.failures.append(outputs.FileFailure(e.path, e.reason))
-        save_failures()
+        writer.add(-1, outputs.FileFailure(e.path, e.reason))
+        writer.save(complete=False)
         fatal(f"{e} (--strict)", EXIT_FAILED)
     except KeyboardInterrupt:
+        writer.save(complete=False)
         if d is None:
-            print(f"{label}: interrupted after {run.embedded} of {len(todo)} files; nothing was written"
+            print(f"{label}: interrupted after {writer.embedded} of {len(todo)} files; nothing was written"
                   f"{f' to {out}' if out else ''} (a directory output keeps finished work: -o DIR)", file=sys.stderr)
         else:
-            flush()
-            save_failures()
-            print(f"{label}: interrupted: {run.embedded + run.skipped} of {len(paths)} files are saved in {d.root}; "
-                  "run the same command again to finish", file=sys.stderr)
-        run.code = EXIT_INTERRUPTED
-        return run
+            print(f"{label}: interrupted: {writer.embedded + len(paths) - len(todo)} of {len(paths)} files are saved "
+                  f"in {d.root}; run the same command again to finish", file=sys.stderr)
+        return _Run(EXIT_INTERRUPTED, False)
     finally:
         restore()
+    side = writer.save()
     elapsed = time.perf_counter() - t0
-    run.completed = True
-    run.results = [r for _, r in sorted(kept, key=lambda r: r[0])]
-    if d is None and out is not None:
-        outputs.get_format(fmt).write(files.results_to_set(run.results, run.failures, meta, level), out)
-    flush()
-    side = save_failures()
-    rate = audio_s / elapsed if elapsed > 0 else math.inf
-    other = f"; {unsupported} other files skipped: unsupported format, see --glob (-v lists them)" \
+    run = _Run(EXIT_OK, True, writer.embedded, len(paths) - len(todo), len(writer.failures), writer.results(),
+               writer.failures)
+    rate = writer.audio_seconds / elapsed if elapsed > 0 else math.inf
+    other = f"; {_count(unsupported, 'other file')} skipped: unsupported format, see --glob (-v lists them)" \
         if unsupported else ""
     if summary is not False:
         print(f"{label}: {_count(run.embedded, 'file')} embedded, {run.skipped} skipped (already done), "
-              f"{len(run.failures)} failed{other}; {_format_seconds(audio_s)} of audio in {elapsed:.1f} s "
+              f"{run.failed} failed{other}; {_format_seconds(writer.audio_seconds)} of audio in {elapsed:.1f} s "
               f"({rate:.1f} audio-s/s){f' -> {out}' if out else ''}", file=summary or sys.stdout, flush=True)
-    run.failed = len(run.failures)
     if run.failures:
-        where = f"; listed in {side}" if side else ""
-        print(f"{label}: {_count(run.failed, 'file')} failed{where}", file=sys.stderr)
+        print(f"{label}: {_count(run.failed, 'file')} failed{f'; listed in {side}' if side else ''}", file=sys.stderr)
         for f in run.failures[:10]:
             print(f"  {f.path}: {f.reason}", file=sys.stderr)
         if run.failed > 10:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEVELS = ("clip", "frame", "clap", "tags", "frame_tags")
-TIME_LEVELS = ("frame", "frame_tags")  # levels with a time axis: [T_i, D] per file, with timestamps
+FRAME_LEVELS = ("frame", "frame_tags")  # levels with a time axis: [T_i, D] per file, with timestamps
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 LOCK = ".lock"
@@ -110,6 +110,21 @@ class EmbeddingSet:
         if isinstance(self.embeddings, np.ndarray):
             return int(self.embeddings.shape[-1])
         return int(self.embeddings[0].shape[-1]) if self.embeddings else 0
+
+    @classmethod
+    def from_results(cls, results: Sequence[Any], failures: Sequence[FileFailure], metadata: Mapping[str, Any],
+                     level: str) -> EmbeddingSet:
+        """Pack per-file results (each with ``path``, ``embedding``, ``duration`` and, for the levels with a time
+        axis, ``timestamps``: :class:`m2d2_embed.files.FileResult`) into one set, in their order."""
+        dim = int(metadata["dim"])
+        if level in FRAME_LEVELS:
+            embeddings: np.ndarray | list[np.ndarray] = [r.embedding for r in results]
+            timestamps = [r.timestamps for r in results]
+        else:
+            embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
+            timestamps = None
+        return cls([r.path for r in results], embeddings, level, timestamps,
+                   np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata))
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Write to one file, atomically (``format`` defaults to the suffix: npz, npy or parquet).
@@ -203,7 +218,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _flat(es: EmbeddingSet) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(embeddings [N or sum T, D], lengths [N] or None, timestamps [sum T] or None)."""
-    if es.level in TIME_LEVELS:
+    if es.level in FRAME_LEVELS:
         embs = list(es.embeddings)
         lengths = np.asarray([len(e) for e in embs], dtype=np.int64)
         flat = np.concatenate(embs).astype(np.float32, copy=False) if embs else np.zeros((0, es.dim), np.float32)
@@ -241,20 +256,20 @@ def embedding_columns(level: str, dim: int, embeddings: np.ndarray | Sequence[np
         ``(embedding, timestamps)``: the timestamps column is all null for levels without a time axis.
     """
     pa, _ = require_pyarrow()
-    if isinstance(embeddings, np.ndarray) and level not in TIME_LEVELS:
+    if isinstance(embeddings, np.ndarray) and level not in FRAME_LEVELS:
         flat, missing = embeddings.astype(np.float32, copy=False).reshape(-1), None
         n = len(embeddings)
     else:
         n = len(embeddings)
         nulls = [e is None for e in embeddings]
         missing = pa.array(nulls, type=pa.bool_()) if any(nulls) else None
-        if level not in TIME_LEVELS:
+        if level not in FRAME_LEVELS:
             rows = np.zeros((n, dim), np.float32)
             for i, e in enumerate(embeddings):
                 if e is not None:
                     rows[i] = e
             flat = rows.reshape(-1)
-    if level not in TIME_LEVELS:
+    if level not in FRAME_LEVELS:
         emb = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), dim, mask=missing)
         return emb, pa.nulls(n, type=pa.list_(pa.float64()))
     lengths = np.asarray([0 if e is None else len(e) for e in embeddings], dtype=np.int64)
@@ -337,7 +352,7 @@ def _write_npy(es: EmbeddingSet, path: Path) -> None:
 def _write_parquet(es: EmbeddingSet, path: Path) -> None:
     _, pq = require_pyarrow()
     flat, _, _ = _flat(es)
-    embeddings = list(es.embeddings) if es.level in TIME_LEVELS else flat
+    embeddings = list(es.embeddings) if es.level in FRAME_LEVELS else flat
     table = arrow_table(es.paths, es.level, es.dim, embeddings, timestamps=es.timestamps,
                         durations=np.asarray(es.durations, dtype=np.float64), metadata=_meta(es))
     atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
@@ -503,7 +518,7 @@ def _read_parquet_files(files: Sequence[Path]) -> EmbeddingSet:
     level = meta.get("level") or ("frame" if pa.types.is_list(emb.type) and
                                   pa.types.is_fixed_size_list(emb.type.value_type) else "clip")
     dim = int(meta.get("dim") or 0)
-    if level in TIME_LEVELS:
+    if level in FRAME_LEVELS:
         lengths = np.asarray(emb.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
         inner = emb.flatten()  # fixed-size lists, one per frame
         dim = dim or inner.type.list_size
@@ -560,7 +575,7 @@ def concat(parts: Iterable[EmbeddingSet], level: str, metadata: dict[str, Any]) 
     durations = np.concatenate([np.asarray(es.durations, np.float64) for es in parts]) if parts else np.zeros(0)
     failures = [f for es in parts for f in es.failures]
     dim = int(metadata.get("dim", 0))
-    if level in TIME_LEVELS:
+    if level in FRAME_LEVELS:
         embeddings: np.ndarray | list[np.ndarray] = [e for es in parts for e in es.embeddings]
         timestamps = [t for es in parts for t in (es.timestamps or [])] or None
     else:
@@ -752,6 +767,65 @@ class OutputDir:
         done = self.done_keys() if failures else set()
         write_failures([f for f in failures if resume_key(f.path) not in done], self.root / FAILURES)
         return self.root / FAILURES
+
+
+class ResultWriter:
+    """Stores per-file results as they complete: into a file output once all are in (:meth:`save`), or as parts
+    of ``part_size`` files in an :class:`OutputDir`, so that an interruption loses at most one part.
+
+    ``add(index, item)`` takes what :func:`m2d2_embed.files.iter_file_embeddings` yields: ``(index into the
+    input list, FileResult or FileFailure)``. With ``keep`` (always for a file output) the results stay in
+    memory too: :meth:`results` returns them in input order."""
+
+    def __init__(self, dest: OutputDir | str | os.PathLike | None, fmt: str, metadata: Mapping[str, Any],
+                 level: str, *, part_size: int = 1000, keep: bool = False) -> None:
+        self.dir = dest if isinstance(dest, OutputDir) else None
+        self.path = None if self.dir is not None or dest is None else Path(dest)
+        self.format, self.metadata, self.level = get_format(fmt), dict(metadata), level
+        self.part_size, self.keep = part_size, keep or self.dir is None
+        self.failures: list[FileFailure] = []
+        self.embedded, self.audio_seconds = 0, 0.0
+        self._pending: list[tuple[int, Any]] = []
+        self._kept: list[tuple[int, Any]] = []
+
+    def add(self, index: int, item: Any) -> None:
+        if isinstance(item, FileFailure):
+            self.failures.append(item)
+            return
+        self.embedded += 1
+        self.audio_seconds += float(item.duration)
+        if self.keep:
+            self._kept.append((index, item))
+        if self.dir is not None:
+            self._pending.append((index, item))
+            if len(self._pending) >= self.part_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the results not yet stored as the next part of the directory (nothing for a file output)."""
+        if self.dir is not None and self._pending:
+            self._pending.sort(key=lambda r: r[0])
+            self.dir.start(self.metadata)
+            self.dir.add_part(EmbeddingSet.from_results([r for _, r in self._pending], [], self.metadata, self.level))
+            self._pending.clear()
+
+    def results(self) -> list[Any]:
+        return [r for _, r in sorted(self._kept, key=lambda r: r[0])]
+
+    def save(self, complete: bool = True) -> Path | None:
+        """Store what is left and the failures sidecar (returned). ``complete=False`` (interrupted, or stopped at
+        a failure): a directory keeps its parts, a file output is not written."""
+        if self.dir is not None:
+            self.flush()
+            self.dir.start(self.metadata)
+            return self.dir.write_failures(self.failures)
+        if self.path is None:
+            return None
+        if complete:
+            self.format.write(EmbeddingSet.from_results(self.results(), self.failures, self.metadata, self.level),
+                              self.path)
+        write_failures(self.failures, failures_path(self.path))
+        return failures_path(self.path)
 
 
 # ---------------------------------------------------------------------------------------------------
