@@ -7,12 +7,15 @@ normalisation, then ``log(x + eps)`` with float32 machine epsilon and ``(x - mea
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -30,9 +33,14 @@ RESAMPLER_QUALITY = "HQ"  # soxr 'HQ': 20-bit precision, linear phase, passband 
 AudioInput = Union[np.ndarray, torch.Tensor, str, os.PathLike, Sequence[Any]]  # noqa: UP007 (runtime alias)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64")
 
-# Integer PCM is scaled to [-1, 1) by the full scale of its type (as soundfile does when reading files).
-_INT_SCALE = {np.dtype("int8"): 2.0**7, np.dtype("int16"): 2.0**15, np.dtype("int32"): 2.0**31,
-              np.dtype("int64"): 2.0**63}
+# Integer PCM is scaled to [-1, 1) by the full scale of its type (as soundfile does when reading files). int64 and
+# unsigned types wider than 8 bits are refused: their full scale is ambiguous (np.array of Python ints is int64).
+_INT_SCALE = {np.dtype("int8"): 2.0**7, np.dtype("int16"): 2.0**15, np.dtype("int32"): 2.0**31}
+PCM16_SCALE = 2.0**-15  # 16-bit PCM sample -> float, as libsndfile reads it (exact: a power of two)
+MIN_RATE, MAX_RATE = 1000, 768000  # plausible sample rates in Hz: anything outside is a mistake
+READ_BLOCK_FRAMES = 1 << 18  # frames per read when streaming a file (about 5.5 s at 48 kHz)
+READABLE = ("Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 (and other libsndfile formats); convert others "
+            "first, e.g. `ffmpeg -i IN OUT.flac`")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,26 +135,47 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return np.ascontiguousarray(y.T).reshape(*x.shape[:-1], -1).astype(np.float32, copy=False)
 
 
-def _to_float_numpy(x: np.ndarray, what: str) -> np.ndarray:
+def to_float(x: np.ndarray, what: str = "audio") -> np.ndarray:
+    """Samples as float32: float arrays as they are, int8/16/32 PCM scaled by their full scale, uint8 centred at
+    128. Other integer types are refused with what to do (their scale is ambiguous: silence is never an answer)."""
     if x.dtype in _INT_SCALE:
         return (x.astype(np.float64) / _INT_SCALE[x.dtype]).astype(np.float32)
     if x.dtype == np.uint8:  # 8-bit PCM is unsigned, centred at 128
         return ((x.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
     if x.dtype.kind == "f":
         return x.astype(np.float32, copy=False)
-    if x.dtype == np.bool_ or x.dtype.kind in "uc":
-        raise TypeError(f"{what}: audio of dtype {x.dtype} is not supported; pass float samples in [-1, 1] "
-                        "or int8/int16/int32 PCM")
-    raise TypeError(f"{what}: cannot use an array of dtype {x.dtype} as audio")
+    if x.dtype.kind in "iu" and x.dtype != np.bool_:
+        raise TypeError(f"{what}: integer audio of dtype {x.dtype} is ambiguous (what is its full scale?); convert "
+                        "it to float in [-1, 1] (e.g. x / 32768 for 16-bit values) or to int16/int32 PCM "
+                        "(e.g. x.astype(np.int16))")
+    raise TypeError(f"{what}: audio of dtype {x.dtype} is not supported; pass float samples in [-1, 1] "
+                    "or int8/int16/int32 PCM")
 
 
-def _check_finite_nonempty(x: np.ndarray | torch.Tensor, what: str, min_samples: int) -> None:
+def check_sample_rate(sample_rate: Any, what: str = "sample_rate") -> int:
+    """The rate as an int, or a ValueError/TypeError that says what the argument means."""
+    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer number of samples per second (e.g. 16000 or 44100), got "
+                        f"{sample_rate!r} of type {type(sample_rate).__name__}")
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise ValueError(f"{what}={sample_rate} Hz is not a plausible audio sample rate ({MIN_RATE} to {MAX_RATE} "
+                         "Hz); it is the rate of the array you pass, in samples per second (e.g. 16000 or 44100)")
+    return int(sample_rate)
+
+
+def check_wave(x: np.ndarray | torch.Tensor, what: str, min_samples: int, rate: int) -> None:
+    """Raise a ValueError naming ``what`` if a waveform [..., N] is empty, not finite, or too short for the model."""
     n = x.shape[-1]
     if n == 0:
         raise ValueError(f"{what} is empty (0 samples); pass at least {min_samples} samples")
-    finite = bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
-    if not finite:
-        raise ValueError(f"{what} contains NaN or Inf samples; clean the audio (e.g. np.nan_to_num) first")
+    if not (x.dtype == torch.int16 if isinstance(x, torch.Tensor) else x.dtype == np.int16):  # int16 is finite
+        finite = bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else bool(np.isfinite(x).all())
+        if not finite:
+            raise ValueError(f"{what} contains NaN or Inf samples; clean the audio (e.g. np.nan_to_num) first")
+    if n < min_samples:
+        raise ValueError(f"{what} is too short: {n} samples at {rate} Hz after resampling; the model needs at "
+                         f"least {min_samples} samples ({1000 * min_samples / rate:.1f} ms). Pad it with zeros "
+                         "if it is a genuinely short sound")
 
 
 class PreparedAudio:
@@ -158,42 +187,48 @@ class PreparedAudio:
         self.kind = kind  # "tensor", "numpy" or "path": outputs follow it (paths give numpy)
         self.paths = paths
 
-    @property
-    def equal_lengths(self) -> bool:
-        return len({w.shape[-1] for w in self.waves}) <= 1
+
+def is_path(audio: Any) -> bool:
+    return isinstance(audio, (str, os.PathLike))
 
 
 def prepare_audio(audio: AudioInput, sample_rate: int | None, model_rate: int, min_samples: int,
                   device: torch.device | str = "cpu") -> PreparedAudio:
     """Validate any supported audio input and return 1-D float32 waveforms at ``model_rate``.
 
-    Accepted: a 1-D or 2-D float tensor/array [N] or [B, N]; integer PCM arrays (scaled by their type's
-    full scale); a list of 1-D arrays/tensors of any lengths; a file path or a list of paths (decoded and
-    resampled; ``sample_rate`` must then be None or the model rate). Raises ValueError/TypeError with
-    what was wrong and what to do.
+    Accepted: a 1-D or 2-D float tensor/array [N] or [B, N]; integer PCM arrays (int8/16/32 scaled by their type's
+    full scale, uint8 centred at 128); a list of 1-D arrays/tensors of any lengths; a file path or a list of paths
+    (decoded and resampled; ``sample_rate`` must then be None or the model rate). Raises ValueError/TypeError
+    with what was wrong and what to do.
     """
-    if isinstance(audio, (str, os.PathLike)):
-        wave = load_audio(audio, sample_rate=model_rate)
-        _check_finite_nonempty(wave, f"audio file {os.fspath(audio)!r}", min_samples)
-        _check_length(wave.shape[-1], f"audio file {os.fspath(audio)!r}", min_samples, model_rate)
+    if is_path(audio):
+        if sample_rate is not None and sample_rate != model_rate:
+            raise ValueError(f"sample_rate={sample_rate!r} was given with a file path; a file's rate is read from "
+                             "the file: leave sample_rate out")
+        what = f"audio file {os.fspath(audio)!r}"
+        wave = read_audio(audio, model_rate)
+        check_wave(wave, what, min_samples, model_rate)
         return PreparedAudio([torch.from_numpy(wave).to(device)], batched=False, kind="path",
                              paths=[os.fspath(audio)])
     if isinstance(audio, (list, tuple)):
         if len(audio) == 0:
             raise ValueError("empty list of audio; pass at least one waveform or file path")
-        if all(isinstance(a, (str, os.PathLike)) for a in audio):
+        if all(is_path(a) for a in audio):
             waves, paths = [], []
             for p in audio:
                 w = prepare_audio(p, sample_rate, model_rate, min_samples, device)
                 waves += w.waves
                 paths += w.paths
             return PreparedAudio(waves, batched=True, kind="path", paths=paths)
-        if any(isinstance(a, (str, os.PathLike)) for a in audio):
+        if any(is_path(a) for a in audio):
             raise TypeError("a list of audio must hold only file paths or only arrays, not a mix")
         kinds = {"tensor" if isinstance(a, torch.Tensor) else "numpy" for a in audio}
         waves = []
         for i, a in enumerate(audio):
-            one = prepare_audio(a, sample_rate, model_rate, min_samples, device)
+            try:
+                one = prepare_audio(a, sample_rate, model_rate, min_samples, device)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"audio[{i}]: {e}") from e
             if one.batched:
                 raise ValueError(f"audio[{i}] has shape {tuple(a.shape)}; items of a list must be 1-D waveforms")
             waves += one.waves
@@ -202,9 +237,9 @@ def prepare_audio(audio: AudioInput, sample_rate: int | None, model_rate: int, m
     if isinstance(audio, torch.Tensor):
         kind, x = "tensor", audio
         if not (x.is_floating_point()):
-            x = torch.from_numpy(_to_float_numpy(x.detach().cpu().numpy(), "audio"))
+            x = torch.from_numpy(to_float(x.detach().cpu().numpy(), "audio"))
     elif isinstance(audio, np.ndarray):
-        kind, x = "numpy", _to_float_numpy(audio, "audio")
+        kind, x = "numpy", to_float(audio, "audio")
     else:
         raise TypeError(f"unsupported audio input of type {type(audio).__name__}; pass a float tensor or numpy "
                         "array [samples] or [batch, samples], a list of 1-D arrays, or file path(s)")
@@ -214,67 +249,182 @@ def prepare_audio(audio: AudioInput, sample_rate: int | None, model_rate: int, m
     if sample_rate is None:
         raise ValueError("sample_rate= is required for arrays and tensors (e.g. sample_rate=16000); "
                          "the audio is resampled to the model's rate when it differs")
-    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
+    sample_rate = check_sample_rate(sample_rate)
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("audio batch is empty (shape [0, N]); pass at least one waveform")
-    _check_finite_nonempty(x, "audio", min_samples)
+    if x.ndim == 2 and x.shape[1] <= 8 < x.shape[0]:  # soundfile's (samples, channels) layout
+        raise ValueError(f"audio has shape {tuple(x.shape)}: this looks like {x.shape[1]}-channel audio in "
+                         "soundfile's (samples, channels) layout, not a batch of waveforms; downmix it first "
+                         "(x.mean(axis=1)) or pass one channel (x[:, 0])")
+    check_wave(x, "audio", 1, sample_rate)
     if sample_rate != model_rate:
         target_device = x.device if isinstance(x, torch.Tensor) else device
         xn = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else x
-        x = torch.from_numpy(resample(xn, int(sample_rate), model_rate)).to(target_device)
+        x = torch.from_numpy(resample(xn, sample_rate, model_rate)).to(target_device)
     elif isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
-    _check_length(x.shape[-1], "audio", min_samples, model_rate)
+    check_wave(x, "audio", min_samples, model_rate)
     x = x.to(device=device, dtype=torch.float32)
     batched = x.ndim == 2
     waves = list(x) if batched else [x]
     return PreparedAudio(waves, batched=batched, kind=kind)
 
 
-def _check_length(n: int, what: str, min_samples: int, rate: int) -> None:
-    if n < min_samples:
-        raise ValueError(f"{what} is too short: {n} samples at {rate} Hz after resampling; the model needs at "
-                         f"least {min_samples} samples ({1000 * min_samples / rate:.1f} ms). Pad it with zeros "
-                         "if it is a genuinely short sound")
-
-
 # ---------------------------------------------------------------------------------------------------
-# Files
+# Reading audio: one reader for paths, bytes and file objects (probe, read, stream)
 # ---------------------------------------------------------------------------------------------------
 
-def load_audio(path: str | os.PathLike, sample_rate: int | None = SAMPLE_RATE, mono: bool = True,
-               channel: int | None = None) -> np.ndarray:
-    """Read an audio file with soundfile and return float32 samples in [-1, 1].
+AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]  # noqa: UP007 (runtime alias)
 
-    Formats: WAV, FLAC, OGG/Vorbis, Opus and MP3 (libsndfile >= 1.1), AIFF and the other libsndfile formats.
-    Others (AAC/M4A, WMA, video files) can be converted first, e.g. ``ffmpeg -i in.m4a out.flac``.
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says. ``duration`` in seconds is what the file holds; ``promised`` is the duration
+    its header declares when that is longer (a truncated file), else None."""
+
+    duration: float
+    sample_rate: int
+    channels: int
+    frames: int
+    promised: float | None = None
+
+
+def _name(src: AudioSource) -> str:
+    return os.fspath(src) if is_path(src) else f"<{type(src).__name__}>"
+
+
+def _open(src: AudioSource) -> Any:
+    """What soundfile can open: a path string or a file object (bytes are wrapped)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ValueError("empty file (0 bytes)")
+        return io.BytesIO(src)
+    if is_path(src):
+        p = Path(src)
+        if not p.exists():
+            raise FileNotFoundError(f"audio file not found: {p}")
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a directory; pass a file, or use model.embed_files() for folders")
+        if p.stat().st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        return str(p)
+    return src
+
+
+def _cannot_decode(src: AudioSource, e: BaseException) -> ValueError:
+    why = str(e).rstrip(".")
+    for junk in (f"Error opening {src!r}: ", "Error opening <_io.BytesIO object"):  # soundfile repeats the source
+        if why.startswith(junk):
+            why = why.split(": ", 1)[-1] if junk.endswith(": ") else why.split(">: ", 1)[-1]
+    return ValueError(f"cannot decode audio file {_name(src)}: {why}. {READABLE}")
+
+
+def probe(src: AudioSource) -> AudioInfo:
+    """Header of an audio file (path, bytes or file object) without decoding it; ValueError/OSError if unreadable.
+
+    WAV files on disk are parsed directly (about 12 us; ``soundfile.info`` takes about 4x longer), anything else
+    (or a WAV header this parser does not follow: RF64, streamed headers) through libsndfile."""
+    f = _open(src)
+    if isinstance(f, str) and f.lower().endswith((".wav", ".wave")):
+        info = _wav_header(f)
+        if info is not None:
+            if info.frames <= 0:
+                raise ValueError("no samples (zero-length audio)")
+            return info
+    import soundfile as sf
+
+    try:
+        info = sf.info(f)
+    except Exception as e:  # LibsndfileError, RuntimeError, TypeError
+        raise _cannot_decode(src, e) from e
+    finally:
+        if hasattr(f, "seek"):
+            f.seek(0)
+    if info.frames <= 0:
+        raise ValueError("no samples (zero-length audio)")
+    return AudioInfo(info.frames / info.samplerate, info.samplerate, info.channels, info.frames)
+
+
+def _wav_header(path: str) -> AudioInfo | None:
+    """A plain RIFF/WAVE header, or None when it is anything else (the caller then asks libsndfile). The frame
+    count is cut to the bytes actually in the file, as libsndfile does for a truncated file; ``promised`` keeps
+    the header's own count. One read covers the usual header; chunks beyond it are read where they are."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.read(fd, 1024)
+
+        def read_at(pos: int, n: int) -> bytes:
+            return head[pos:pos + n] if pos + n <= len(head) else os.pread(fd, n, pos)
+
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos, rate, align, channels = 12, 0, 0, 0
+        for _ in range(64):  # chunks before 'data' (fmt, LIST, fact, ...): a handful in practice
+            hdr = read_at(pos, 8)
+            if len(hdr) < 8:
+                return None
+            cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+            if cid == b"fmt ":
+                fmt = read_at(pos + 8, 14)
+                if len(fmt) < 14:
+                    return None
+                _tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt)
+                if channels == 0 or rate == 0 or align == 0:
+                    return None
+            elif cid == b"data":
+                if not align or n in (0, 0xFFFFFFFF):
+                    return None
+                frames = min(n, size - pos - 8) // align
+                promised = n // align / rate if n // align > frames else None
+                return AudioInfo(frames / rate, rate, channels, frames, promised)
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+            if pos >= size:
+                return None
+    except (OSError, struct.error):
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def read_audio(src: AudioSource, sample_rate: int | None = SAMPLE_RATE, *, mono: bool = True,
+               channel: int | None = None, keep_int16: bool = False) -> np.ndarray:
+    """Decode an audio file (path, bytes or file object) to float32 samples in [-1, 1].
 
     Args:
-        path: the file.
+        src: the file.
         sample_rate: resample to this rate in Hz with soxr 'HQ'; None keeps the file's rate.
-        mono: average the channels (shape [N]); False returns [channels, N].
+        mono: average the channels ([N]); False returns [channels, N].
         channel: take this channel (0-based) instead of averaging.
+        keep_int16: for a mono 16-bit PCM file already at ``sample_rate``, return its raw int16 samples [N]
+            (``x * PCM16_SCALE`` gives the float32 values bit for bit; half the bytes to move, and reading int16
+            is about 3x faster than libsndfile's conversion to float).
     Returns:
-        float32 array [N] (mono or channel given) or [C, N].
+        float32 [N] (mono, or one channel) or [C, N]; int16 [N] only with ``keep_int16``.
     """
     import soundfile as sf
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"audio file not found: {p}")
-    if p.is_dir():
-        raise IsADirectoryError(f"{p} is a directory; pass a file, or use model.embed_files() for folders")
+    f = _open(src)
     try:
-        data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # (N, C)
+        with sf.SoundFile(f) as sfile:
+            sr, pcm16 = sfile.samplerate, sfile.subtype == "PCM_16"
+            want_int = keep_int16 and pcm16 and mono and channel is None
+            data = sfile.read(dtype="int16" if want_int else "float32", always_2d=True)  # (N, C)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise ValueError(f"cannot decode audio file {p}: {e}. Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 "
-                         "(and other libsndfile formats); convert others first, e.g. `ffmpeg -i IN OUT.flac`") from e
+        raise _cannot_decode(src, e) from e
     if data.shape[0] == 0:
-        raise ValueError(f"audio file {p} has no samples")
+        raise ValueError(f"audio file {_name(src)} has no samples")
+    if data.dtype == np.int16:
+        if data.shape[1] == 1 and (sample_rate is None or sr == sample_rate):
+            return np.ascontiguousarray(data[:, 0])
+        data = np.multiply(data, np.float32(PCM16_SCALE), dtype=np.float32)  # what libsndfile's float read gives
     if channel is not None:
         if not 0 <= channel < data.shape[1]:
-            raise ValueError(f"channel={channel} but {p} has {data.shape[1]} channel(s)")
+            raise ValueError(f"channel={channel} but {_name(src)} has {data.shape[1]} channel(s)")
         x = data[:, channel]
     elif mono:
         x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -284,3 +434,55 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = SAMPLE_RATE, m
     if sample_rate is not None and sr != sample_rate:
         x = resample(x, sr, sample_rate)
     return x
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int | None = SAMPLE_RATE, mono: bool = True,
+               channel: int | None = None) -> np.ndarray:
+    """Read an audio file with soundfile and return float32 samples in [-1, 1].
+
+    Formats: WAV, FLAC, OGG/Vorbis, Opus and MP3 (libsndfile >= 1.1), AIFF and the other libsndfile formats.
+    Others (AAC/M4A, WMA, video files) can be converted first, e.g. ``ffmpeg -i in.m4a out.flac``.
+
+    Args:
+        path: the file (bytes or a file object work too).
+        sample_rate: resample to this rate in Hz with soxr 'HQ'; None keeps the file's rate.
+        mono: average the channels (shape [N]); False returns [channels, N].
+        channel: take this channel (0-based) instead of averaging.
+    Returns:
+        float32 array [N] (mono or channel given) or [C, N].
+    """
+    return read_audio(path, sample_rate, mono=mono, channel=channel)
+
+
+def stream_audio(src: AudioSource, sample_rate: int, block_frames: int | None = None) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of a file at ``sample_rate``: the samples of ``read_audio(src, sample_rate)``, block by
+    block (resampled with a streaming soxr), so a file of any length is never held whole. Blocks are
+    ``block_frames`` of the file (default ``READ_BLOCK_FRAMES``)."""
+    import soundfile as sf
+
+    block_frames = block_frames or READ_BLOCK_FRAMES
+    f = _open(src)
+    try:
+        sfile = sf.SoundFile(f)
+    except Exception as e:
+        raise _cannot_decode(src, e) from e
+    with sfile:
+        sr = sfile.samplerate
+        rs = None
+        if sr != sample_rate:
+            import soxr
+
+            rs = soxr.ResampleStream(sr, sample_rate, 1, dtype="float32", quality=RESAMPLER_QUALITY)
+        while True:
+            data = sfile.read(block_frames, dtype="float32", always_2d=True)  # (n, C)
+            last = data.shape[0] < block_frames
+            x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise ValueError("the audio contains NaN or Inf samples")
+            if rs is not None:
+                x = rs.resample_chunk(x, last=last)
+            if len(x):
+                yield x
+            if last:
+                return

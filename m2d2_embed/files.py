@@ -25,17 +25,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .audio import AUDIO_SUFFIXES, RESAMPLER_QUALITY, _check_finite_nonempty, _check_length, load_audio, resample
-from .model import FULL_ATTENTION_MAX_SECONDS
-from .outputs import LEVELS, EmbeddingSet, FileFailure
+from .audio import AUDIO_SUFFIXES, PCM16_SCALE, check_wave, probe, read_audio, stream_audio
+from .model import FRAME_LEVELS, STREAM_SECONDS
+from .outputs import EmbeddingSet, FileFailure
 
 if TYPE_CHECKING:
     from .model import M2D2
 
 log = logging.getLogger(__name__)
 
-STREAM_SECONDS = FULL_ATTENTION_MAX_SECONDS  # files longer than this are streamed through in chunk batches
-READ_BLOCK_FRAMES = 1 << 18  # frames per soundfile read when streaming (about 5.5 s at 48 kHz)
 PathInput = str | os.PathLike | Sequence[str | os.PathLike]
 
 
@@ -60,6 +58,7 @@ class FileResult:
     embedding: np.ndarray
     duration: float  # seconds
     timestamps: np.ndarray | None = None
+    warning: str | None = None  # something to know about the file that did not stop it (e.g. truncated)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,100 +178,38 @@ def _why_empty(d: str, recursive: bool, pattern: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Probing and decoding
+# Probing and decoding (through the one reader in audio.py)
 # ---------------------------------------------------------------------------------------------------
 
-def _probe(path: str) -> tuple[float, str | None]:
-    """(duration in seconds, None) or (0, reason). Reads only the header: WAV headers are parsed directly (a few
-    microseconds), anything else (or any WAV header this parser does not follow) goes through ``sf.info``."""
+Probe = tuple[float, str | None, str | None]  # (duration in s, None, warning or None) or (0, reason, None)
+
+
+def probe_file(path: str) -> Probe:
+    """(duration in seconds, None, warning) or (0, why it cannot be embedded, None); reads only the header. The
+    warning names a truncated file: its header promises more audio than it holds."""
     try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        return 0.0, f"cannot read: {e.strerror or e}"
-    if size == 0:
-        return 0.0, "empty file (0 bytes)"
-    if path.lower().endswith((".wav", ".wave")):
-        found = _wav_frames(path, size)
-        if found is not None:
-            frames, rate = found
-            return (frames / rate, None) if frames > 0 else (0.0, "no samples (zero-length audio)")
-    return _probe_soundfile(path)
-
-
-def _probe_soundfile(path: str) -> tuple[float, str | None]:
-    import soundfile as sf
-
-    try:
-        info = sf.info(path)
-    except Exception as e:  # LibsndfileError, RuntimeError, OSError
-        return 0.0, (f"cannot decode: {str(e).rstrip('.')}. Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 "
-                     "(and other libsndfile formats); convert others first, e.g. `ffmpeg -i IN OUT.flac`")
-    if info.frames <= 0:
-        return 0.0, "no samples (zero-length audio)"
-    return info.frames / info.samplerate, None
-
-
-def _wav_frames(path: str, size: int) -> tuple[int, int] | None:
-    """(frames, sample rate) from a plain RIFF/WAVE header, or None when the header is anything else (RF64, a
-    streamed header with no data size, an odd chunk layout): the caller then asks libsndfile. The frame count is
-    cut to the bytes actually in the file, as libsndfile does for a truncated file. One read covers the usual
-    header; chunks beyond it are read where they are."""
-    import struct
-
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except OSError:
-        return None
-    try:
-        head = os.read(fd, 1024)
-
-        def read_at(pos: int, n: int) -> bytes:
-            return head[pos:pos + n] if pos + n <= len(head) else os.pread(fd, n, pos)
-
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        pos, rate, align = 12, 0, 0
-        for _ in range(64):  # chunks before 'data' (fmt, LIST, fact, ...): a handful in practice
-            hdr = read_at(pos, 8)
-            if len(hdr) < 8:
-                return None
-            cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
-            if cid == b"fmt ":
-                fmt = read_at(pos + 8, 14)
-                if len(fmt) < 14:
-                    return None
-                _tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt)
-                if channels == 0 or rate == 0 or align == 0:
-                    return None
-            elif cid == b"data":
-                if not align or n in (0, 0xFFFFFFFF):
-                    return None
-                return min(n, size - pos - 8) // align, rate
-            pos += 8 + n + (n & 1)  # chunks are padded to an even size
-            if pos >= size:
-                return None
-    except (OSError, struct.error):
-        return None
-    finally:
-        os.close(fd)
-    return None
-
-
-PCM16_SCALE = 2.0 ** -15  # 16-bit PCM sample -> float, as libsndfile reads it (exact: a power of two)
+        info = probe(path)
+    except (ValueError, OSError) as e:
+        return 0.0, failure_reason(e).replace(f" audio file {path}:", ":"), None
+    warning = None
+    if info.promised is not None:
+        warning = (f"truncated file: its header promises {info.promised:.2f} s of audio but it holds "
+                   f"{info.duration:.2f} s; the {info.duration:.2f} s are embedded")
+    return info.duration, None, warning
 
 
 PROBE_PROCESSES_FROM = 8192  # WAV headers of this many files or more are read by a pool of forked processes
 
 
-def _probe_many(paths: Sequence[str]) -> list[tuple[float, str | None]]:
-    return [_probe(p) for p in paths]
+def _probe_many(paths: Sequence[str]) -> list[Probe]:
+    return [probe_file(p) for p in paths]
 
 
-def _probe_all(paths: Sequence[str]) -> list[tuple[float, str | None]]:
-    """``_probe`` of every path, in order. WAV headers are read in this thread (about 12 us each; threads only
+def _probe_all(paths: Sequence[str]) -> list[Probe]:
+    """``probe_file`` of every path, in order. WAV headers are read in this thread (about 12 us each; threads only
     contend for the GIL), split over forked processes when there are many (where ``fork`` exists); the other
     files' ``sf.info`` runs in a thread pool (libsndfile releases the GIL while it reads)."""
-    probes: list[tuple[float, str | None] | None] = [None] * len(paths)
+    probes: list[Probe | None] = [None] * len(paths)
     wav, rest = [], []
     for i, p in enumerate(paths):
         (wav if p.lower().endswith((".wav", ".wave")) else rest).append(i)
@@ -289,10 +226,10 @@ def _probe_all(paths: Sequence[str]) -> list[tuple[float, str | None]]:
         except Exception as e:  # a pool that cannot start (limits, sandbox): read them here instead
             log.debug("probing in processes failed (%s); probing in this process", e)
     for i in wav:
-        probes[i] = _probe(paths[i])
+        probes[i] = probe_file(paths[i])
     if rest:
         with ThreadPoolExecutor(max_workers=min(8, len(rest))) as pool:
-            for i, r in zip(rest, pool.map(_probe, [paths[i] for i in rest])):
+            for i, r in zip(rest, pool.map(probe_file, [paths[i] for i in rest])):
                 probes[i] = r
     return probes  # type: ignore[return-value]
 
@@ -341,45 +278,11 @@ class _AudioBatches(Dataset):
 
     def _decode(self, i: int) -> tuple[np.ndarray | None, str | None]:
         try:
-            wave = _read_wave(self.paths[i], self.sample_rate)
-            if wave.dtype != np.int16:  # 16-bit samples are finite
-                _check_finite_nonempty(wave, "the audio", self.min_samples)
-            _check_length(wave.shape[-1], "the audio", self.min_samples, self.sample_rate)
+            wave = read_audio(self.paths[i], self.sample_rate, keep_int16=True)
+            check_wave(wave, "the audio", self.min_samples, self.sample_rate)
         except Exception as e:  # reported per file; the others go on
-            return None, _reason(e)
+            return None, failure_reason(e)
         return wave, None
-
-
-class _NotFast(Exception):
-    """Not for the 16-bit fast path of :func:`_read_wave`."""
-
-
-def _read_wave(path: str, sample_rate: int) -> np.ndarray:
-    """The samples of ``load_audio(path, sample_rate)``, read faster for 16-bit PCM (WAV, FLAC, ...): int16 [N]
-    (times ``PCM16_SCALE`` gives load_audio's float32 values bit for bit) for a mono file at ``sample_rate``,
-    else float32 [N]. libsndfile's int-to-float conversion is about 3x slower than reading int16, and scaling on
-    the GPU halves the bytes to move. Anything not 16-bit PCM, and every error, goes through ``load_audio``, so
-    failures read exactly as before."""
-    import soundfile as sf
-
-    try:
-        with sf.SoundFile(path) as f:
-            if f.subtype != "PCM_16" or f.frames <= 0:
-                raise _NotFast
-            sr = f.samplerate
-            data = f.read(dtype="int16", always_2d=True)  # (N, C)
-        if data.shape[0] == 0:
-            raise _NotFast
-    except Exception:  # not 16-bit PCM, or unreadable: load_audio decides (and words the error)
-        return load_audio(path, sample_rate=sample_rate)
-    if data.shape[1] == 1:
-        if sr == sample_rate:
-            return np.ascontiguousarray(data[:, 0])
-        x = np.multiply(data[:, 0], np.float32(PCM16_SCALE), dtype=np.float32)
-    else:
-        x = np.multiply(data, np.float32(PCM16_SCALE), dtype=np.float32).mean(axis=1)  # as load_audio averages
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return resample(x, sr, sample_rate) if sr != sample_rate else x
 
 
 def _stack(waves: list[np.ndarray]) -> torch.Tensor:
@@ -401,13 +304,14 @@ def _stack(waves: list[np.ndarray]) -> torch.Tensor:
 
 def _as_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A group from the workers as float32 samples: int16 groups go to ``device`` as they are (from pinned memory
-    without blocking) and are scaled there; float32 groups are left to ``_encode_stacked``."""
+    without blocking) and are scaled there; float32 groups are left to ``M2D2.encode``."""
     if x.dtype == torch.int16:
         return x.to(device, non_blocking=True).float().mul_(PCM16_SCALE)
     return x
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """How a failed file is reported: the message of a ValueError/OSError, else the exception type too."""
     msg = str(e) or type(e).__name__
     return msg if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {msg}"
 
@@ -416,8 +320,9 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _batches(order: Sequence[int], chunks: Sequence[int], budget: int) -> list[list[int]]:
-    """Group file indices (already sorted by length) so each group holds at most ``budget`` chunks."""
+def pack_batches(order: Sequence[int], chunks: Sequence[int], budget: int) -> list[list[int]]:
+    """Group indices (already sorted by length) so that each group holds at most ``budget`` encoder chunks
+    (``chunks[i]`` of item ``i``; an item larger than the budget gets a group of its own)."""
     out: list[list[int]] = []
     cur: list[int] = []
     total = 0
@@ -445,11 +350,8 @@ def default_num_workers() -> int:
 # ---------------------------------------------------------------------------------------------------
 
 def output_dim(model: M2D2, level: str, reduce: str = "none") -> int:
-    """Width of one embedding at ``level``: 3840 (clip/frame), 768 (``reduce='mean'``), the CLAP size (clap)."""
-    if level == "clap":
-        head = model.config.audio_head
-        return head.out_dim if head is not None else model.embed_dim
-    return model.embed_dim if reduce == "mean" else model.frame_dim
+    """Width of one embedding at ``level`` (see :meth:`M2D2.output_dim`)."""
+    return model.output_dim(level, reduce)
 
 
 def weights_fingerprint(model: M2D2) -> str:
@@ -466,21 +368,15 @@ def embedding_metadata(model: M2D2, level: str, reduce: str = "none", normalize:
     """What an output file records about how its embeddings were made (also the resume key of the CLI)."""
     from . import __version__
 
-    return {"model": model.name, "weights_fingerprint": weights_fingerprint(model), "level": level,
-            "reduce": reduce if level != "clap" else "none", "normalize": bool(normalize),
-            "dim": output_dim(model, level, reduce), "sample_rate": model.sample_rate,
+    meta = {"model": model.name, "weights_fingerprint": weights_fingerprint(model), "level": level,
+            "reduce": reduce if level in ("clip", "frame") else "none", "normalize": bool(normalize),
+            "dim": model.output_dim(level, reduce), "sample_rate": model.sample_rate,
             "compute_dtype": str(model.dtype).replace("torch.", ""),
             "frame_hop_seconds": model.frame_hop_seconds, "timestamps_unit": "seconds (centre of each frame)",
             "m2d2_embed_version": __version__}
-
-
-def _check_args(model: M2D2, level: str, reduce: str) -> None:
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-    if reduce not in ("none", "mean"):
-        raise ValueError(f"reduce must be 'none' or 'mean', got {reduce!r}")
-    if level == "clap":
-        model._require_head()
+    if level in ("tags", "frame_tags"):
+        meta["labels"] = model.labels
+    return meta
 
 
 def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip", *, reduce: str = "none",
@@ -493,13 +389,14 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
     """
     from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
-    _check_args(model, level, reduce)
+    model.check_level(level, reduce)
+    if normalize and level in ("tags", "frame_tags"):
+        raise ValueError(f"normalize=True does not apply to class scores (level {level!r})")
     paths = [os.fspath(p) for p in paths]
-    budget = model._max_batch(batch_size)
+    budget = model.max_batch(batch_size)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {workers}")
-    chunk_s = model.config.encoder.chunk_frames * model.config.frontend.hop_length / model.sample_rate
     probes = _probe_all(paths)
     bar = tqdm(total=len(paths), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     audio_s = 0.0
@@ -519,8 +416,14 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
         log.warning("skipping %s: %s", paths[i], reason)
         return FileFailure(paths[i], reason)
 
+    def warned(res: FileResult, i: int) -> FileResult:
+        if probes[i][2] is not None:
+            log.warning("%s: %s", paths[i], probes[i][2])
+            res.warning = probes[i][2]
+        return res
+
     short, long_, chunks = [], [], [0] * len(paths)
-    for i, (dur, err) in enumerate(probes):
+    for i, (dur, err, _) in enumerate(probes):
         if err is not None:
             yield i, fail(i, err)
             done(1, 0.0)
@@ -528,9 +431,9 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
             long_.append(i)
         else:
             short.append(i)
-            chunks[i] = max(1, math.ceil(dur / chunk_s))
+            chunks[i] = model.num_chunks(round(dur * model.sample_rate))
     short.sort(key=lambda i: (-probes[i][0], i))  # longest first: an out-of-memory error shows at once
-    batches = _batches(short, chunks, budget)
+    batches = pack_batches(short, chunks, budget)
     try:
         if batches:
             # Two-stage pipeline: batch k+1's GPU work (copy in, model, pooling, copy out into pinned memory) is
@@ -550,25 +453,28 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
                 if groups and not (strict and failures):  # strict: the batch is not embedded, its failure raises
                     launched = _launch(model, groups, level, reduce, normalize, batch_size)
                 if pending is not None:
-                    yield from _collect_batch(model, paths, pending, level)
+                    for i, res in _collect_batch(model, paths, pending, level):
+                        yield i, warned(res, i)
                     done(len(pending.idx), pending.audio_seconds)
                 pending = launched
                 for i, err in failures:
                     yield i, fail(i, err)
                     done(1, 0.0)
             if pending is not None:
-                yield from _collect_batch(model, paths, pending, level)
+                for i, res in _collect_batch(model, paths, pending, level):
+                    yield i, warned(res, i)
                 done(len(pending.idx), pending.audio_seconds)
         for i in long_:
             try:
-                res = _embed_streamed(model, paths[i], level, reduce, normalize, batch_size)
+                res = embed_long_file(model, paths[i], level, reduce=reduce, normalize=normalize,
+                                      batch_size=batch_size)
             except (ValueError, OSError, RuntimeError) as e:
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
-                yield i, fail(i, _reason(e))
+                yield i, fail(i, failure_reason(e))
                 done(1, 0.0)
                 continue
-            yield i, res
+            yield i, warned(res, i)
             done(1, res.duration)
     finally:
         bar.close()
@@ -583,19 +489,20 @@ def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, ba
     Args:
         model: a loaded :class:`~m2d2_embed.M2D2`.
         paths_or_dir: file(s), folder(s) or quoted wildcards (see :func:`collect_files`).
-        level: ``"clip"`` (mean over time, [D]), ``"frame"`` (one per 160 ms step, [T, D]) or ``"clap"``
-            (the audio side of the shared audio-text space, [768]).
+        level: ``"clip"`` (mean over time, [D]), ``"frame"`` (one per time step, [T, D]), ``"clap"``
+            (the audio side of the shared audio-text space, [768]), ``"tags"`` (class scores of a model with a
+            classifier, [C]) or ``"frame_tags"`` (per-frame class scores, [T, C]).
         batch_size: most 10-s chunks per batch (a clip of up to 10 s is one chunk); default 32 on CPU,
             256 on CUDA. Files are sorted by length and grouped to fill batches with little padding.
         num_workers: decoding processes (default: up to 8, two cores left free; 0 decodes inline).
         progress: show a progress bar (files/s) on stderr.
         strict: raise :class:`AudioFileError` at the first file that fails instead of skipping it.
         recursive, glob: how folders are searched (see :func:`collect_files`).
-        reduce: ``"none"`` (5 frequency patches stacked, 3840) or ``"mean"`` (768) for clip and frame levels.
+        reduce: ``"none"`` (frequency patches stacked, 3840) or ``"mean"`` (768) for clip and frame levels.
         normalize: L2-normalise each embedding vector (each frame at frame level).
     Returns:
         an :class:`~m2d2_embed.outputs.EmbeddingSet` in input order: ``paths``, ``embeddings`` ([N, D] float32,
-        a list of [T_i, D] at frame level), ``timestamps`` (frame level, seconds), ``durations`` (s),
+        a list of [T_i, D] at frame levels), ``timestamps`` (frame levels, seconds), ``durations`` (s),
         ``failures`` (path and reason of each file that was skipped) and ``metadata``.
 
     Files longer than 300 s are decoded and embedded in chunk batches as they stream in, so memory stays
@@ -615,14 +522,33 @@ def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, ba
 
 def results_to_set(results: Sequence[FileResult], failures: Sequence[FileFailure], metadata: dict[str, Any],
                    level: str) -> EmbeddingSet:
-    """Pack per-file results into an :class:`EmbeddingSet` (see :meth:`EmbeddingSet.from_results`)."""
-    return EmbeddingSet.from_results(results, failures, metadata, level)
+    """Pack per-file results into an :class:`EmbeddingSet`."""
+    dim = int(metadata["dim"])
+    if level in FRAME_LEVELS:
+        embeddings: np.ndarray | list[np.ndarray] = [r.embedding for r in results]
+        timestamps = [r.timestamps for r in results]  # type: ignore[misc]
+    else:
+        embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
+        timestamps = None
+    return EmbeddingSet([r.path for r in results], embeddings, level, timestamps,
+                        np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata))
 
 
-def _finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
+def finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
+    """Outputs as float32 numpy, each vector L2-normalised when ``normalize``."""
     if normalize:
         x = nn.functional.normalize(x.float(), dim=-1)
     return x.detach().float().cpu().numpy()
+
+
+def embed_long_file(model: M2D2, src: Any, level: str, *, reduce: str = "none", normalize: bool = False,
+                    batch_size: int | None = None, path: str | None = None) -> FileResult:
+    """One file (path, bytes or file object) of any length, decoded and embedded as it streams in."""
+    emb, total = model.embed_stream(stream_audio(src, model.sample_rate), level, reduce=reduce,
+                                    batch_size=batch_size)
+    ts = model.frame_timestamps(total) if level in FRAME_LEVELS else None
+    name = path if path is not None else os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<bytes>"
+    return FileResult(name, finish(emb, normalize), total / model.sample_rate, ts)
 
 
 @torch.inference_mode()
@@ -631,7 +557,7 @@ def _warm_up(model: M2D2, n: int, seconds: float, batch_size: int | None) -> Non
     costs of a fresh process (library handles, kernel loading, attention and FFT plans, compilation with
     ``compile=True``) then overlap the decoding instead of delaying the first batch. Queued, not awaited."""
     samples = max(model.frontend.min_samples(), round(seconds * model.sample_rate))
-    model._encode_stacked([torch.zeros(n, samples, device=model.device)], batch_size)
+    model.encode([torch.zeros(n, samples, device=model.device)], batch_size)
 
 
 @dataclass
@@ -657,18 +583,11 @@ def _launch(model: M2D2, groups: Sequence[tuple[list[int], torch.Tensor]], level
     """Queue the work of one batch of equal-length groups (file indices, waveforms [n, N]): encoder, pooling at
     ``level`` and normalisation on the model's device, then one copy of all embeddings to the host. On CUDA
     nothing here waits for the GPU: the copy goes into pinned memory without blocking and an event marks its end."""
-    toks = model._encode_stacked([_as_float(x, model.device) for _, x in groups], batch_size)  # [b, f, T, D] each
-    head = model._require_head() if level == "clap" else None
+    toks = model.encode([_as_float(x, model.device) for _, x in groups], batch_size)  # [b, f, T, D] each
     embs, idx, lengths = [], [], []
     for (g_idx, x), tok in zip(groups, toks):
         n = x.shape[-1]
-        if level == "clap":
-            e = model._clap_group(head, tok, n, "auto", batch_size)  # [b, D]
-        elif level == "frame":
-            e = model._pool_frames(tok, reduce)  # [b, T, D]
-        else:
-            e = model._pool_frames(tok, reduce).mean(-2)  # [b, D]
-        embs.append(e)
+        embs.append(model.pool(tok, level, reduce=reduce, num_samples=n, batch_size=batch_size))
         idx += g_idx
         lengths += [n] * len(g_idx)
     shapes = [tuple(e.shape[1:]) for e in embs for _ in range(e.shape[0])]
@@ -701,166 +620,9 @@ def _collect_batch(model: M2D2, paths: Sequence[str], batch: _InFlight,
     for i, shape, n in zip(batch.idx, batch.shapes, batch.lengths):
         rows = math.prod(shape[:-1])
         ts = None
-        if level == "frame":
+        if level in FRAME_LEVELS:
             if n not in timestamps:
                 timestamps[n] = model.frame_timestamps(n)
             ts = timestamps[n].copy()
         yield i, FileResult(paths[i], flat[row:row + rows].reshape(shape), n / model.sample_rate, ts)
         row += rows
-
-
-def _results_from_tokens(model: M2D2, paths: list[str], toks: list[torch.Tensor], lengths: list[int], level: str,
-                         reduce: str, normalize: bool, batch_size: int | None) -> list[FileResult]:
-    """Encoder tokens of a batch of clips (``lengths`` in samples) -> results at ``level``; several levels can
-    be taken from one encoder pass."""
-    if level == "clap":
-        embs = list(model._clap_from_tokens(model._require_head(), toks, lengths, "auto", batch_size))
-    elif level == "frame":
-        embs = [model._pool_frames(t, reduce) for t in toks]
-    else:
-        embs = [model._pool_frames(t, reduce).mean(0) for t in toks]
-    if not embs:
-        return []
-    # one device-to-host copy for the whole batch, then split per file
-    rows = [e.reshape(-1, e.shape[-1]).shape[0] for e in embs]
-    flat = _finish(torch.cat([e.reshape(-1, e.shape[-1]) for e in embs]), normalize)
-    parts = np.split(flat, np.cumsum(rows)[:-1])
-    out = []
-    for p, e, part, n in zip(paths, embs, parts, lengths):
-        ts = model.frame_timestamps(n) if level == "frame" else None
-        out.append(FileResult(p, part.reshape(tuple(e.shape)), n / model.sample_rate, ts))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Long files: decode and embed in chunk batches
-# ---------------------------------------------------------------------------------------------------
-
-def _stream_wave(path: str, target_sr: int) -> Iterator[np.ndarray]:
-    """Mono float32 blocks of a file at ``target_sr`` (the same samples as ``load_audio``, block by block)."""
-    import soundfile as sf
-
-    with sf.SoundFile(path) as f:
-        sr = f.samplerate
-        rs = None
-        if sr != target_sr:
-            import soxr
-
-            rs = soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality=RESAMPLER_QUALITY)
-        while True:
-            data = f.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, C)
-            last = data.shape[0] < READ_BLOCK_FRAMES
-            x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            if not np.isfinite(x).all():
-                raise ValueError("the audio contains NaN or Inf samples")
-            if rs is not None:
-                x = rs.resample_chunk(x, last=last)
-            if len(x):
-                yield x
-            if last:
-                return
-
-
-class _ChunkAccumulator:
-    """Runs log-mel chunks through the encoder and keeps only what the level needs."""
-
-    def __init__(self, model: M2D2, level: str, reduce: str, batch_size: int | None) -> None:
-        self.model, self.level, self.reduce, self.batch_size = model, level, reduce, batch_size
-        self.frames: list[torch.Tensor] = []
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, lms: torch.Tensor, chunks: Sequence[tuple[int, int]]) -> None:
-        """``lms`` [1, n_mels, F]; ``chunks``: (first frame in ``lms``, time patches) of each chunk."""
-        m = self.model
-        pw = m.config.encoder.patch_size[1]
-        f = m.freq_patches
-        by_t: dict[int, list[int]] = {}
-        for start, t in chunks:
-            by_t.setdefault(t, []).append(start)
-        toks = []
-        for t, starts in by_t.items():
-            xs = []
-            for s in starts:
-                x = lms[..., s:s + t * pw]
-                if x.shape[-1] < t * pw:  # zero-pad the last chunk to whole patches, as the model does
-                    x = nn.functional.pad(x, (0, t * pw - x.shape[-1]))
-                xs.append(x)
-            out = m._run_encoder(torch.stack(xs), m._max_batch(self.batch_size))  # (n, f*t, D)
-            toks += [(s, o.reshape(f, t, -1)) for s, o in zip(starts, out)]
-        toks.sort(key=lambda st: st[0])
-        if self.level == "clap":
-            head = m._require_head()
-            embs = m._run_head(head, [tok.reshape(-1, tok.shape[-1]) for _, tok in toks], self.batch_size)
-            self._sum(embs.sum(0), len(toks))
-            return
-        for _, tok in toks:
-            fr = m._pool_frames(tok, self.reduce)  # (t, D)
-            if self.level == "frame":
-                self.frames.append(fr.float().cpu())
-            else:
-                self._sum(fr.double().sum(0), fr.shape[0])
-
-    def _sum(self, x: torch.Tensor, n: int) -> None:
-        x = x.double()
-        self.total = x if self.total is None else self.total + x
-        self.count += n
-
-    def result(self) -> torch.Tensor:
-        if self.level == "frame":
-            return torch.cat(self.frames)
-        return (self.total / self.count).float()  # type: ignore[operator]
-
-
-@torch.inference_mode()
-def _embed_streamed(model: M2D2, path: str, level: str, reduce: str, normalize: bool,
-                    batch_size: int | None) -> FileResult:
-    """Embed a long file while it is decoded: log-mel and encoder run on steps of whole chunks.
-
-    Each step's log-mel is computed on its samples plus ``margin`` samples of context on each side, so every
-    frame sees the same samples as in a whole-file log-mel; the last step uses the file's true end.
-    """
-    fe, enc = model.config.frontend, model.config.encoder
-    hop, U = fe.hop_length, enc.chunk_frames
-    margin = hop * math.ceil((fe.n_fft // 2) / hop)  # context samples, a whole number of hops
-    step = model._max_batch(batch_size)  # chunks per step: one encoder batch
-    t_full = model._chunk_plan(U)[0][1]  # time patches of a full chunk
-    acc = _ChunkAccumulator(model, level, reduce, batch_size)
-    buf = np.zeros(0, dtype=np.float32)
-    buf_start = 0  # absolute sample index of buf[0]
-    next_chunk = 0  # first chunk not yet embedded
-    total = 0
-
-    def log_mel(a: int, b: int | None) -> torch.Tensor:
-        seg = buf[a - buf_start:None if b is None else b - buf_start]
-        x = torch.from_numpy(np.ascontiguousarray(seg)).to(model.device)[None]
-        return model.frontend(x)[0]  # (1, n_mels, F)
-
-    for block in _stream_wave(path, model.sample_rate):
-        buf = np.concatenate([buf, block]) if len(buf) else block
-        total += len(block)
-        while True:
-            s = next_chunk * U * hop  # centre of the first frame of this step
-            end = s + step * U * hop + margin
-            if buf_start + len(buf) < end:
-                break
-            a = max(0, s - margin)
-            lms = log_mel(a, end)[..., (s - a) // hop:]
-            acc.add(lms, [(c * U, t_full) for c in range(step)])
-            next_chunk += step
-            keep_from = next_chunk * U * hop - margin
-            buf = buf[keep_from - buf_start:].copy()
-            buf_start = keep_from
-    min_samples = model.frontend.min_samples()
-    if total < min_samples:
-        raise ValueError(f"the audio is too short: {total} samples, the model needs at least {min_samples}")
-    plan = model._chunk_plan(model.frontend.num_frames(total))[next_chunk:]
-    if plan:
-        s = next_chunk * U * hop
-        a = max(0, s - margin)
-        lms = log_mel(a, None)[..., (s - a) // hop:]
-        acc.add(lms, [(start - next_chunk * U, t) for start, t in plan])
-    emb = acc.result()
-    ts = model.frame_timestamps(total) if level == "frame" else None
-    return FileResult(path, _finish(emb, normalize), total / model.sample_rate, ts)

@@ -1,11 +1,12 @@
-"""CLAP audio heads: patch tokens of a whole clip -> one audio embedding in the shared audio-text space."""
+"""Heads on the audio encoder: CLAP audio heads (patch tokens of a clip -> one embedding in the shared audio-text
+space) and the task classifier of fine-tuned models (clip or frame features -> class logits)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .config import AudioHeadConfig
+from .config import AudioHeadConfig, ClassifierConfig
 from .encoder import Block
 
 
@@ -55,3 +56,36 @@ def build_audio_head(config: AudioHeadConfig) -> nn.Module:
     if config.kind == "mlp":
         return MlpAudioHead(config)
     raise ValueError(f"unknown audio head kind {config.kind!r}; expected 'semantic' or 'mlp'")
+
+
+class Standardize(nn.Module):
+    """BatchNorm1d without affine parameters, in eval mode: ``(x - running_mean) / sqrt(running_var + eps)``
+    over the last axis. Plain buffers (no ``num_batches_tracked``): the key names of EVAR's head norm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+
+
+class Classifier(nn.Module):
+    """Task head of a fine-tuned model (EVAR's: BatchNorm1d(affine=False) + Linear; ours: Linear only).
+
+    features [..., in_features] -> logits [..., num_classes]. It runs in float32 whatever the model's dtype: it is
+    one small matmul, and the standardisation divides by per-feature deviations that bf16 would blur.
+    """
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.norm = Standardize(config.in_features, config.norm_eps) if config.norm else None
+        self.linear = nn.Linear(config.in_features, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.linear.weight.device, torch.float32)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.linear(x)

@@ -47,18 +47,15 @@ class HearModel(nn.Module):
         if scene_embedding not in ("encoder", "clap"):
             raise ValueError(f"scene_embedding must be 'encoder' or 'clap', got {scene_embedding!r}")
         if scene_embedding == "clap":
-            model._require_head()
+            model.check_level("clap")
         self.m2d2 = model
         self.timestamp_reduce = timestamp_reduce
         self.scene_reduce = scene_reduce
         self.scene_embedding = scene_embedding
         self.batch_size = batch_size
         self.sample_rate: int = model.sample_rate
-        self.timestamp_embedding_size: int = model.embed_dim if timestamp_reduce == "mean" else model.frame_dim
-        if scene_embedding == "clap":
-            self.scene_embedding_size: int = model.config.audio_head.out_dim  # type: ignore[union-attr]
-        else:
-            self.scene_embedding_size = model.embed_dim if scene_reduce == "mean" else model.frame_dim
+        self.timestamp_embedding_size: int = model.output_dim("frame", timestamp_reduce)
+        self.scene_embedding_size: int = model.output_dim("clap" if scene_embedding == "clap" else "clip", scene_reduce)
 
     @property
     def device(self) -> torch.device:

@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING, Any
 import filelock
 import numpy as np
 
+from .model import FRAME_LEVELS, LEVELS  # noqa: F401  (LEVELS: re-exported, the levels an output can hold)
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("clip", "frame", "clap", "tags", "frame_tags")
-FRAME_LEVELS = ("frame", "frame_tags")  # levels with a time axis: [T_i, D] per file, with timestamps
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 LOCK = ".lock"

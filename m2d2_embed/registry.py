@@ -58,3 +58,8 @@ def get(name: str) -> ModelInfo:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)} (or pass a local .pth/.safetensors "
                          "path, a directory, an http(s) URL or hf://owner/repo)") from None
+
+
+def models_with_classifier() -> list[str]:
+    """Registry names of the models that carry a classifier head (tagging)."""
+    return [m.name for m in _MODELS if getattr(m, "config", None) is not None and m.config.classifier is not None]

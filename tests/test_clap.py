@@ -74,7 +74,7 @@ def test_chunked_long_audio_mode_averages_the_head_per_chunk(model):
     assert not np.allclose(full, chunks)
     # auto is the faithful mode for clips up to 300 s
     np.testing.assert_array_equal(model.clap_audio_embeddings(x, sample_rate=SR), full)
-    assert len(parts) == len(model._chunk_plan(model.frontend.num_frames(len(x))))
+    assert len(parts) == model.num_chunks(len(x)) == len(model.plan(len(x)))
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), [

@@ -106,7 +106,7 @@ def test_compiled_path_padding_leaves_real_rows_unchanged(device):
     waves = [torch.randn(n, generator=torch.Generator().manual_seed(n)).mul(0.1).to(device)
              for n in (160000, 160000, 411200, 52800, 320000)]
     plain = model.frame_embeddings(waves, 16000, batch_size=8)
-    model._compiled = True
+    model.compiled = True
     padded = model.frame_embeddings(waves, 16000, batch_size=8)
     for a, b in zip(plain, padded):
         assert a.shape == b.shape

@@ -18,6 +18,7 @@ from tiny import save_tiny, tiny_config
 from torch.utils.data import DataLoader
 
 import m2d2_embed as m2d2
+from m2d2_embed import audio as m2d2_audio
 from m2d2_embed import files
 from m2d2_embed.files import AudioFileError, NoAudioFilesError, collect_files
 from m2d2_embed.outputs import EmbeddingSet, FileFailure
@@ -148,7 +149,7 @@ def test_long_files_are_streamed_in_chunk_batches_with_the_same_result(narrow_mo
     sf.write(tmp_path / "a.flac", signal(9.3, 44100, 2, 1), 44100, subtype="PCM_24")
     sf.write(tmp_path / "b.wav", signal(7.77, 16000, 1, 2), 16000, subtype="FLOAT")
     monkeypatch.setattr(files, "STREAM_SECONDS", 2.0)
-    monkeypatch.setattr(files, "READ_BLOCK_FRAMES", 4096)
+    monkeypatch.setattr(m2d2_audio, "READ_BLOCK_FRAMES", 4096)
     es = narrow_model.embed_files(tmp_path, level=level, batch_size=2, num_workers=0, progress=False)
     assert len(es) == 2 and not es.failures
     for i, p in enumerate(es.paths):
@@ -340,15 +341,15 @@ def test_fast_16_bit_reads_give_the_samples_of_load_audio(tmp_path, channels, sr
     x = signal(1.3, sr, channels, 3)
     x[:4] = [[-1.0] * channels, [1.0] * channels, [0.5] * channels, [-0.99997] * channels]  # full scale ends
     sf.write(path, x, sr, subtype=subtype, format=fmt)
-    got = files._read_wave(str(path), 16000)
+    got = m2d2_audio.read_audio(str(path), 16000, keep_int16=True)
     assert got.dtype == (np.int16 if (channels, sr, subtype) == (1, 16000, "PCM_16") else np.float32)
-    got = got * np.float32(files.PCM16_SCALE) if got.dtype == np.int16 else got
+    got = got * np.float32(m2d2_audio.PCM16_SCALE) if got.dtype == np.int16 else got
     np.testing.assert_array_equal(got, m2d2.load_audio(path))
     for bad in [tmp_path / "missing.wav", tmp_path]:  # errors are load_audio's
         with pytest.raises((OSError, ValueError)) as want:
             m2d2.load_audio(bad)
         with pytest.raises(type(want.value), match=str(want.value)[:30]):
-            files._read_wave(str(bad), 16000)
+            m2d2_audio.read_audio(str(bad), 16000, keep_int16=True)
 
 
 def test_the_next_batch_is_queued_before_the_previous_one_is_collected(model, mixed, monkeypatch):
@@ -398,8 +399,12 @@ def test_wav_header_probe_agrees_with_libsndfile(tmp_path, subtype, channels, ra
     n = 12345  # odd frame counts make odd data sizes (8-bit mono), so the pad byte rule is exercised too
     p = tmp_path / "a.wav"
     sf.write(p, np.zeros((n, channels), np.float32), rate, subtype=subtype)
-    assert files._wav_frames(str(p), p.stat().st_size) == (n, rate)
-    assert files._probe(str(p)) == files._probe_soundfile(str(p)) == (n / rate, None)
+    head = m2d2_audio._wav_header(str(p))
+    assert (head.frames, head.sample_rate, head.channels) == (n, rate, channels)
+    assert m2d2_audio.probe(str(p)) == head and head.promised is None
+    info = sf.info(str(p))
+    assert (info.frames, info.samplerate) == (n, rate)
+    assert files.probe_file(str(p)) == (n / rate, None, None)
 
 
 def test_wav_header_probe_follows_chunks_and_falls_back(tmp_path):
@@ -411,21 +416,25 @@ def test_wav_header_probe_follows_chunks_and_falls_back(tmp_path):
     body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + extra + b"data" + struct.pack("<I", len(pcm)) + pcm
     p = tmp_path / "list.wav"
     p.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
-    assert files._wav_frames(str(p), p.stat().st_size) == (1000, 16000)
-    assert files._probe(str(p)) == files._probe_soundfile(str(p))
+    head = m2d2_audio._wav_header(str(p))
+    assert (head.frames, head.sample_rate) == (1000, 16000) == (sf.info(str(p)).frames, sf.info(str(p)).samplerate)
     truncated = tmp_path / "cut.wav"  # the header promises 1000 frames, the file holds 400
     truncated.write_bytes(p.read_bytes()[:-1200])
-    assert files._wav_frames(str(truncated), truncated.stat().st_size) == (400, 16000)
+    head = m2d2_audio._wav_header(str(truncated))
+    assert (head.frames, head.sample_rate, head.promised) == (400, 16000, 1000 / 16000)
+    assert sf.info(str(truncated)).frames == 400  # what libsndfile reads too
+    dur, err, warning = files.probe_file(str(truncated))
+    assert (dur, err) == (0.025, None) and "promises 0.06 s" in warning and "holds 0.03 s" in warning
     flac_named_wav = tmp_path / "really_flac.wav"  # not RIFF: libsndfile reads it
     sf.write(flac_named_wav, np.zeros(800, np.float32), 16000, format="FLAC")
-    assert files._wav_frames(str(flac_named_wav), flac_named_wav.stat().st_size) is None
-    assert files._probe(str(flac_named_wav)) == (0.05, None)
+    assert m2d2_audio._wav_header(str(flac_named_wav)) is None
+    assert files.probe_file(str(flac_named_wav)) == (0.05, None, None)
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"RIFF\x04\x00\x00\x00WAVEnothing useful")
-    assert files._probe(str(junk))[1].startswith("cannot decode")
+    assert files.probe_file(str(junk))[1].startswith("cannot decode: ")
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
-    assert files._probe(str(empty)) == (0.0, "empty file (0 bytes)")
+    assert files.probe_file(str(empty)) == (0.0, "empty file (0 bytes)", None)
 
 
 def test_collect_dedupes_through_links_and_does_not_follow_folder_links(tmp_path):
@@ -446,7 +455,7 @@ def test_collect_dedupes_through_links_and_does_not_follow_folder_links(tmp_path
 
 def test_probing_in_processes_gives_the_same_answers_in_order(folder, monkeypatch, caplog):
     paths = collect_files(folder, recursive=True)  # WAVs (header path) mixed with FLAC/OGG/broken (libsndfile path)
-    serial = [files._probe(p) for p in paths]
+    serial = [files.probe_file(p) for p in paths]
     monkeypatch.setattr(files, "PROBE_PROCESSES_FROM", 1)
     monkeypatch.setattr(files, "_cpu_count", lambda: 3)  # two processes even on a 2-core runner
     pools = []

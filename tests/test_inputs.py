@@ -78,7 +78,7 @@ def test_tensor_input_gives_tensor_on_model_device(model):
     (np.array([0.0, np.inf] * 200, np.float32), {"sample_rate": 16000}, ValueError, "NaN or Inf"),
     (np.zeros((2, 2, 16000), np.float32), {"sample_rate": 16000}, ValueError, "expected \\[samples\\]"),
     (np.zeros(16000, np.float32), {}, ValueError, "sample_rate= is required"),
-    (np.zeros(16000, np.float32), {"sample_rate": 0}, ValueError, "positive integer"),
+    (np.zeros(16000, np.float32), {"sample_rate": 0}, ValueError, "not a plausible audio sample rate"),
     (np.zeros(16000, np.complex64), {"sample_rate": 16000}, TypeError, "not supported"),
     (np.zeros(16000, bool), {"sample_rate": 16000}, TypeError, "not supported"),
     ([], {"sample_rate": 16000}, ValueError, "empty list"),

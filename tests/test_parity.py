@@ -59,7 +59,7 @@ def test_clip_and_clap_embeddings_match_reference(model, golden, case):
 def test_flat_patch_tokens_match_reference_order(model, golden, case):
     # encode_flat: tokens in (frequency, time) order per chunk, chunks concatenated
     wav = torch.from_numpy(golden[f"{case}.wav"])
-    toks = model._encode_tokens(list(wav))  # each (f, T, D)
+    toks = [t[0] for t in model.encode([w[None] for w in wav])]  # each (f, T, D)
     T = model.config.encoder.grid[1]
     flat = [torch.cat([c.reshape(-1, c.shape[-1]) for c in t.split(T, dim=1)]) for t in toks]
     assert_close(torch.stack(flat), golden[f"{case}.encode_flat"], f"{case}.encode_flat")

@@ -19,9 +19,7 @@ Python and runs without it.
 
 from __future__ import annotations
 
-import io
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,16 +82,16 @@ class M2D2Embedder:
                  device: str | None = None, dtype: str | None = None, cache_dir: str | os.PathLike | None = None,
                  offline: bool | None = None, compile: bool = False, model_batch_size: int | None = None,
                  decode_threads: int = 4) -> None:
-        from ..files import _check_args, embedding_metadata, output_dim
+        from ..files import embedding_metadata
         from ..loader import load
 
         levels = _check_levels(level, extra_levels)
         self.model = load(model, device=device, dtype=dtype, cache_dir=cache_dir, offline=offline, compile=compile)
         for lvl in levels:
-            _check_args(self.model, lvl, reduce)
+            self.model.check_level(lvl, reduce)
         self.level, self.extra_levels = level, tuple(levels[1:])
         self.reduce, self.normalize, self.model_batch_size = reduce, bool(normalize), model_batch_size
-        self.dims = {lvl: output_dim(self.model, lvl, reduce) for lvl in levels}
+        self.dims = {lvl: self.model.output_dim(lvl, reduce) for lvl in levels}
         self.metadata: dict[str, Any] = {
             **embedding_metadata(self.model, level, reduce, normalize), "format": "parquet",
             "model_source": str(model) if model is not None else self.model.name,
@@ -128,20 +126,28 @@ class M2D2Embedder:
         """('wave', float32 tensor [N] at the model rate) | ('stream', None) for long files | ('error', reason)."""
         import torch
 
-        from ..audio import _check_finite_nonempty, _check_length
-        from ..files import STREAM_SECONDS, _reason
+        from ..audio import check_wave, probe, read_audio, resample, to_float
+        from ..files import failure_reason
+        from ..model import STREAM_SECONDS
 
         m = self.model
         try:
-            if not isinstance(src, tuple):
-                seconds = _probe(src)
-                if seconds > STREAM_SECONDS:
+            if isinstance(src, tuple):  # decoded audio [channels, samples] or [samples] at its own rate
+                x, sr = to_float(np.asarray(src[0]), "amplitude"), int(src[1])
+                if x.ndim == 2:
+                    x = x.mean(axis=0) if x.shape[0] > 1 else x[0]
+                elif x.ndim != 1:
+                    raise ValueError(f"amplitude has shape {x.shape}; expected [channels, samples] or [samples]")
+                if sr <= 0:
+                    raise ValueError(f"sample_rate must be positive, got {sr}")
+                wave = resample(np.ascontiguousarray(x, dtype=np.float32), sr, m.sample_rate)
+            else:
+                if probe(src).duration > STREAM_SECONDS:
                     return "stream", None
-            wave = _decode(src, m.sample_rate)
-            _check_finite_nonempty(wave, "the audio", m.frontend.min_samples())
-            _check_length(wave.shape[-1], "the audio", m.frontend.min_samples(), m.sample_rate)
+                wave = read_audio(src, m.sample_rate)
+            check_wave(wave, "the audio", m.frontend.min_samples(), m.sample_rate)
         except Exception as e:  # reported in the row; the batch goes on
-            return "error", _reason(e)
+            return "error", failure_reason(e)
         return "wave", torch.from_numpy(np.ascontiguousarray(wave))
 
     def _embed_short(self, paths: list[str], waves: dict[int, torch.Tensor], levels: Sequence[str],
@@ -149,58 +155,61 @@ class M2D2Embedder:
         """Files of at most 300 s: grouped by length into batches of at most ``model_batch_size`` chunks."""
         import torch
 
-        from ..files import _batches, _reason
+        from ..files import failure_reason, pack_batches
 
         m = self.model
-        chunk_samples = m.config.encoder.chunk_frames * m.config.frontend.hop_length
-        chunks = {i: max(1, math.ceil(w.shape[-1] / chunk_samples)) for i, w in waves.items()}
         order = sorted(waves, key=lambda i: (-waves[i].shape[-1], i))
-        dense = [chunks.get(i, 0) for i in range(len(paths))]
-        for group in _batches(order, dense, m._max_batch(self.model_batch_size)):
+        chunks = [m.num_chunks(waves[i].shape[-1]) if i in waves else 0 for i in range(len(paths))]
+        for group in pack_batches(order, chunks, m.max_batch(self.model_batch_size)):
             try:
-                self._embed_group(paths, group, waves, levels, results)
+                results.update(self._embed_group(paths, group, waves, levels))
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:  # find the file at fault: each alone
                 if len(group) == 1:
-                    errors[group[0]] = _reason(e)
+                    errors[group[0]] = failure_reason(e)
                     continue
                 for i in group:
                     try:
-                        self._embed_group(paths, [i], waves, levels, results)
+                        results.update(self._embed_group(paths, [i], waves, levels))
                     except torch.cuda.OutOfMemoryError:
                         raise
                     except Exception as e1:
-                        errors[i] = _reason(e1)
+                        errors[i] = failure_reason(e1)
 
     def _embed_group(self, paths: list[str], group: list[int], waves: dict[int, torch.Tensor],
-                     levels: Sequence[str], results: dict[int, dict[str, Any]]) -> None:
-        from ..files import _results_from_tokens
+                     levels: Sequence[str]) -> dict[int, dict[str, Any]]:
+        from ..files import FileResult, finish
+        from ..model import FRAME_LEVELS
 
         m = self.model
         ws = [waves[i] for i in group]
-        toks = m._encode_tokens(ws, self.model_batch_size)
-        per_level = {lvl: _results_from_tokens(m, [paths[i] for i in group], toks, [w.shape[-1] for w in ws], lvl,
-                                               self.reduce, self.normalize, self.model_batch_size)
-                     for lvl in levels}
-        for j, i in enumerate(group):
-            results[i] = {lvl: per_level[lvl][j] for lvl in levels}
+        outs = m.embed_waves(ws, levels, reduce=self.reduce, batch_size=self.model_batch_size)
+        res: dict[int, dict[str, Any]] = {i: {} for i in group}
+        for lvl in levels:
+            out = outs[lvl]
+            per = finish(out, self.normalize) if not isinstance(out, list) else [finish(o, self.normalize) for o in out]
+            for j, i in enumerate(group):
+                n = ws[j].shape[-1]
+                ts = m.frame_timestamps(n) if lvl in FRAME_LEVELS else None
+                res[i][lvl] = FileResult(paths[i], per[j], n / m.sample_rate, ts)
+        return res
 
     def _embed_long(self, i: int, path: str, src: Any, levels: Sequence[str], results: dict[int, dict[str, Any]],
                     errors: dict[int, str]) -> None:
         import torch
 
-        from ..files import _embed_streamed, _reason
+        from ..files import embed_long_file, failure_reason
 
         out = {}
         try:
             for lvl in levels:  # decoded again per level: memory stays bounded whatever the length
-                f = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-                out[lvl] = _embed_streamed(self.model, f, lvl, self.reduce, self.normalize, self.model_batch_size)
+                out[lvl] = embed_long_file(self.model, src, lvl, reduce=self.reduce, normalize=self.normalize,
+                                           batch_size=self.model_batch_size, path=path)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:
-            errors[i] = _reason(e)
+            errors[i] = failure_reason(e)
             return
         results[i] = out
 
@@ -226,7 +235,7 @@ class M2D2Embedder:
 
 
 def _check_levels(level: str, extra_levels: Sequence[str]) -> list[str]:
-    from ..outputs import LEVELS
+    from ..model import LEVELS
 
     if isinstance(extra_levels, str):
         extra_levels = [extra_levels]
@@ -281,55 +290,6 @@ def _sources(batch: Any) -> tuple[list[str], list[Any]]:
             raise ValueError("the batch has an 'amplitude' column but no 'sample_rate' column")
         return paths, [(a, int(sr)) for a, sr in zip(amplitude, rates)]
     return paths, list(paths)
-
-
-def _probe(src: bytes | str) -> float:
-    """Duration in seconds of encoded bytes or a file (header only); ValueError with the reason if unreadable."""
-    import soundfile as sf
-
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        if len(src) == 0:
-            raise ValueError("empty file (0 bytes)")
-        f: Any = io.BytesIO(src)
-    else:
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"audio file not found: {src}")
-        if os.path.getsize(src) == 0:
-            raise ValueError("empty file (0 bytes)")
-        f = src
-    try:
-        info = sf.info(f)
-    except Exception as e:  # LibsndfileError, RuntimeError, TypeError
-        why = str(e).replace(f"Error opening {f!r}: ", "").rstrip(".")  # no "<_io.BytesIO object at 0x...>"
-        raise ValueError(f"cannot decode: {why}. Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 "
-                         "(and other libsndfile formats); convert others first, e.g. `ffmpeg -i IN OUT.flac`"
-                         ) from e
-    if info.frames <= 0:
-        raise ValueError("no samples (zero-length audio)")
-    return info.frames / info.samplerate
-
-
-def _decode(src: bytes | str | tuple[Any, int], target_sr: int) -> np.ndarray:
-    """Mono float32 [N] at ``target_sr``: the samples :func:`m2d2_embed.load_audio` gives for the same file."""
-    import soundfile as sf
-
-    from ..audio import _to_float_numpy, resample
-
-    if isinstance(src, tuple):
-        a, sr = np.asarray(src[0]), src[1]
-        x = _to_float_numpy(a, "amplitude")
-        if x.ndim == 2:  # read_audio: [channels, samples]
-            x = x.mean(axis=0) if x.shape[0] > 1 else x[0]
-        elif x.ndim != 1:
-            raise ValueError(f"amplitude has shape {x.shape}; expected [channels, samples] or [samples]")
-        if sr <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sr}")
-    else:
-        f: Any = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-        data, sr = sf.read(f, dtype="float32", always_2d=True)  # (N, C)
-        x = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return resample(x, int(sr), target_sr) if sr != target_sr else x
 
 
 # ---------------------------------------------------------------------------------------------------
