@@ -393,12 +393,10 @@ def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out
     todo = [p for p in paths if outputs.resume_key(p) not in done] if done else list(paths)
     meta = {**files.embedding_metadata(model, level, reduce, normalize), "format": fmt,
             "model_source": str(args.model)}
-    if level in ("tags", "frame_tags"):
-        meta.setdefault("labels", list(model.labels))
     if d is not None:
         d.check(meta)  # the manifest is written with the first part: a run that fails at once leaves nothing
-    writer = outputs.ResultWriter(d if d is not None else out, fmt, meta, level, part_size=args.shard_size,
-                                  keep=keep)
+    writer = outputs.ResultWriter(d if d is not None else out, fmt, meta, level, keep=keep,
+                                  part_size=getattr(args, "shard_size", 1000))
     t0 = time.perf_counter()
     restore = _sigterm_as_interrupt()
     try:
@@ -734,7 +732,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     paths, unsupported = _collect(args)
     model = _load_model(args)
     options = {"template": args.template, "scores": args.scores, "temperature": args.temperature}
-    model.zero_shot_scores(np.zeros((0, files.output_dim(model, "clap")), np.float32), labels, **options)  # checks
+    model.zero_shot_scores(np.zeros((0, model.output_dim("clap")), np.float32), labels, **options)  # checks
     run = _run(args, model, "clap", paths, None, "npz", None, unsupported=len(unsupported), keep=True,
                normalize=True, summary=sys.stderr if args.verbose else False)
     audio = np.stack([r.embedding for r in run.results]) if run.results else np.zeros((0, 1), np.float32)
