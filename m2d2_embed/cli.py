@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import torch
 
 from . import __version__, files, hub, loader, outputs
+from .convert import convert
+from .model import detect_events
 from .outputs import OutputDir, OutputInUseError
 from .registry import DEFAULT_MODEL
 
@@ -559,8 +562,6 @@ def _embed_on_devices(args: argparse.Namespace, out: Path, fmt: str, is_file: bo
     """Run one `embed --shard i/n` worker process per device, wait for all, then merge."""
     n = len(devices)
     if any(d.startswith("cuda") for d in devices):
-        import torch
-
         count = torch.cuda.device_count()
         bad = [d for d in devices if d.startswith("cuda") and (count == 0 or int(d.partition(":")[2] or 0) >= count)]
         if bad:
@@ -680,11 +681,14 @@ def cmd_tag(args: argparse.Namespace) -> int:
     finally:
         if d is not None:
             d.close()
+    if not run.completed:
+        return run.code
     if args.frames:
         threshold = DEFAULT_EVENT_THRESHOLD if args.threshold is None else args.threshold
-        events = {r.path: model_events(r, labels, threshold, model.frame_hop_seconds) for r in run.results}
+        hop = model.frame_hop_seconds
+        events = {r.path: detect_events(r.embedding, r.timestamps, labels, threshold, hop) for r in run.results}
         if args.json:
-            print(json.dumps({"labels_count": len(labels), "threshold": threshold, "results": [
+            print(json.dumps({"threshold": threshold, "results": [
                 {"path": p, "events": ev} for p, ev in events.items()], "failures": _failures(run)}, indent=2))
         else:
             print(_events_table(events))
@@ -695,16 +699,9 @@ def cmd_tag(args: argparse.Namespace) -> int:
                 {"path": p, "top": [{"label": lab, "score": s} for lab, s in top]} for p, top in rows],
                 "failures": _failures(run)}, indent=2))
         else:
-            print(_table([(p, [f"{lab} ({s:.3f})" for lab, s in top]) for p, top in rows], args.top_k))
+            print(_table([(p, [f"{lab} ({s:.3f})" for lab, s in top]) for p, top in rows],
+                         min(args.top_k, len(labels))))
     return run.code
-
-
-def model_events(result: files.FileResult, labels: list[str], threshold: float, hop: float) -> list[dict]:
-    """Event segments of one file's per-frame scores (see :func:`m2d2_embed.model.detect_events`)."""
-    from .model import detect_events
-
-    return [{k: (float(v) if k != "label" else v) for k, v in ev.items()}
-            for ev in detect_events(result.embedding, result.timestamps, labels, threshold, hop)]
 
 
 def _top(scores: np.ndarray, labels: list[str], k: int, threshold: float | None) -> list[tuple[str, float]]:
@@ -732,12 +729,14 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     paths, unsupported = _collect(args)
     model = _load_model(args)
     options = {"template": args.template, "scores": args.scores, "temperature": args.temperature}
-    model.zero_shot_scores(np.zeros((0, model.output_dim("clap")), np.float32), labels, **options)  # checks
+    none = np.zeros((0, model.output_dim("clap")), np.float32)
+    model.zero_shot_scores(none, labels, **options)  # the labels and options checked before the audio work
     run = _run(args, model, "clap", paths, None, "npz", None, unsupported=len(unsupported), keep=True,
                normalize=True, summary=sys.stderr if args.verbose else False)
-    audio = np.stack([r.embedding for r in run.results]) if run.results else np.zeros((0, 1), np.float32)
-    scores = model.zero_shot_scores(audio, labels, **options).float().cpu().numpy() if run.results else \
-        np.zeros((0, len(labels)))
+    if not run.completed:
+        return run.code
+    audio = np.stack([r.embedding for r in run.results]) if run.results else none
+    scores = model.zero_shot_scores(audio, labels, **options).float().cpu().numpy()
     paths = [r.path for r in run.results]
     if args.json:
         rows = [{"path": p, "scores": {lab: float(s) for lab, s in zip(labels, row)},
@@ -791,8 +790,6 @@ def cmd_text(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and not args.overwrite:
         fatal(f"{dst} exists; pass --overwrite to replace it")
