@@ -256,32 +256,31 @@ def embedding_columns(level: str, dim: int, embeddings: np.ndarray | Sequence[np
         ``(embedding, timestamps)``: the timestamps column is all null for levels without a time axis.
     """
     pa, _ = require_pyarrow()
-    if isinstance(embeddings, np.ndarray) and level not in FRAME_LEVELS:
-        flat, missing = embeddings.astype(np.float32, copy=False).reshape(-1), None
-        n = len(embeddings)
-    else:
-        n = len(embeddings)
-        nulls = [e is None for e in embeddings]
-        missing = pa.array(nulls, type=pa.bool_()) if any(nulls) else None
-        if level not in FRAME_LEVELS:
-            rows = np.zeros((n, dim), np.float32)
+    n = len(embeddings)
+    nulls = [False] * n if isinstance(embeddings, np.ndarray) else [e is None for e in embeddings]
+    missing = pa.array(nulls, type=pa.bool_()) if any(nulls) else None
+    no_timestamps = pa.nulls(n, type=pa.list_(pa.float64()))
+    if level not in FRAME_LEVELS:
+        if isinstance(embeddings, np.ndarray):
+            flat = embeddings.astype(np.float32, copy=False).reshape(-1)
+        else:
+            rows = np.zeros((n, dim), np.float32)  # null rows stay zero underneath the mask
             for i, e in enumerate(embeddings):
                 if e is not None:
                     rows[i] = e
             flat = rows.reshape(-1)
-    if level not in FRAME_LEVELS:
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), dim, mask=missing)
-        return emb, pa.nulls(n, type=pa.list_(pa.float64()))
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), dim, mask=missing), no_timestamps
     lengths = np.asarray([0 if e is None else len(e) for e in embeddings], dtype=np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     parts = [np.asarray(e, np.float32).reshape(-1, dim) for e in embeddings if e is not None]
     flat = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim)
-    ts_parts = [np.asarray(t, np.float64) for e, t in zip(embeddings, timestamps or [None] * n) if e is not None]
-    ts_flat = np.concatenate(ts_parts) if ts_parts else np.zeros(0)
     emb = pa.ListArray.from_arrays(offsets, vectors, mask=missing)
-    ts = pa.ListArray.from_arrays(offsets, pa.array(ts_flat, type=pa.float64()), mask=missing)
-    return emb, ts
+    if timestamps is None:
+        return emb, no_timestamps
+    ts_parts = [np.asarray(t, np.float64) for e, t in zip(embeddings, timestamps) if e is not None]
+    ts_flat = np.concatenate(ts_parts) if ts_parts else np.zeros(0)
+    return emb, pa.ListArray.from_arrays(offsets, pa.array(ts_flat, type=pa.float64()), mask=missing)
 
 
 def arrow_table(paths: Sequence[str], level: str, dim: int, embeddings: np.ndarray | Sequence[np.ndarray | None],
@@ -302,8 +301,8 @@ def arrow_table(paths: Sequence[str], level: str, dim: int, embeddings: np.ndarr
         "dim": pa.array([dim] * n, type=pa.int32()),
         "embedding": emb,
         "timestamps": ts,
-        "duration": pa.array(np.zeros(0) if durations is None and n == 0 else
-                             (list(durations) if durations is not None else [None] * n), type=pa.float64()),
+        "duration": pa.array([None] * n if durations is None else durations if isinstance(durations, np.ndarray)
+                             else list(durations), type=pa.float64()),
         "error": pa.array(list(errors) if errors is not None else [None] * n, type=pa.string()),
         **(extra or {}),
     }
