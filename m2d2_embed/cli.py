@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "one): the top classes of each file as a table, or with --frames the sound events (onset, offset, "
                 "label, score) found by thresholding per-frame scores and merging adjacent frames. -o also writes "
                 "the scores (level tags, or frame_tags with --frames) in the formats of `embed`.",
-                epilog=f"example: {PROG} tag clips/ --model m2d-as-2024 --top-k 3")
+                epilog=f"example: {PROG} tag clips/ --model path/to/as2m_finetuned.pth --frames --threshold 0.3")
     t.add_argument("--top-k", type=_positive, default=5, metavar="K", help="classes shown per file (default 5)")
     t.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="show only classes scoring at least T; with --frames, the event threshold (default "
