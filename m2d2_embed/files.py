@@ -293,7 +293,8 @@ def _stack(waves: list[np.ndarray]) -> torch.Tensor:
     if get_worker_info() is not None:
         elem = torch.empty(0, dtype=dtype)
         try:
-            out = elem.new(elem._typed_storage()._new_shared(n * length, device=elem.device)).resize_(n, length)
+            storage = elem._typed_storage()._new_shared(n * length, device=elem.device)  # noqa: SLF001 (torch's own)
+            out = elem.new(storage).resize_(n, length)
         except (AttributeError, RuntimeError):  # private API: fall back to a plain tensor (shared when sent)
             out = torch.empty(n, length, dtype=dtype)
     else:
@@ -368,15 +369,11 @@ def embedding_metadata(model: M2D2, level: str, reduce: str = "none", normalize:
     """What an output file records about how its embeddings were made (also the resume key of the CLI)."""
     from . import __version__
 
-    meta = {"model": model.name, "weights_fingerprint": weights_fingerprint(model), "level": level,
-            "reduce": reduce if level in ("clip", "frame") else "none", "normalize": bool(normalize),
-            "dim": model.output_dim(level, reduce), "sample_rate": model.sample_rate,
+    return {"model": model.name, "weights_fingerprint": weights_fingerprint(model), "level": level,
+            "normalize": bool(normalize), **model.describe(level, reduce), "sample_rate": model.sample_rate,
             "compute_dtype": str(model.dtype).replace("torch.", ""),
             "frame_hop_seconds": model.frame_hop_seconds, "timestamps_unit": "seconds (centre of each frame)",
             "m2d2_embed_version": __version__}
-    if level in ("tags", "frame_tags"):
-        meta["labels"] = model.labels
-    return meta
 
 
 def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip", *, reduce: str = "none",
@@ -389,9 +386,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
     """
     from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
-    model.check_level(level, reduce)
-    if normalize and level in ("tags", "frame_tags"):
-        raise ValueError(f"normalize=True does not apply to class scores (level {level!r})")
+    model.check_level(level, reduce, normalize=normalize)
     paths = [os.fspath(p) for p in paths]
     budget = model.max_batch(batch_size)
     workers = default_num_workers() if num_workers is None else int(num_workers)

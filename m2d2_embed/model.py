@@ -337,9 +337,11 @@ class M2D2(nn.Module):
         return (sim / temperature).softmax(-1) if scores == "softmax" else sim
 
     # -- engine API ------------------------------------------------------------------------------------------------
-    def check_level(self, level: str, reduce: str = "none", *, long_audio: str = "auto",
-                    scores: str = "default") -> None:
+    def check_level(self, level: str, reduce: str = "none", *, long_audio: str = "auto", scores: str = "default",
+                    normalize: bool = False) -> None:
         """Raise a clear ValueError if this model cannot produce ``level`` with these options."""
+        if normalize and level in ("tags", "frame_tags"):
+            raise ValueError(f"normalize=True does not apply to class scores (level {level!r})")
         if level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
         if reduce not in ("none", "mean"):
@@ -352,6 +354,15 @@ class M2D2(nn.Module):
             self._require_head()
         if level in ("tags", "frame_tags"):
             self._require_classifier()
+
+    def describe(self, level: str, reduce: str = "none") -> dict[str, Any]:
+        """What outputs at ``level`` are, for the metadata of saved outputs: ``dim``, the ``reduce`` that applies
+        ("none" where it does not), and the class ``labels`` for tags levels."""
+        info: dict[str, Any] = {"dim": self.output_dim(level, reduce),
+                                "reduce": reduce if level in ("clip", "frame") else "none"}
+        if level in ("tags", "frame_tags"):
+            info["labels"] = self.labels
+        return info
 
     def output_dim(self, level: str, reduce: str = "none") -> int:
         """Width of one output vector at ``level``: 3840 / 768 (clip, frame), the CLAP size, or the class count."""
@@ -760,5 +771,6 @@ def similarity(a: Any, b: Any) -> Any:
     dt = torch.promote_types(ta.dtype, tb.dtype)
     if not dt.is_floating_point:
         dt = torch.float32
-    s = nn.functional.normalize(ta.to(dt), dim=-1) @ nn.functional.normalize(tb.to(dt), dim=-1).T
+    na, nb = nn.functional.normalize(ta.to(dt), dim=-1), nn.functional.normalize(tb.to(dt), dim=-1)
+    s = na @ (nb.T if nb.ndim == 2 else nb)
     return s.numpy() if is_np else s

@@ -147,3 +147,63 @@ def test_similarity_is_cosine():
     assert isinstance(m2d2.similarity(torch.from_numpy(a), b), torch.Tensor)
     with pytest.raises(ValueError, match="widths differ"):
         m2d2.similarity(a, np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize(("rate", "exc", "match"), [
+    (True, TypeError, "integer number of samples per second"),  # was taken as 1 Hz: hours of audio
+    (16000.0, TypeError, "integer number of samples per second"),
+    (2, ValueError, "not a plausible audio sample rate"),
+    (999, ValueError, "not a plausible"),
+    (1_000_000, ValueError, "not a plausible"),
+])
+def test_implausible_sample_rates_are_refused_before_any_work(model, rate, exc, match):
+    with pytest.raises(exc, match=match):
+        model.clip_embeddings(tone(2.0), sample_rate=rate)
+    assert model.clip_embeddings(tone(2.0, sr=8000), sample_rate=np.int64(8000)).shape == (320,)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint16, np.uint32, np.uint64])
+def test_ambiguous_integer_audio_is_refused_not_silenced(model, dtype):
+    pcm = np.array((tone(1.0) * 20000).astype(np.int64), dtype=dtype)  # what np.array of Python ints gives
+    with pytest.raises(TypeError, match="ambiguous.*int16"):
+        model.clip_embeddings(pcm, sample_rate=16000)
+    ok = model.clip_embeddings(pcm.astype(np.int16), sample_rate=16000)  # the advice works
+    np.testing.assert_allclose(ok, model.clip_embeddings(pcm.astype(np.int16) / 32768.0, sample_rate=16000),
+                               atol=1e-5)
+
+
+def test_soundfile_layout_stereo_is_named_not_called_too_short(model):
+    stereo = np.stack([tone(1.0), tone(1.0)], axis=1)  # (samples, channels), as soundfile.read gives
+    with pytest.raises(ValueError, match="2-channel audio in soundfile's .samples, channels. layout"):
+        model.clip_embeddings(stereo, sample_rate=16000)
+
+
+def test_a_bad_item_of_a_list_is_named_by_index(model):
+    with pytest.raises(ValueError, match=r"audio\[2\]: .*NaN"):
+        model.clip_embeddings([tone(1.0), tone(2.0), np.full(16000, np.nan, np.float32)], sample_rate=16000)
+    with pytest.raises(ValueError, match=r"audio\[1\]: .*too short"):
+        model.clip_embeddings([tone(1.0), tone(0.001)], sample_rate=16000)
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [
+    ({"labels": None}, TypeError, "labels must be a list of strings"),
+    ({"labels": ["dog"], "template": "a {label} and a {thing}"}, ValueError, r"no other \(found \{thing\}\)"),
+    ({"labels": ["dog"], "template": "a {0}"}, ValueError, r"placeholder \{label\}"),
+    ({"labels": ["dog"], "template": "a {label"}, ValueError, "not a valid format string"),
+])
+def test_zero_shot_labels_and_template_errors_say_what_is_allowed(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        model.zero_shot(tone(1.0), sample_rate=16000, **kwargs)
+
+
+def test_zero_shot_scores_of_precomputed_embeddings_equal_zero_shot(model):
+    x = np.stack([tone(1.0), tone(2.0, freq=880)[:16000]])
+    emb = model.clap_audio_embeddings(x, sample_rate=16000)
+    want = model.zero_shot(x, ["dog", "rain"], sample_rate=16000)
+    np.testing.assert_allclose(model.zero_shot_scores(emb, ["dog", "rain"]).cpu().numpy(), want, atol=1e-6)
+
+
+def test_similarity_of_one_and_many_drops_the_single_axis():
+    a, b = np.ones(3), np.eye(3)[:2]
+    assert m2d2.similarity(a, b).shape == (2,) and m2d2.similarity(b, a).shape == (2,)
+    assert m2d2.similarity(b, b).shape == (2, 2) and m2d2.similarity(a, a).shape == ()

@@ -9,6 +9,15 @@ import torch
 from m2d2_embed.train.downstream import accuracy, linear_probe, mean_average_precision, spec_mask
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The probes are small: one thread avoids the cost of thread hand-offs on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Four classes, linearly separable in 16-d: a class centre far apart plus unit noise."""
     rng = np.random.default_rng(seed)
@@ -20,10 +29,46 @@ def _separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_linear_probe_is_near_perfect_on_separable_data():
     xtr, ytr = _separable(400, 0)
     xte, yte = _separable(200, 1)
-    res = linear_probe(xtr, ytr, test_x=xte, test_y=yte)
+    res = linear_probe(xtr, ytr, test_x=xte, test_y=yte, lr=1e-3)
     assert res.metric == "accuracy" and res.val_score >= 0.97 and res.test_score >= 0.97
     assert res.classes == ["a", "b", "c", "d"]
     assert accuracy(res.predict(xte), np.searchsorted(res.classes, yte)) == res.test_score
+
+
+def _embeddings(n: int, seed: int, dim: int = 768, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding-like features: 768-d, offset and scaled (so standardising matters), class centres apart."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).standard_normal((classes, dim))
+    y = rng.integers(0, classes, n)
+    return (centres[y] + 3 * rng.standard_normal((n, dim)) + 5).astype(np.float32), y
+
+
+def test_linear_probe_with_evar_defaults_reaches_scikit_learn():
+    """EVAR's protocol (standardised, one Linear, Adam 3e-5, batch 200, <= 200 epochs, patience 20) on a separable
+    set scores within 0.02 of scikit-learn's logistic regression on the same standardised features."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    from sklearn.preprocessing import StandardScaler
+
+    xtr, ytr = _embeddings(600, 0)
+    xv, yv = _embeddings(150, 1)
+    xte, yte = _embeddings(500, 2)
+    sc = StandardScaler().fit(xtr)
+    ref = sklearn.LogisticRegression(max_iter=2000).fit(sc.transform(xtr), ytr).score(sc.transform(xte), yte)
+    res = linear_probe(xtr, ytr, xv, yv, xte, yte)
+    assert ref > 0.95 and res.test_score >= ref - 0.02, (ref, res.test_score)
+    np.testing.assert_allclose(res.mean, sc.mean_, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(res.std, sc.scale_, rtol=1e-5)
+
+
+def test_linear_probe_early_stopping_follows_evar():
+    """A tie with the best score counts as a new best (the later epoch is kept), and training stops once
+    ``patience`` epochs have passed without one."""
+    x, y = _separable(200, 0)
+    res = linear_probe(x, y, x[:40], y[:40], lr=1e-2, patience=3, max_epochs=30)
+    assert res.val_score == 1.0 and res.best_epoch == 29  # perfect within a few epochs; every tie is a new best
+    noisy = np.random.default_rng(1).permutation(y[:40])  # validation labels unrelated to the features
+    res = linear_probe(x, y, x[:40], noisy, lr=1e-2, patience=3, max_epochs=30)
+    assert res.best_epoch < 26, "no improvement for 3 epochs after the best one: stopped"
 
 
 def test_linear_probe_multi_label_reports_map():

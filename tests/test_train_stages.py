@@ -192,12 +192,11 @@ def test_importing_m2d2_embed_does_not_import_training():
 
 
 def test_cli_probe_on_an_exported_model(stage1_model, synth, capsys):
-    assert (
-        main(["probe", "--model", str(stage1_model), "--train", str(synth.train_csv), "--test", str(synth.val_csv)])
-        == 0
-    )
+    args = ["probe", "--model", str(stage1_model), "--train", str(synth.train_csv), "--test", str(synth.val_csv)]
+    assert main([*args, "--epochs", "7", "--patience", "100", "--lr", "1e-3", "--batch-size", "8"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "accuracy" and out["classes"] == 4 and 0.0 <= out["test"] <= 1.0
+    assert out["best_epoch"] <= 6  # --epochs bounds the run
 
 
 def test_text_init_reads_hugging_face_bert_files_and_our_exports(tmp_path):
@@ -275,3 +274,25 @@ def test_stage1_continues_from_a_pretrained_model(synth, stage1_model, tmp_path)
     assert all(torch.equal(v, sd["encoder." + k]) for k, v in model.encoder.state_dict().items())
     assert all(torch.equal(v, sd["audio_proj." + k]) for k, v in model.audio_proj.state_dict().items())
     assert torch.equal(model.m2d.target.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_stage2_bert_trains_with_dropout_and_evaluates_without(synth, stage1_model, tmp_path):
+    from m2d2_embed.text import BertTextEncoder
+
+    trainer = setup_stage2(stage2_config(synth, stage1_model, tmp_path), DistInfo())
+    text = trainer.model.text_encoder
+    plain = BertTextEncoder(text.config)
+    plain.load_state_dict(text.state_dict())  # same keys: dropout adds no tensors
+    ids = torch.randint(1000, 2000, (3, 12))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    trainer.model.train()
+    a, b = text(ids, mask), text(ids, mask)
+    assert not torch.allclose(a, b), "dropout is active while training"
+    trainer.model.eval()
+    torch.testing.assert_close(text(ids, mask), plain.eval()(ids, mask), rtol=0, atol=0)
+    # 512-token captions fit when the text encoder has 512 positions
+    cfg = stage2_config(synth, stage1_model, tmp_path / "long")
+    cfg.max_text_tokens = 100
+    with pytest.raises(ValueError, match="exceeds the text encoder's 64 positions"):
+        setup_stage2(cfg, DistInfo())

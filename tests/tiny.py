@@ -8,20 +8,29 @@ from pathlib import Path
 
 import torch
 
-from m2d2_embed.config import AudioHeadConfig, EncoderConfig, FrontEndConfig, ModelConfig, TextConfig
+from m2d2_embed.config import (
+    AudioHeadConfig,
+    ClassifierConfig,
+    EncoderConfig,
+    FrontEndConfig,
+    ModelConfig,
+    TextConfig,
+)
 from m2d2_embed.convert import save_model
 from m2d2_embed.model import M2D2
 
 UPSTREAM_2025 = "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025"
 
 
-def tiny_config(head: str | None = "semantic", text: bool = True, width: int = 1001) -> ModelConfig:
+def tiny_config(head: str | None = "semantic", text: bool = True, width: int = 1001,
+                classifier: ClassifierConfig | None = None) -> ModelConfig:
     return ModelConfig(
         name="tiny",
         frontend=FrontEndConfig(norm_mean=-7.26, norm_std=4.35),
         encoder=EncoderConfig(input_size=(80, width), embed_dim=64, depth=2, num_heads=1),
         audio_head=AudioHeadConfig(kind=head, dim=64, out_dim=64) if head else None,
         text=TextConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128) if text else None,
+        classifier=classifier,
     )
 
 
@@ -31,6 +40,9 @@ def tiny_model(config: ModelConfig | None = None, seed: int = 0) -> M2D2:
     with torch.no_grad():  # zero-initialised tokens/embeddings would hide ordering bugs
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        if model.classifier is not None and model.classifier.norm is not None:  # statistics like a trained head's
+            model.classifier.norm.running_mean.normal_(0, 0.05)
+            model.classifier.norm.running_var.uniform_(0.01, 0.1)
     return model.eval()
 
 

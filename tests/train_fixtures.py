@@ -115,8 +115,59 @@ def _worker(data_dir: Path, out_dir: Path) -> None:
     dist.teardown()
 
 
+def _gradient_ratio_worker(out_dir: Path) -> None:
+    """Under torchrun: for each ``clap.gather`` mode, the DDP-averaged gradient of an audio layer, a text
+    layer and the temperature, divided by the gradient of one process on the whole global batch; writes
+    out_dir/ratios<r>.json {mode: {"audio": r, "text": r, "scale": r, "residual": max deviation}}."""
+    import copy
+
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from m2d2_embed.train import dist
+    from m2d2_embed.train.losses import GATHER_MODES, LogitScale, info_nce
+
+    class Toy(nn.Module):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode = mode
+            self.audio, self.text, self.scale = nn.Linear(8, 16), nn.Linear(6, 16), LogitScale()
+
+        def forward(self, xa: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+            return info_nce(self.audio(xa), self.text(xt), self.scale(), self.mode)
+
+    info = dist.setup("cpu")
+    r, w, b = info.rank, info.world_size, 4
+    g = torch.Generator().manual_seed(0)
+    xa, xt = torch.randn(b * w, 8, generator=g), torch.randn(b * w, 6, generator=g)
+    torch.manual_seed(0)
+    base = Toy("local")
+    ref = copy.deepcopy(base)  # one process, the whole global batch ("local" on all rows = single process)
+    ref(xa, xt).backward()
+    out = {}
+    for mode in GATHER_MODES:
+        model = copy.deepcopy(base)
+        model.mode = mode
+        ddp = DistributedDataParallel(model)
+        ddp(xa[r * b : (r + 1) * b], xt[r * b : (r + 1) * b]).backward()  # DDP averages over processes
+        res, worst = {}, 0.0
+        for name in ("audio", "text", "scale"):
+            got = torch.cat([p.grad.reshape(-1) for p in getattr(model, name).parameters()])
+            want = torch.cat([p.grad.reshape(-1) for p in getattr(ref, name).parameters()])
+            ratio = float(got @ want / (want @ want))
+            res[name] = ratio
+            worst = max(worst, float((got - ratio * want).abs().max() / want.abs().max()))
+        res["residual"] = worst
+        out[mode] = res
+    (out_dir / f"ratios{r}.json").write_text(json.dumps(out))
+    dist.teardown()
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "ratios":
+        _gradient_ratio_worker(Path(sys.argv[2]))
+    else:
+        _worker(Path(sys.argv[1]), Path(sys.argv[2]))
 
 
 _CACHE: dict[str, object] = {}

@@ -1,5 +1,6 @@
-"""Training companion of ``m2d2_embed``: M2D + CLAP pre-training (stage 1), the CLAP text side (stage 2),
-fine-tuning and linear probes, single-process or under ``torchrun``.
+"""Training companion of ``m2d2_embed``: M2D + CLAP pre-training (stage 1, also continuing upstream's
+pre-training checkpoints), the CLAP text side (stage 2), fine-tuning and linear probes (ours or EVAR's
+recipes), caption embeddings, single-process or under ``torchrun``.
 
 Run ``python -m m2d2_embed.train --help``. Nothing here is imported by ``import m2d2_embed``; importing this
 package itself is cheap (the submodules load on first use).
@@ -20,6 +21,12 @@ _EXPORTS = {
     "info_nce": "losses",
     "linear_probe": "downstream",
     "make_synthetic_dataset": "data",
+    "load_caption_embeddings": "data",
+    "read_upstream_caption_embeddings": "data",
+    "caption_embeddings": "captions",
+    "read_training_state": "upstream",
+    "write_upstream_checkpoint": "upstream",
+    "Lars": "loop",
 }
 __all__ = sorted(_EXPORTS)
 

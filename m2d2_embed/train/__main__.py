@@ -1,4 +1,4 @@
-"""Command line: ``python -m m2d2_embed.train stage1|stage2|finetune|probe|synth ...``.
+"""Command line: ``python -m m2d2_embed.train stage1|stage2|finetune|probe|captions|synth ...``.
 
 Training stages take a JSON config (``--config``; defaults: ``--print-config``) and ``--set KEY=VALUE``
 overrides, and run single-process or under ``torchrun --nproc_per_node N``.
@@ -88,13 +88,44 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m m2d2_embed.tra
             help="override one setting, e.g. --set train.batch_size=16 (value parsed as JSON)",
         )
         s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    s = sub.add_parser("probe", help="linear probe on the clip embeddings of a trained model")
+    s = sub.add_parser(
+        "probe",
+        help="linear probe on the clip embeddings of a trained model (EVAR's linear evaluation protocol)",
+        description="Standardised clip embeddings, one linear layer, Adam, early stopping on the validation "
+        "score: upstream EVAR's lineareval.py with its M2D settings as defaults.",
+    )
     s.add_argument("--model", required=True, help="a model directory or .safetensors (what the stages export)")
     s.add_argument("--train", required=True, type=Path, help="CSV with file,label")
     s.add_argument("--val", type=Path, help="validation CSV (default: 10%% of --train held out)")
     s.add_argument("--test", type=Path, help="test CSV")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=42, help="EVAR's default seed (default: %(default)s)")
+    s.add_argument(
+        "--lr", type=float, default=3e-5, help="Adam learning rate; EVAR's lr_lineareval for M2D (default: %(default)s)"
+    )
+    s.add_argument("--epochs", type=int, default=200, help="at most this many epochs (default: %(default)s)")
+    s.add_argument(
+        "--patience", type=int, default=20, help="early stopping: epochs without a new best (default: %(default)s)"
+    )
+    s.add_argument("--batch-size", type=int, default=200, help="mini-batch size (default: %(default)s)")
+    s.add_argument("--weight-decay", type=float, default=1e-8, help="Adam L2 penalty (default: %(default)s)")
+    s.add_argument("--no-standardise", action="store_true", help="feed raw embeddings (EVAR: --standard_scaler False)")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="held out of --train when --val is not given")
+    s = sub.add_parser(
+        "captions",
+        help="caption embeddings for stage 1 (an LLM sentence embedder over the CSV's captions)",
+        description="Embed the 'caption' column of CSV (several captions per row separated by '|') into an "
+        "[N, K, E] .npy for data.captions. Defaults follow upstream M2D-CLAP (GTE-base through transformers, "
+        "mean pooling, 512 tokens). Resumable: rerun the same command after an interruption.",
+    )
+    s.add_argument("csv", type=Path, help="CSV with file and caption columns")
+    s.add_argument("--embedder", default="hf://thenlper/gte-base", help="hf://<repo> or a local model folder")
+    s.add_argument("-o", "--out", required=True, type=Path, help="output .npy")
+    s.add_argument("--backend", default="transformers", choices=["transformers", "sentence-transformers"])
+    s.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="transformers backend only")
+    s.add_argument("--max-length", type=int, default=512, help="tokens per caption (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="cpu")
     s = sub.add_parser("synth", help="write a tiny synthetic dataset and CPU-sized configs for every stage")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--n-train", type=int, default=48)
@@ -115,13 +146,48 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m m2d2_embed.tra
         print(f"wrote {ds.train_csv.name}, {ds.val_csv.name}, captions and stage configs in {args.out}")
         return 0
 
+    if args.cmd == "captions":
+        if not args.csv.exists():
+            fatal(f"file list not found: {args.csv}")
+        from .captions import captions_csv
+
+        try:
+            out = captions_csv(
+                args.csv,
+                args.embedder,
+                args.out,
+                backend=args.backend,
+                device=args.device,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                pooling=args.pooling,
+            )
+        except (ValueError, ImportError) as e:
+            fatal(str(e))
+        print(f"wrote {out}")
+        return 0
+
     if args.cmd == "probe":
         for f in (args.train, args.val, args.test):
             if f is not None and not f.exists():
                 fatal(f"file list not found: {f}")
         from .downstream import probe_csv
 
-        res = probe_csv(args.model, args.train, args.val, args.test, device=args.device, seed=args.seed)
+        res = probe_csv(
+            args.model,
+            args.train,
+            args.val,
+            args.test,
+            device=args.device,
+            seed=args.seed,
+            lr=args.lr,
+            max_epochs=args.epochs,
+            patience=args.patience,
+            batch_size=args.batch_size,
+            weight_decay=args.weight_decay,
+            standardise=not args.no_standardise,
+            val_fraction=args.val_fraction,
+        )
         print(
             json.dumps(
                 {

@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 @dataclass
 class OptimConfig:
-    """AdamW; linear warm-up, then half-cycle cosine, updated every optimizer step."""
+    """The optimizer (AdamW by default); linear warm-up, then half-cycle cosine, updated every optimizer step."""
 
     base_lr: float = 3e-4  # lr = base_lr * global batch / 256, as upstream's --blr
     lr: float | None = None  # absolute lr; overrides base_lr when set
@@ -30,6 +30,10 @@ class OptimConfig:
     weight_decay: float = 0.05  # on weights of rank >= 2; none on biases, norms, the logit scale
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 3.0  # max global gradient norm; None disables clipping
+    optimizer: str = "adamw"  # "adamw"; "lars" (timm's Lars, momentum 0.9, as EVAR); "sgd" (momentum 0.9)
+    # "after_warmup": the cosine spans the steps after the warm-up (upstream pre-training, MAE); "whole_run": the
+    # cosine is a function of the step from 0, the warm-up overriding its start (timm's CosineLRScheduler, EVAR)
+    cosine: str = "after_warmup"
 
 
 @dataclass
@@ -37,7 +41,10 @@ class TrainConfig:
     """The training loop: length, batch, precision, checkpoints, logging."""
 
     out_dir: str = "runs/m2d2"  # checkpoint.pt, log.jsonl, config.json and the exported model/ go here
-    batch_size: int = 64  # per process; the global batch is batch_size x processes
+    batch_size: int = 64  # per process and micro-batch; the global batch is batch_size x accum_steps x processes
+    # gradient accumulation: micro-batches per optimizer step. Exact for the M2D loss (a mean over equal-sized
+    # micro-batches); contrastive negatives come from each micro-batch (x processes), not the whole step
+    accum_steps: int = 1
     epochs: float = 300.0  # upstream stage 1: 300 epochs of AudioSet
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     seed: int = 0
@@ -48,6 +55,9 @@ class TrainConfig:
     log_every: int = 50  # log loss, lr and metrics every N steps
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     export: bool = True  # write the runtime model (safetensors + config) to out_dir/model at the end
+    # also write out_dir/upstream/<release name>/checkpoint-<epoch>.pth in upstream's layout (stage 1: the
+    # full pre-training layout with predictor and target, which upstream's and EVAR's tools read)
+    export_upstream: bool = False
 
 
 @dataclass
@@ -57,7 +67,9 @@ class DataConfig:
     csv: str = ""
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
     crop_frames: int | None = None  # frames per random crop; default: the encoder's chunk width
-    norm_stats: str | tuple[float, float] = "model"  # "model": the front end's; "auto": estimate from data
+    # None: "auto" when training from scratch, "model" when continuing from init_from (as upstream);
+    # "model": the (pre-trained) front end's; "auto": estimated from the training data; or [mean, std]
+    norm_stats: str | tuple[float, float] | None = None
     captions: str | None = None  # stage 1: caption embeddings .npy [N, E] or [N, K, E] aligned with the CSV
 
 
@@ -81,15 +93,22 @@ class ClapConfig:
     weight: float = 0.01  # stage 1: total = M2D + weight x CLAP (upstream --loss_off)
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
-    gather: bool = True  # all-gather embeddings so negatives span every process
+    # negatives across processes: "exact" (the global-batch loss and gradient, whatever the number of
+    # processes), "upstream" (as upstream's code: audio/text gradients 1/processes of that, the temperature's
+    # whole; reproduces the paper's runs), "local" (this process's batch only). See losses.info_nce
+    gather: str = "exact"
 
 
 @dataclass
 class Stage1Config:
     """M2D + CLAP pre-training against precomputed caption embeddings."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(audio_head=AudioHeadConfig()))
-    init_from: str | None = None  # continue from a checkpoint (upstream .pth or ours): encoder [+ head]
+    # audio head: upstream's stage 1 (M2D-CLAP 2024) MLP over the mean of the visible tokens; "semantic" is
+    # the M2D2 2025 head
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(audio_head=AudioHeadConfig(kind="mlp")))
+    # continue from a checkpoint (upstream .pth or ours): encoder [+ head]; an upstream pre-training .pth also
+    # gives the predictor, the EMA target, text_proj and the logit scale
+    init_from: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/stage1"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,13 +130,19 @@ class Stage2Config:
     clap: ClapConfig = field(default_factory=lambda: ClapConfig(weight=1.0, logit_scale_init=math.log(100.0)))
     mask_ratio: float = 0.3  # structured masking of the encoder input; 0.0 for the refinement stage
     mask_kind: str = "time"  # "time": whole time columns of patches; "random": unstructured patches
-    max_text_tokens: int = 128  # captions are cut to this many BERT tokens
+    max_text_tokens: int = 128  # captions are cut to this many BERT tokens (up to model.text.max_position, 512)
+    text_dropout: float = 0.1  # BERT's hidden dropout while training, as Hugging Face's BertModel (0 disables)
+    attention_dropout: float = 0.1  # BERT's attention-probability dropout while training
 
 
 @dataclass
 class FinetuneConfig:
-    """Encoder + linear head on labelled clips (single-label: cross-entropy; multi-label: BCE)."""
+    """Encoder + linear head on labelled clips (single-label: cross-entropy; multi-label: BCE).
 
+    ``recipe="evar"`` starts from ``FINETUNE_PRESETS["evar"]`` (upstream EVAR's fine-tuning of M2D) instead of
+    these defaults; settings given in the config file or ``--set`` still win."""
+
+    recipe: str = "ours"  # "ours" (these defaults) or "evar" (EVAR's finetune.py with its config/m2d.yaml)
     init_from: str = ""  # pre-trained model (upstream .pth or ours)
     val_csv: str | None = None  # evaluated at the end (and every eval_every steps)
     eval_every: int | None = None
@@ -126,6 +151,14 @@ class FinetuneConfig:
     freq_mask: int = 30  # max width in mel bins of one frequency mask (0 disables)
     time_mask: int = 100  # max width in frames of one time mask (0 disables)
     freeze_encoder: bool = False  # True: train the head only
+    freeze_embed: bool = False  # True: keep the patch embedding fixed (EVAR's freeze_embed)
+    head_norm: bool = False  # BatchNorm1d(affine=False) before the Linear head, which starts ~ trunc_normal(2e-5)
+    training_mask: float = 0.0  # > 0: structured patch masking of the encoder input while training, and the head on
+    # the mean of all visible patch tokens (D features) instead of the time-mean of stacked frequency patches (f x D)
+    rrc: bool = False  # EVAR's random resized crop of the log-mel (virtual canvas 1.5x in time, scale 0.6-1.5, bicubic)
+    mixup_kind: str = "ours"  # "ours": with probability `mixup`, the batch mixed with its reverse at U(0, 1);
+    # "evar": every batch, per clip lambda ~ Beta(mixup, mixup) with a random partner (mixup = alpha)
+    loss: str = "ours"  # "ours": cross-entropy / BCE; "evar": single-label -mean(onehot * log_softmax) (CE / classes)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/finetune", epochs=50.0, batch_size=32))
     optim: OptimConfig = field(
@@ -135,6 +168,36 @@ class FinetuneConfig:
 
 
 STAGES: dict[str, type] = {"stage1": Stage1Config, "stage2": Stage2Config, "finetune": FinetuneConfig}
+
+# Recipes for the finetune stage: values replacing FinetuneConfig's defaults (the user's settings still win).
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    # upstream EVAR finetune.py + config/m2d.yaml (ft_lr 2.0, ft_bs 128, ft_epochs 200, warmup_epochs 5, mixup 0.5,
+    # ft_freq_mask 30, ft_time_mask 192, ft_rrc True; TaskHead BatchNorm1d(affine=False) + Linear; timm Lars with
+    # momentum 0.9 and no weight decay; CosineLRScheduler lr_min 1e-7) and upstream M2D's util/ft-as2m.sh
+    # (--training_mask 0.5 --optim lars); freeze_embed as util/ft-esc50.sh
+    "evar": {
+        "recipe": "evar",
+        "head_norm": True,
+        "training_mask": 0.5,
+        "rrc": True,
+        "freeze_embed": True,
+        "mixup": 0.5,
+        "mixup_kind": "evar",
+        "loss": "evar",
+        "freq_mask": 30,
+        "time_mask": 192,
+        "train": {"epochs": 200.0, "batch_size": 128},
+        "optim": {
+            "lr": 2.0,
+            "optimizer": "lars",
+            "weight_decay": 0.0,
+            "warmup_epochs": 5.0,
+            "min_lr": 1e-7,
+            "clip_grad": None,
+            "cosine": "whole_run",
+        },
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +262,23 @@ def load_config(
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
-    d = to_dict(STAGES[stage]())
+    d = _merge(stage, to_dict(STAGES[stage]()), path, overrides, base)
+    recipe = d.get("recipe", "ours") if stage == "finetune" else "ours"
+    if recipe != "ours":
+        if recipe not in FINETUNE_PRESETS:
+            raise ValueError(f"unknown finetune recipe {recipe!r}; expected 'ours' or {sorted(FINETUNE_PRESETS)}")
+        d = _merge(stage, _deep_update(to_dict(STAGES[stage]()), FINETUNE_PRESETS[recipe]), path, overrides, base)
+    return _build(STAGES[stage], d, "")
+
+
+def _merge(
+    stage: str,
+    d: dict[str, Any],
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...],
+    base: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``d`` updated by the config file, ``base`` and the overrides, in that order."""
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -218,4 +297,4 @@ def load_config(
                 raise ValueError(f"override {o!r}: {k!r} is not a section of the {stage} config")
             node = node[k]
         node[keys[-1]] = value
-    return _build(STAGES[stage], d, "")
+    return d

@@ -15,9 +15,11 @@ import csv
 import dataclasses
 import logging
 import math
+import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -226,14 +228,99 @@ class ClipDataset(Dataset):
         return item
 
 
-def load_caption_embeddings(path: str | Path) -> np.ndarray:
-    """A float array [N, E] or [N, K, E] (K captions per clip; rows padded with NaN when fewer)."""
-    e = np.load(path, mmap_mode="r", allow_pickle=False)
-    if e.ndim not in (2, 3) or e.dtype.kind != "f":
-        raise ValueError(
-            f"{path}: caption embeddings must be a float array [N, E] or [N, K, E], got {e.dtype} {e.shape}"
-        )
-    return e
+def load_caption_embeddings(path: str | Path, rows: Sequence[Row] | None = None) -> np.ndarray:
+    """Caption embeddings aligned with the file list: a float array [N, E] or [N, K, E] (K captions per
+    clip; rows padded with NaN when fewer).
+
+    ``path`` is our ``.npy`` array (rows in CSV order), or upstream M2D-CLAP's caption-embedding files
+    (``np.save`` of a ``{ytid: [E] or [K, E]}`` dict; several separated by commas, as upstream's
+    ``--file_caption``), which need ``rows``: clip i gets the captions of the 11-character YouTube id that
+    starts its file name (upstream's rule), from every file that has it, NaN when none has.
+    """
+    paths = [p.strip() for p in str(path).split(",") if p.strip()]
+    if len(paths) == 1:
+        e = np.load(paths[0], mmap_mode="r", allow_pickle=False) if _is_plain_npy(paths[0]) else None
+        if e is not None:
+            if e.ndim not in (2, 3) or e.dtype.kind != "f":
+                raise ValueError(
+                    f"{path}: caption embeddings must be a float array [N, E] or [N, K, E], got {e.dtype} {e.shape}"
+                )
+            return e
+    if rows is None:
+        raise ValueError(f"{path} holds upstream {{ytid: embedding}} dicts; aligning them needs the file list rows")
+    dicts = [read_upstream_caption_embeddings(p) for p in paths]
+    dims = {v.shape[-1] for d in dicts for v in list(d.values())[:1]}
+    if len(dims) != 1:
+        raise ValueError(f"caption files {paths} have embeddings of different widths {sorted(dims)}")
+    per_row = []
+    for r in rows:
+        ytid = r.path.name[:11]
+        caps = [np.atleast_2d(np.asarray(d[ytid], dtype=np.float32)) for d in dicts if ytid in d]
+        per_row.append(np.concatenate(caps) if caps else np.zeros((0, next(iter(dims)))))
+    k = max(1, max(len(c) for c in per_row))
+    out = np.full((len(rows), k, next(iter(dims))), np.nan, dtype=np.float32)
+    for i, c in enumerate(per_row):
+        out[i, : len(c)] = c
+    n_missing = sum(len(c) == 0 for c in per_row)
+    log.info(
+        "caption embeddings from %s: %d of %d clips captioned, up to %d captions each",
+        ", ".join(paths),
+        len(rows) - n_missing,
+        len(rows),
+        k,
+    )
+    return out
+
+
+def _is_plain_npy(path: str | Path) -> bool:
+    """True when the ``.npy`` file holds a plain (non-object) array."""
+    with open(path, "rb") as f:
+        _, _, dtype = _npy_header(f)
+    return not dtype.hasobject
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the ``.npy`` file open at its start; leaves ``f`` at the data."""
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only dicts of numpy arrays (what ``np.save`` writes for a dict): no other class loads."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a caption-embedding file")
+        return super().find_class(module, name)
+
+
+def read_upstream_caption_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """Upstream M2D-CLAP's caption-embedding file (``np.save`` of ``{ytid: [E] or [K, E]}``, read upstream with
+    ``np.load(..., allow_pickle=True).item()``) -> the dict. Unpickled with only numpy arrays allowed, so a
+    file holding anything else is rejected instead of run."""
+    with open(path, "rb") as f:
+        shape, _, dtype = _npy_header(f)
+        if not dtype.hasobject or shape != ():
+            raise ValueError(f"{path} is not a pickled {{ytid: embedding}} dict (an array {dtype} {shape})")
+        try:
+            obj = _ArrayUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: refused to unpickle ({e}); expected a dict of numpy arrays") from e
+    obj = obj.item() if isinstance(obj, np.ndarray) else obj
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a non-empty {{ytid: embedding}} dict")
+    return {str(k): np.asarray(v) for k, v in obj.items()}
 
 
 class EpochBatches(Sampler[list[int]]):

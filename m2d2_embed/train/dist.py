@@ -91,3 +91,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` [B, ...] of every process in rank order -> [world * B, ...]; only this process's
+    slice carries gradient (the others are plain copies), as upstream's ``gather_features``. Every process
+    must pass the same B. Without a process group, returns ``x``."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)

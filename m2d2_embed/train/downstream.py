@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ClassifierConfig, ModelConfig
 from ..encoder import AudioEncoder
 from . import dist
 from .config import FinetuneConfig, to_dict
 from .data import ClipDataset, LabelMap, LogMelReader, Row, read_csv
 from .loop import Trainer
-from .m2d import init_weights
+from .m2d import gather_tokens, init_weights, patch_tokens, run_blocks, structured_mask
 from .stages import _with_pretrained_audio, read_pretrained, resolve_norm_stats, sub_state
 
 log = logging.getLogger(__name__)
@@ -94,22 +94,34 @@ def linear_probe(
     test_y: np.ndarray | Sequence[Any] | None = None,
     *,
     val_fraction: float = 0.1,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
+    lr: float = 3e-5,
+    weight_decay: float = 1e-8,
+    batch_size: int = 200,
     max_epochs: int = 200,
     patience: int = 20,
-    seed: int = 0,
+    standardise: bool = True,
+    seed: int = 42,
 ) -> ProbeResult:
-    """Linear evaluation of fixed embeddings: standardise with the training statistics, train a logistic
-    regression (softmax, or sigmoid per class for multi-label) with Adam, keep the epoch with the best
-    validation score, stop after ``patience`` epochs without improvement.
+    """Linear evaluation of fixed embeddings with upstream EVAR's protocol (``lineareval.py``, whose
+    classifier is ``TorchMLPClassifier2`` with no hidden layer; defaults from EVAR's M2D configs):
+
+    - features standardised with the training set's mean and (population) standard deviation;
+    - one ``nn.Linear`` (PyTorch's default initialisation);
+    - Adam, ``lr`` (EVAR's ``lr_lineareval``: 3e-5 for M2D/M2D-CLAP, 3e-4 for BYOL-A or AST), betas
+      (0.9, 0.999), eps 1e-8, L2 ``weight_decay`` 1e-8;
+    - mini-batches of ``min(batch_size, N)`` (EVAR: 200), shuffled, the last one kept;
+    - loss: mean over batch and classes of ``-onehot * log_softmax`` (single-label), or binary
+      cross-entropy of the sigmoid (multi-label);
+    - after each epoch, the validation accuracy (or mAP); the best epoch's weights are kept (ties go to
+      the later epoch), and training stops when ``patience`` epochs (EVAR's ``early_stop_epochs``: 20)
+      pass without a new best, or after ``max_epochs`` (EVAR: 200).
 
     Args:
         train_x: embeddings [N, D].
         train_y: labels [N] (any hashable values), or multi-hot [N, C] for a multi-label task.
         val_x, val_y: validation set; without it, ``val_fraction`` of the training set is held out.
         test_x, test_y: scored once with the selected epoch.
+        standardise: False feeds the raw features (EVAR's ``--standard_scaler False``).
     Returns:
         ``ProbeResult`` with the validation and test scores (accuracy or mAP).
     """
@@ -142,33 +154,55 @@ def linear_probe(
         val_x, y_val, train_x, y_tr = train_x[v], y_tr[v], train_x[t], y_tr[t]
     else:
         val_x, y_val = np.asarray(val_x, dtype=np.float32), enc(val_y)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-8
+    if standardise:  # scikit-learn's StandardScaler: population std, constant features left unscaled
+        mean, std = train_x.mean(0), train_x.std(0)
+        std = np.where(std > 1e-12, std, 1.0).astype(np.float32)
+    else:
+        mean, std = np.zeros(train_x.shape[1], np.float32), np.ones(train_x.shape[1], np.float32)
 
     def prep(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((np.asarray(x, dtype=np.float32) - mean) / std)
 
-    xt, yt, xv = prep(train_x), torch.from_numpy(y_tr), prep(val_x)
+    xt, xv = prep(train_x), prep(val_x)
+    n_cls = len(classes)
+    yt = torch.from_numpy(y_tr) if multi else F.one_hot(torch.from_numpy(y_tr), n_cls).float()
     torch.manual_seed(seed)
-    head = nn.Linear(xt.shape[1], len(classes))
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = F.binary_cross_entropy_with_logits if multi else F.cross_entropy
+    head = nn.Linear(xt.shape[1], n_cls)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if multi:
+            return F.binary_cross_entropy(torch.sigmoid(logits), target)
+        return -(target * F.log_softmax(logits, dim=-1)).mean()
+
+    bs = min(batch_size, len(xt))
     best, best_state, best_epoch, waited = -np.inf, None, 0, 0
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(max_epochs):
-        for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
+        for idx in torch.randperm(len(xt), generator=gen).split(bs):
             opt.zero_grad()
             loss_fn(head(xt[idx]), yt[idx]).backward()
             opt.step()
         with torch.no_grad():
             s = score(head(xv).numpy(), y_val, multi)
-        if s > best:
-            best, best_epoch, waited = s, epoch, 0
+        if s >= best:
+            best, best_epoch, waited = s, epoch, 1
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
         else:
-            waited += 1
             if waited >= patience:
                 break
+            waited += 1
     head.load_state_dict(best_state)
+    log.info("linear probe: best validation %s %.4f at epoch %d", "mAP" if multi else "accuracy", best, best_epoch + 1)
+    if best_epoch == max_epochs - 1:
+        log.warning(
+            "the linear probe was still improving at its last epoch (%d); it may under-fit: EVAR's protocol keeps "
+            "lr %.3g and %d epochs for comparable numbers, a small data set may need a larger lr (e.g. 3e-4) or "
+            "more epochs",
+            max_epochs,
+            lr,
+            max_epochs,
+        )
     res = ProbeResult(
         "mAP" if multi else "accuracy",
         float(best),
@@ -247,9 +281,62 @@ def spec_mask(x: torch.Tensor, max_width: int, axis: int, generator: torch.Gener
     return x.masked_fill(band.view(shape).to(x.device), 0.0)
 
 
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """EVAR's fine-tuning ``RandomResizeCrop`` of each clip: the log-mel placed at the centre of a zero canvas
+    1.0x its height and 1.5x its width, a crop of U(0.6, 1.5) x its height and width (clipped to the canvas)
+    at a random place, resized back bicubically (align_corners). x (B, 1, n_mels, frames) -> same shape."""
+    B, _, H, W = x.shape
+    ch, cw = H, int(W * 1.5)
+    out = []
+    for b in range(B):
+        canvas = x.new_zeros(1, ch, cw)
+        y0, x0 = (ch - H) // 2, (cw - W) // 2
+        canvas[:, y0 : y0 + H, x0 : x0 + W] = x[b]
+        u = torch.rand(4, generator=generator).tolist()
+        h = min(max(int((0.6 + 0.9 * u[0]) * H), 1), ch)
+        w = min(max(int((0.6 + 0.9 * u[1]) * W), 1), cw)
+        i = int(u[2] * (ch - h + 1)) if ch > h else 0
+        j = int(u[3] * (cw - w + 1)) if cw > w else 0
+        crop = canvas[None, :, i : i + h, j : j + w]
+        out.append(F.interpolate(crop, size=(H, W), mode="bicubic", align_corners=True)[0])
+    return torch.stack(out).to(x.dtype)
+
+
+class TaskHead(nn.Module):
+    """The classifier over clip features: optional ``BatchNorm1d(affine=False)`` (``norm``), then ``linear``.
+    Keys ``norm.running_mean`` / ``norm.running_var`` / ``linear.weight`` / ``linear.bias``, as
+    ``m2d2_embed.config.ClassifierConfig`` names them under ``classifier.``. features (B, in) -> logits (B, C)."""
+
+    def __init__(self, in_features: int, num_classes: int, norm: bool = False, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features, eps=eps, affine=False) if norm else None
+        self.linear = nn.Linear(in_features, num_classes)
+        if norm:  # EVAR's M2D head (upstream m2d/runtime_audio.py): tiny weights, zero bias
+            nn.init.trunc_normal_(self.linear.weight, std=2e-5)
+            nn.init.zeros_(self.linear.bias)
+        else:
+            init_weights(self.linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x) if self.norm is not None else x)
+
+
+def _evar_mixup(
+    x: torch.Tensor, target: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EVAR's fine-tuning mixup: per clip lambda ~ Beta(alpha, alpha), mixed with a random partner of the batch."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=x.shape[0]).astype(np.float32)).to(x.device)
+    partner = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
+    mix_x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[partner]
+    return mix_x, lam[:, None] * target + (1 - lam[:, None]) * target[partner]
+
+
 class FinetuneModel(nn.Module):
-    """Encoder + linear head on the clip feature: patch tokens (B, f*t, D) -> (B, t, f*D) -> mean over time
-    (the layout of the runtime's clip embedding). Batch: ``x`` [B, 1, n_mels, frames], ``label``."""
+    """Encoder + ``TaskHead`` on the clip feature: patch tokens (B, f*t, D) -> (B, t, f*D) -> mean over time
+    (the layout of the runtime's clip embedding), or with ``training_mask`` > 0 (EVAR with upstream's
+    fine-tuning scripts) the mean of all (visible) patch tokens (B, D). Batch: ``x`` [B, 1, n_mels, frames],
+    ``label``."""
 
     def __init__(
         self,
@@ -266,15 +353,26 @@ class FinetuneModel(nn.Module):
         self.encoder.pos_embed.requires_grad_(False)
         if cfg.freeze_encoder:
             self.encoder.requires_grad_(False)
+        if cfg.freeze_embed:
+            self.encoder.patch_embed.requires_grad_(False)
+        for name, allowed in (("mixup_kind", ("ours", "evar")), ("loss", ("ours", "evar"))):
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"finetune {name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
         f, D = model.encoder.grid[0], model.encoder.embed_dim
-        self.head = nn.Linear(f * D, len(labels.names))
-        init_weights(self.head)
+        self.flat = cfg.training_mask > 0  # EVAR: flat features (mean of all tokens) whenever masking is on
+        self.head = TaskHead(D if self.flat else f * D, len(labels.names), norm=cfg.head_norm)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, n_mels, frames) -> (B, f * D)."""
+    def features(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 1, n_mels, frames) -> (B, f * D), or (B, D) with ``training_mask`` (patches masked while training)."""
+        f = self.encoder.config.grid[0]
+        if self.flat:
+            tokens, t = patch_tokens(self.encoder, x)  # (B, f*t, D)
+            if self.training:
+                mask = structured_mask(x.shape[0], f, t, self.cfg.training_mask, generator).to(x.device)
+                tokens = gather_tokens(tokens, mask.visible)
+            return run_blocks(self.encoder, tokens)[:, 1:].mean(1)
         tokens = self.encoder(x)  # (B, f*t, D)
         B, N, D = tokens.shape
-        f = self.encoder.config.grid[0]
         return tokens.reshape(B, f, N // f, D).permute(0, 2, 1, 3).reshape(B, N // f, f * D).mean(1)
 
     def forward(
@@ -283,16 +381,25 @@ class FinetuneModel(nn.Module):
         x, y = batch["x"], batch["label"]
         multi = self.labels.multi_label
         target = y.float() if multi else F.one_hot(y, len(self.labels.names)).float()
+        gen = generator or torch.Generator().manual_seed(0)
         if self.training:
-            gen = generator or torch.Generator().manual_seed(0)
-            x = spec_mask(spec_mask(x, self.cfg.freq_mask, -2, gen), self.cfg.time_mask, -1, gen)
-            if self.cfg.mixup > 0 and float(torch.rand(1, generator=gen)) < self.cfg.mixup:
-                lam = float(torch.rand(1, generator=gen))
-                x = lam * x + (1 - lam) * x.flip(0)
-                target = lam * target + (1 - lam) * target.flip(0)
-        logits = self.head(self.features(x)).float()
+            if self.cfg.mixup_kind == "evar":  # EVAR: mixup on the batch first, then the augmentations
+                if self.cfg.mixup > 0:
+                    x, target = _evar_mixup(x, target, self.cfg.mixup, gen)
+                x = spec_mask(spec_mask(x, self.cfg.freq_mask, -2, gen), self.cfg.time_mask, -1, gen)
+            else:
+                x = spec_mask(spec_mask(x, self.cfg.freq_mask, -2, gen), self.cfg.time_mask, -1, gen)
+                if self.cfg.mixup > 0 and float(torch.rand(1, generator=gen)) < self.cfg.mixup:
+                    lam = float(torch.rand(1, generator=gen))
+                    x = lam * x + (1 - lam) * x.flip(0)
+                    target = lam * target + (1 - lam) * target.flip(0)
+            if self.cfg.rrc:
+                x = random_resized_crop(x, gen)
+        logits = self.head(self.features(x, gen)).float()
         if multi:
             loss = F.binary_cross_entropy_with_logits(logits, target)
+        elif self.cfg.loss == "evar":
+            loss = -(target * F.log_softmax(logits, dim=-1)).mean()  # EVAR's loss_nll: CE / classes
         else:
             loss = F.cross_entropy(logits, target)  # soft targets after mixup
         return loss, {}
@@ -316,17 +423,41 @@ class FinetuneModel(nn.Module):
         sd = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
         return sd, dataclasses.replace(self.model_config, audio_head=None, text=None, text_weights=None)
 
-    def export_extra(self, model_dir: Path) -> None:
-        """``classifier.safetensors`` beside the model: the head and its class names."""
+    def classifier_config(self) -> ClassifierConfig:
+        """The head as ``m2d2_embed.config.ClassifierConfig`` (what a runtime model's tagging reads)."""
+        lin = self.head.linear
+        norm = self.head.norm
+        return ClassifierConfig(
+            in_features=lin.in_features,
+            num_classes=lin.out_features,
+            norm=norm is not None,
+            norm_eps=norm.eps if norm is not None else 1e-5,
+            labels=tuple(self.labels.names),
+            multi_label=self.labels.multi_label,
+        )
+
+    def export_extra(self, model_dir: Path) -> Path:
+        """``classifier.safetensors`` beside the model, written atomically with the model file's mode: tensors
+        ``linear.weight`` [C, in], ``linear.bias`` [C] and, with ``head_norm``, ``norm.running_mean`` /
+        ``norm.running_var`` [in] (``ClassifierConfig``'s keys without the ``classifier.`` prefix); metadata
+        ``labels`` (JSON list), ``multi_label`` (JSON bool) and ``classifier_config`` (JSON). Returns its path."""
         from safetensors.torch import save_file
 
-        meta = {"labels": json.dumps(self.labels.names), "multi_label": json.dumps(self.labels.multi_label)}
+        from .loop import atomic_write
+
+        cc = self.classifier_config()
+        meta = {
+            "labels": json.dumps(self.labels.names),
+            "multi_label": json.dumps(self.labels.multi_label),
+            "classifier_config": json.dumps(dataclasses.asdict(cc)),
+        }
+        tensors = {
+            k: v.detach().float().cpu().contiguous()
+            for k, v in self.head.state_dict().items()
+            if not k.endswith("num_batches_tracked")
+        }
         dst = (model_dir.parent if model_dir.suffix == ".safetensors" else model_dir) / "classifier.safetensors"
-        save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
-            str(dst),
-            metadata=meta,
-        )
+        return atomic_write(dst, lambda p: save_file(tensors, p, metadata=meta))
 
 
 def evaluate_clips(model: FinetuneModel, dataset: ClipDataset) -> dict[str, float]:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,26 @@ CHECKPOINT = "checkpoint.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
+def atomic_write(dst: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``dst``, give it the mode a plain new file gets
+    (0o666 less the umask, as ``m2d2_embed.convert.save_model``'s files) and rename it onto ``dst``; the
+    temporary file is removed on failure. Returns ``dst``."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dst
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: weight decay on tensors of rank >= 2, none on biases, norms and
     scalars (timm's ``param_groups_weight_decay``, as upstream)."""
@@ -46,12 +67,82 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then half-cycle cosine from ``peak`` to ``min_lr``."""
+def lr_at(
+    step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0, cosine: str = "after_warmup"
+) -> float:
+    """Linear warm-up from 0 over ``warmup`` steps, then half-cycle cosine from ``peak`` to ``min_lr``: over the
+    steps after the warm-up (``cosine="after_warmup"``, upstream's pre-training), or over all steps with the
+    warm-up replacing its start (``"whole_run"``, timm's ``CosineLRScheduler`` as EVAR's fine-tuning uses)."""
     if step < warmup:
         return peak * step / warmup
+    if cosine == "whole_run":
+        return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    if cosine != "after_warmup":
+        raise ValueError(f"optim.cosine must be 'after_warmup' or 'whole_run', got {cosine!r}")
     progress = (step - warmup) / max(total - warmup, 1)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS (You et al., 2017) with timm's ``Lars`` semantics, as EVAR's fine-tuning uses it: SGD with momentum
+    whose per-tensor step is scaled by the trust ratio ``trust_coeff * |w| / (|g| + weight_decay * |w| + eps)``
+    only when ``weight_decay`` is non-zero or ``always_adapt`` is set (so EVAR's ``Lars(lr, momentum=0.9,
+    weight_decay=0)`` is SGD with momentum 0.9). The first step's momentum buffer is the gradient itself."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coeff: float = 0.001,
+        eps: float = 1e-8,
+        always_adapt: bool = False,
+    ) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Lars needs lr, momentum and weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=trust_coeff, eps=eps)
+        super().__init__(params, {**defaults, "always_adapt": always_adapt})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, mom = group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd != 0 or group["always_adapt"]:
+                    w_norm, g_norm = p.norm(2.0), g.norm(2.0)
+                    ratio = group["trust_coeff"] * w_norm / (g_norm + w_norm * wd + group["eps"])
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+                    g = g.add(p, alpha=wd).mul_(ratio)
+                if mom != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = g.detach().clone()
+                    else:
+                        state["momentum_buffer"].mul_(mom).add_(g)
+                    g = state["momentum_buffer"]
+                p.add_(g, alpha=-group["lr"])
+        return loss
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """``optim.optimizer`` over the trainable parameters: "adamw" (weight decay on weights of rank >= 2 only),
+    "lars" (``Lars``, momentum 0.9) or "sgd" (momentum 0.9); weight decay ``optim.weight_decay``."""
+    groups = param_groups(model, optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas))
+    if optim.optimizer == "lars":
+        return Lars(groups, lr=lr, momentum=0.9)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    raise ValueError(f"optim.optimizer must be 'adamw', 'lars' or 'sgd', got {optim.optimizer!r}")
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -123,19 +214,21 @@ class Trainer:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
 
-        self.steps_per_epoch = EpochBatches.steps_per_epoch(len(dataset), train.batch_size, info.world_size)
+        if train.accum_steps < 1:
+            raise ValueError(f"train.accum_steps must be >= 1, got {train.accum_steps}")
+        self.accum_steps = int(train.accum_steps)
+        self.step_batch = train.batch_size * self.accum_steps  # clips per process per optimizer step
+        self.steps_per_epoch = EpochBatches.steps_per_epoch(len(dataset), self.step_batch, info.world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(dataset)} clips are fewer than one global batch ({train.batch_size} x "
-                f"{info.world_size} processes); lower train.batch_size or add data"
+                f"{len(dataset)} clips are fewer than one global batch ({train.batch_size} x {self.accum_steps} "
+                f"accumulation steps x {info.world_size} processes); lower train.batch_size or add data"
             )
         self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
         self.warmup_steps = min(round(optim.warmup_epochs * self.steps_per_epoch), self.total_steps)
-        global_batch = train.batch_size * info.world_size
+        global_batch = self.step_batch * info.world_size
         self.peak_lr = optim.lr if optim.lr is not None else optim.base_lr * global_batch / 256
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, optim.weight_decay), lr=self.peak_lr, betas=tuple(optim.betas)
-        )
+        self.optimizer = make_optimizer(self.model, optim, self.peak_lr)
         self.amp_dtype = AMP_DTYPES[train.amp]
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=train.amp == "fp16")
         self.step = 0
@@ -176,12 +269,8 @@ class Trainer:
         """Write ``out_dir/checkpoint.pt`` atomically (temporary file + rename) from rank 0."""
         path = self.out_dir / CHECKPOINT
         if self.info.is_main:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                torch.save(self.state_dict(), tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            state = self.state_dict()
+            atomic_write(path, lambda p: torch.save(state, p))
             log.info("step %d: saved %s", self.step, path)
         dist.barrier()
         return path if self.info.is_main else None
@@ -221,7 +310,7 @@ class Trainer:
                 self.dataset.set_epoch(epoch)
             batches = EpochBatches(
                 len(self.dataset),
-                self.cfg.batch_size,
+                self.step_batch,
                 self.info.rank,
                 self.info.world_size,
                 self.cfg.seed,
@@ -251,21 +340,46 @@ class Trainer:
                 self.export()
         return {k: float(v) for k, v in last.items()}
 
+    def forward_backward(
+        self, batch: dict[str, Any], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss and gradients of one step's batch (``accum_steps`` x ``batch_size`` clips of this process), in
+        ``accum_steps`` micro-batches whose losses are averaged; DDP synchronises only the last backward.
+        Returns the mean loss and the stage's metrics, averaged over the micro-batches."""
+        n = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+        size = -(-n // self.accum_steps)
+        parts = [
+            {k: (v[i : i + size] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            for i in range(0, n, size)
+        ]
+        total: torch.Tensor = torch.zeros((), device=self.info.device)
+        sums: dict[str, Any] = {}
+        for j, part in enumerate(parts):
+            sync = j == len(parts) - 1 or not isinstance(self.wrapped, DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+            with ctx:
+                with autocast(self.info.device, self.amp_dtype):
+                    loss, metrics = self.wrapped(part, generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {self.step}; lower the learning rate, use "
+                        "amp='bf16' or 'none', or check the data"
+                    )
+                self.scaler.scale(loss * (len(next(iter(part.values()))) / n)).backward()
+            total = total + loss.detach() / len(parts)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v / len(parts)
+        return total, sums
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One optimizer step; returns the loss, lr and the stage's metrics (tensors or floats)."""
-        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, self.optim_cfg.min_lr)
+        o = self.optim_cfg
+        lr = lr_at(self.step, self.peak_lr, self.warmup_steps, self.total_steps, o.min_lr, o.cosine)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         batch = _move(batch, self.info.device)
         gen = step_generator(self.cfg.seed, self.step, self.info.rank)
-        with autocast(self.info.device, self.amp_dtype):
-            loss, metrics = self.wrapped(batch, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.step}; lower the learning rate, use "
-                "amp='bf16' or 'none', or check the data"
-            )
-        self.scaler.scale(loss).backward()
+        loss, metrics = self.forward_backward(batch, gen)
         if self.optim_cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -275,7 +389,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_step(self.step, self.total_steps)
         self.step += 1
-        out = {"loss": loss.detach(), "lr": lr, **metrics}  # tensors: no device sync unless logged
+        out = {"loss": loss, "lr": lr, **metrics}  # tensors: no device sync unless logged
         if self.info.is_main and (self.step % self.cfg.log_every == 0 or self.step in (1, self.total_steps)):
             self._log({k: float(v) for k, v in out.items()})
         return out
@@ -314,6 +428,11 @@ class Trainer:
             path = save_model({k: v.detach().float().cpu() for k, v in sd.items()}, cfg, self.out_dir / "model")
             if hasattr(self.model, "export_extra"):
                 self.model.export_extra(path)
+            if self.cfg.export_upstream:
+                from .upstream import write_upstream_checkpoint
+
+                epoch = math.ceil(self.step / self.steps_per_epoch)
+                write_upstream_checkpoint(self.model, self.out_dir / "upstream", epoch=epoch)
             log.info("exported %s (load it with m2d2_embed.load)", path)
         dist.barrier()
         return path

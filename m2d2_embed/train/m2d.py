@@ -59,6 +59,26 @@ def time_mask(batch: int, f: int, t: int, ratio: float, generator: torch.Generat
     return _split(order, t_visible * f)
 
 
+def structured_mask(batch: int, f: int, t: int, ratio: float, generator: torch.Generator | None = None) -> Mask:
+    """Random structured masking for fine-tuning (upstream M2D's ``random_structured_mask``): ``NF`` whole
+    frequency rows and ``NT`` whole time columns are masked in each clip, with ``NF = int(f * (ratio + 1/f) * u)``,
+    u ~ U(0, 1), at most f - 1, and ``NT = int(t * max(ratio + 0.5/t - NF/f, 0))``; NF and NT are shared by the
+    batch so every clip keeps ``(f - NF) * (t - NT)`` patches (the rows and columns differ per clip). Returns
+    CPU tensors; visible = the patches outside the masked rows and columns."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    u = float(torch.rand(1, generator=generator))
+    nf = min(f - 1, int(f * (ratio + 1.0 / f) * u))
+    nt = min(t - 1, int(t * max(ratio + 0.5 / t - nf / f, 0.0)))
+    rows = torch.rand(batch, f, generator=generator).argsort(1)[:, :nf]  # (B, NF) masked rows
+    cols = torch.rand(batch, t, generator=generator).argsort(1)[:, :nt]  # (B, NT) masked columns
+    masked = torch.zeros(batch, f, t, dtype=torch.bool)
+    masked.scatter_(1, rows[:, :, None].expand(-1, -1, t), True)
+    masked.scatter_(2, cols[:, None, :].expand(-1, f, -1), True)
+    order = masked.reshape(batch, f * t).int().argsort(dim=1, stable=True)  # visible first, each group in order
+    return _split(order, (f - nf) * (t - nt))
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, N, C), idx (B, n) -> (B, n, C)."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
