@@ -76,7 +76,8 @@ def _match(rel: str, pattern: str | None) -> bool:
     return fnmatch.fnmatch(rel if "/" in pattern else name, pattern)
 
 
-def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | None = None) -> list[str]:
+def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | None = None,
+                  skipped: list[str] | None = None) -> list[str]:
     """Expand files, folders and quoted wildcards into a list of audio files, in order, without duplicates.
 
     Args:
@@ -85,6 +86,8 @@ def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | Non
         glob: pattern for the files taken from folders (``"*.wav"``; with a ``/`` it is matched against the
             path relative to the folder). Default: the audio suffixes (.wav, .flac, .ogg, .opus, .mp3, ...).
             Files named explicitly are always taken. Hidden files (``.name``) are skipped in folders.
+        skipped: when a list is given and ``glob`` is not, the files of folders left out for their suffix (not
+            an audio format) are appended to it.
     Raises:
         FileNotFoundError: an input does not exist. NoAudioFilesError: nothing to embed, saying why.
     """
@@ -106,7 +109,7 @@ def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | Non
     for item in items:
         s = os.fspath(item)
         if os.path.isdir(s):
-            found = _scan_dir(s, recursive, glob)
+            found = _scan_dir(s, recursive, glob, skipped if glob is None else None)
             if not found:
                 empty_reasons.append(_why_empty(s, recursive, glob))
             real = os.path.realpath(s)
@@ -127,7 +130,8 @@ def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | Non
     return out
 
 
-def _scan_dir(d: str, recursive: bool, pattern: str | None) -> list[tuple[str, str, bool]]:
+def _scan_dir(d: str, recursive: bool, pattern: str | None,
+              skipped: list[str] | None = None) -> list[tuple[str, str, bool]]:
     """Files of folder ``d`` (and, with ``recursive``, of its sub-folders, not following links to folders) that
     match: ``(path, path relative to d, is a symbolic link)``, sorted by relative path. One ``scandir`` per
     folder: no ``stat`` per file except for links (a 100,000-file folder lists in about a second less)."""
@@ -151,6 +155,8 @@ def _scan_dir(d: str, recursive: bool, pattern: str | None) -> list[tuple[str, s
                 link = e.is_symlink()
                 if _match(rel.replace(os.sep, "/"), pattern) and e.is_file():
                     found.append((e.path, rel, link))
+                elif skipped is not None and e.is_file():
+                    skipped.append(e.path)
             except OSError:  # vanished or unreadable entry: not a file we can embed
                 continue
 

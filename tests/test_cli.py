@@ -152,7 +152,7 @@ def test_interrupted_directory_output_keeps_finished_shards(folder, tiny_model_d
     assert cli.main([*args, "--level", "frame"]) == 2
     assert "other settings (level: 'clip' there, 'frame' now)" in capsys.readouterr().err
     assert cli.main([*args, "--level", "frame", "--overwrite", "--shard-size", "10"]) == 0
-    assert [p.name for p in sorted(out.iterdir())] == ["manifest.json", "part-00000.npz"]
+    assert [p.name for p in sorted(out.iterdir())] == [".lock", "manifest.json", "part-00000.npz"]
     # a folder that is not an m2d2-embed output is never written into
     other = tmp_path / "other"
     other.mkdir()
@@ -225,7 +225,7 @@ def test_text_writes_npy_with_a_sidecar(tiny_model_dir, model, tmp_path):
 def test_convert_download_list_cache(tmp_path, monkeypatch, capsys):
     from tiny import save_upstream
 
-    from m2d2_embed import hub
+    from m2d2_embed import loader as hub
 
     pth, _ = save_upstream(tmp_path)
     dst = tmp_path / "conv"
@@ -292,5 +292,5 @@ def test_compile_reaches_load_for_embed_and_zero_shot_and_is_refused_with_int8(f
     assert len(seen) == 4  # refused before loading
     assert "--compile" in run("embed", "--help").stdout
     # --devices workers get the option too
-    args = cli.build_parser().parse_args(["embed", wav, "-o", "x.npz", "--compile", "--devices", "cpu,cpu"])
-    assert "--compile" in cli._worker_argv(args, 0, 2, "cpu", False)
+    argv = cli.worker_argv(["embed", wav, "-o", "x.npz", "--compile", "--devices", "cpu,cpu"], 0, 2, "cpu", False)
+    assert "--compile" in argv and "--devices" not in argv and argv[argv.index("--device") + 1] == "cpu"

@@ -59,7 +59,7 @@ def test_two_cpu_devices_give_the_embeddings_of_one_worker(folder, tiny_model_di
     assert "merged shard(s) 0/2, 1/2" in r.stdout
     es = m2d2.read_embeddings(out)
     assert_same(es, single)
-    assert sorted(p.name for p in out.iterdir()) == ["failures.jsonl", "manifest.json", "part-00000.npz",
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "failures.jsonl", "manifest.json", "part-00000.npz",
                                                       "part-00001.npz"]  # shards merged and gone
     # run again: every file is done already; nothing is embedded or duplicated
     r = run("embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--devices", "cpu,cpu")
@@ -167,9 +167,9 @@ def test_train_hands_the_rest_of_the_command_line_to_the_training_cli(monkeypatc
     import m2d2_embed.train.__main__ as train_cli
 
     seen = []
-    monkeypatch.setattr(train_cli, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(train_cli, "main", lambda argv, prog: seen.append((argv, prog)) or 7)
     assert cli.main(["train", "stage1", "--config", "c.json", "--set", "train.epochs=1"]) == 7
-    assert seen == [["stage1", "--config", "c.json", "--set", "train.epochs=1"]]
+    assert seen == [(["stage1", "--config", "c.json", "--set", "train.epochs=1"], "m2d2-embed train")]
     monkeypatch.undo()
     assert cli.main(["train", "--help"]) == 0
     assert "stage1" in capsys.readouterr().out

@@ -19,7 +19,6 @@ Python and runs without it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -216,28 +215,23 @@ class M2D2Embedder:
 
     # -- output ---------------------------------------------------------------------------------------------
     def _table(self, paths: list[str], results: dict[int, dict[str, Any]], errors: dict[int, str]) -> pa.Table:
-        import pyarrow as pa
+        from ..outputs import arrow_table
 
         n = len(paths)
         ok = [i in results for i in range(n)]
         main = self.level
-        durations = [results[i][main].duration if ok[i] else None for i in range(n)]
-        cols: dict[str, Any] = {
-            "path": pa.array(paths, type=pa.string()),
-            "model": pa.array([self.model.name] * n, type=pa.string()),
-            "level": pa.array([main] * n, type=pa.string()),
-            "dim": pa.array([self.dims[main]] * n, type=pa.int32()),
-        }
-        emb, ts = _embedding_columns(main, self.dims[main], [results[i][main] if ok[i] else None for i in range(n)])
-        cols["embedding"], cols["timestamps"] = emb, ts
-        cols["duration"] = pa.array(durations, type=pa.float64())
-        cols["error"] = pa.array([errors.get(i) if not ok[i] else None for i in range(n)], type=pa.string())
+        res = [results[i][main] if ok[i] else None for i in range(n)]
+        extra: dict[str, Any] = {}
         for lvl in self.extra_levels:
             emb, ts = _embedding_columns(lvl, self.dims[lvl], [results[i][lvl] if ok[i] else None for i in range(n)])
-            cols[f"{lvl}_embedding"] = emb
+            extra[f"{lvl}_embedding"] = emb
             if lvl == "frame":
-                cols["frame_timestamps"] = ts
-        return pa.table(cols).replace_schema_metadata({"m2d2_embed": json.dumps(self.metadata)})
+                extra["frame_timestamps"] = ts
+        return arrow_table(paths, main, self.dims[main], [None if r is None else r.embedding for r in res],
+                           timestamps=[None if r is None else r.timestamps for r in res],
+                           durations=[None if r is None else r.duration for r in res],
+                           errors=[errors.get(i) if not ok[i] else None for i in range(n)],
+                           metadata=self.metadata, extra=extra)
 
 
 def _check_levels(level: str, extra_levels: Sequence[str]) -> list[str]:
@@ -256,27 +250,10 @@ def _check_levels(level: str, extra_levels: Sequence[str]) -> list[str]:
 
 def _embedding_columns(level: str, dim: int, res: list[Any]) -> tuple[pa.Array, pa.Array]:
     """(embedding, timestamps) columns for one level; ``None`` items (failed files) become nulls."""
-    import pyarrow as pa
+    from ..outputs import embedding_columns
 
-    n = len(res)
-    missing = pa.array([r is None for r in res], type=pa.bool_())
-    if level in ("frame", "frame_tags"):
-        lengths = np.asarray([0 if r is None else len(r.embedding) for r in res], dtype=np.int64)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        parts = [r.embedding for r in res if r is not None]
-        flat = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim)
-        ts_parts = [np.asarray(r.timestamps, np.float64) for r in res if r is not None]
-        ts_flat = np.concatenate(ts_parts) if ts_parts else np.zeros(0)
-        emb = pa.ListArray.from_arrays(offsets, vectors, mask=missing)
-        ts = pa.ListArray.from_arrays(offsets, pa.array(ts_flat, type=pa.float64()), mask=missing)
-        return emb, ts
-    flat = np.zeros((n, dim), np.float32)
-    for i, r in enumerate(res):
-        if r is not None:
-            flat[i] = r.embedding
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim, mask=missing)
-    return emb, pa.nulls(n, type=pa.list_(pa.float64()))
+    return embedding_columns(level, dim, [None if r is None else r.embedding for r in res],
+                             [None if r is None else r.timestamps for r in res])
 
 
 # ---------------------------------------------------------------------------------------------------

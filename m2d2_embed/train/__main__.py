@@ -65,9 +65,9 @@ def _setup_logging() -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m m2d2_embed.train") -> int:
     p = argparse.ArgumentParser(
-        prog="python -m m2d2_embed.train",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,0 +1,107 @@
+"""The output store on its own: the format table, what an output argument names, the Arrow columns shared with
+Ray, and the resumable output directory (parts, settings, lock held across processes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from m2d2_embed import outputs
+
+
+@dataclass
+class Result:  # what files.iter_file_embeddings yields for an embedded file
+    path: str
+    embedding: np.ndarray
+    duration: float
+    timestamps: np.ndarray | None = None
+
+
+META = {"model": "m", "dim": 4, "level": "clip", "format": "npz", "weights_fingerprint": "f"}
+
+
+def test_every_format_of_the_table_writes_and_reads_back(tmp_path):
+    es = outputs.EmbeddingSet(["a.wav", "b.wav"], np.arange(8, dtype=np.float32).reshape(2, 4), "clip", None,
+                              np.array([1.0, 2.0]), [], {"model": "m", "dim": 4})
+    names = [name for name in outputs.FORMATS if name != "parquet" or _has_pyarrow()]
+    for name in names:
+        form = outputs.get_format(name)
+        path = tmp_path / f"x.{name}"
+        form.write(es, path)
+        assert form.read_paths(path) == ["a.wav", "b.wav"]
+        np.testing.assert_array_equal(form.read(path).embeddings, es.embeddings)
+        assert all(f.exists() for f in form.files(path))
+    with pytest.raises(ValueError, match="unknown format 'csv'; use one of npz, npy, parquet"):
+        outputs.get_format("csv")
+
+
+def _has_pyarrow() -> bool:
+    try:
+        outputs.require_pyarrow()
+    except ImportError:
+        return False
+    return True
+
+
+def test_output_format_tells_files_from_directories(tmp_path):
+    assert outputs.output_format(tmp_path / "e.npz") == "npz"
+    assert outputs.output_format(tmp_path / "emb") is None
+    assert outputs.output_format(str(tmp_path / "e.txt") + "/") is None
+    (tmp_path / "d.v2").mkdir()
+    assert outputs.output_format(tmp_path / "d.v2") is None
+    with pytest.raises(ValueError, match="not an output format"):
+        outputs.output_format(tmp_path / "e.txt")
+    with pytest.raises(ValueError, match="does not match"):
+        outputs.output_format(tmp_path / "e.npz", "npy")
+
+
+def test_arrow_columns_make_null_rows_for_failed_files():
+    pytest.importorskip("pyarrow")
+    t = outputs.arrow_table(["a", "b"], "frame", 2, [np.ones((3, 2)), None], timestamps=[np.arange(3.0), None],
+                            durations=[1.5, None], errors=[None, "cannot decode"], metadata={"model": "m"})
+    rows = t.to_pylist()
+    assert rows[0]["embedding"] == [[1.0, 1.0]] * 3 and rows[0]["timestamps"] == [0.0, 1.0, 2.0]
+    assert rows[1]["embedding"] is None and rows[1]["error"] == "cannot decode" and rows[1]["duration"] is None
+    emb, ts = outputs.embedding_columns("clip", 2, [None, np.array([1.0, 2.0])])
+    assert emb.to_pylist() == [None, [1.0, 2.0]] and ts.null_count == 2
+
+
+def test_result_writer_stores_parts_as_work_completes_and_resume_keys_are_canonical(tmp_path, monkeypatch):
+    d = outputs.OutputDir(tmp_path / "out", "npz")
+    with d.open(META):
+        w = outputs.ResultWriter(d, "npz", META, "clip", part_size=2)
+        for i, name in enumerate(["c.wav", "a.wav", "b.wav"]):
+            w.add(i, Result(str(tmp_path / name), np.full(4, i, np.float32), 1.0))
+        assert len(d.parts()) == 1  # two results make a part; the third waits
+        w.add(3, outputs.FileFailure(str(tmp_path / "bad.wav"), "cannot decode"))
+        w.save()
+    assert len(d.parts()) == 2 and outputs.read_failures(d.root / outputs.FAILURES)[0].reason == "cannot decode"
+    monkeypatch.chdir(tmp_path)
+    assert outputs.resume_key("a.wav") in d.done_keys()  # a relative spelling of a done file
+    with pytest.raises(ValueError, match="other settings .*level: 'clip' there, 'frame' now"):
+        outputs.OutputDir(tmp_path / "out", "npz").open({**META, "level": "frame"})
+
+
+def test_the_lock_of_an_output_directory_is_held_against_other_processes(tmp_path):
+    d = outputs.OutputDir(tmp_path / "out", "npz")
+    code = ("import sys; from m2d2_embed import outputs\n"
+            "try:\n    outputs.OutputDir(sys.argv[1]).open().close()\n"
+            "except outputs.OutputInUseError as e:\n    print(e); sys.exit(3)\n")
+    with d.open():
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
+        assert r.returncode == 3 and "another m2d2-embed run is writing to" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # released
+    assert not (tmp_path / "out").exists()  # created, never written: removed again
+
+
+def test_a_folder_that_is_not_an_output_is_never_written_into(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an m2d2-embed output"):
+        outputs.OutputDir(tmp_path / "mine").open(overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").exists()
