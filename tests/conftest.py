@@ -86,7 +86,8 @@ def geometry_checkpoint(tmp_path_factory, make_checkpoint_module):
         if variant not in made:
             meta = json.loads((DATA / f"golden_{variant}.json").read_text())
             path, digest = make_checkpoint_module.write_checkpoint(out, seed=0, variant=variant)
-            assert digest == meta["checkpoint"]["content_sha256"], f"{variant}: generator does not match its golden file"
+            want = meta["checkpoint"]["content_sha256"]
+            assert digest == want, f"{variant}: generator does not match its golden file"
             made[variant] = Path(path)
         return made[variant]
 
