@@ -67,3 +67,54 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-m2d2")
+
+
+# -- other geometries and the EVAR tagging head (tests/test_geometries.py) ------------------------------------
+
+GEOMETRY_VARIANTS = ("m2d2_clap_2025_20ms", "m2d_40ms", "m2d_s_608", "m2d_as_32k", "evar_as_ft", "evar_as_ft_3840")
+
+
+@pytest.fixture(scope="session")
+def geometry_checkpoint(tmp_path_factory, make_checkpoint_module):
+    """``geometry_checkpoint(variant)`` -> path of the seed-0 checkpoint of a make_checkpoint.py variant, written
+    once per session (0.3 to 0.75 GiB, 2 to 6 s each) and deleted at the end of the session. The content digest
+    must be the one the golden files were made from."""
+    out = tmp_path_factory.mktemp("geometries")
+    made: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            meta = json.loads((DATA / f"golden_{variant}.json").read_text())
+            path, digest = make_checkpoint_module.write_checkpoint(out, seed=0, variant=variant)
+            want = meta["checkpoint"]["content_sha256"]
+            assert digest == want, f"{variant}: generator does not match its golden file"
+            made[variant] = Path(path)
+        return made[variant]
+
+    yield get
+    for p in made.values():
+        p.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def golden_geometry():
+    """``golden_geometry(variant)`` -> (arrays, meta) of ``tests/data/golden_<variant>.npz`` / ``.json``."""
+    cache: dict[str, tuple[dict[str, np.ndarray], dict]] = {}
+
+    def get(variant: str) -> tuple[dict[str, np.ndarray], dict]:
+        if variant not in cache:
+            with np.load(DATA / f"golden_{variant}.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            cache[variant] = arrays, json.loads((DATA / f"golden_{variant}.json").read_text())
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def make_golden_module():
+    """tests/data/make_golden.py (its input generator and projections; the upstream runtime is not imported)."""
+    spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
