@@ -29,7 +29,6 @@ import torch
 
 import m2d2_embed as m2d2
 from m2d2_embed import hear
-from m2d2_embed.model import M2D2
 
 pytestmark = pytest.mark.slow
 
