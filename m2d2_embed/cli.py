@@ -443,6 +443,8 @@ def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out
         print(f"{label}: {_count(run.embedded, 'file')} embedded, {run.skipped} skipped (already done), "
               f"{run.failed} failed{other}; {_format_seconds(writer.audio_seconds)} of audio in {elapsed:.1f} s "
               f"({rate:.1f} audio-s/s){f' -> {out}' if out else ''}", file=summary or sys.stdout, flush=True)
+    for w in writer.warnings:
+        print(f"{label}: warning: {w.path}: {w.reason}{f' (listed in {side})' if side else ''}", file=sys.stderr)
     if run.failures:
         print(f"{label}: {_count(run.failed, 'file')} failed{f'; listed in {side}' if side else ''}", file=sys.stderr)
         for f in run.failures[:10]:

@@ -517,16 +517,8 @@ def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, ba
 
 def results_to_set(results: Sequence[FileResult], failures: Sequence[FileFailure], metadata: dict[str, Any],
                    level: str) -> EmbeddingSet:
-    """Pack per-file results into an :class:`EmbeddingSet`."""
-    dim = int(metadata["dim"])
-    if level in FRAME_LEVELS:
-        embeddings: np.ndarray | list[np.ndarray] = [r.embedding for r in results]
-        timestamps = [r.timestamps for r in results]  # type: ignore[misc]
-    else:
-        embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
-        timestamps = None
-    return EmbeddingSet([r.path for r in results], embeddings, level, timestamps,
-                        np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata))
+    """Pack per-file results into an :class:`EmbeddingSet` (see :meth:`EmbeddingSet.from_results`)."""
+    return EmbeddingSet.from_results(results, failures, metadata, level)
 
 
 def finish(x: torch.Tensor, normalize: bool) -> np.ndarray:

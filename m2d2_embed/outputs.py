@@ -62,10 +62,12 @@ RESUME_KEYS = ("model", "weights_fingerprint", "level", "reduce", "normalize", "
 
 @dataclass(frozen=True)
 class FileFailure:
-    """A file that could not be embedded, and why."""
+    """A file that could not be embedded, and why; or (``kind="warning"``) one that was embedded with something
+    to know about it (e.g. a truncated file)."""
 
     path: str
     reason: str
+    kind: str = "error"  # "error": not embedded; "warning": embedded, see reason
 
 
 class OutputInUseError(RuntimeError):
@@ -84,6 +86,7 @@ class EmbeddingSet:
         timestamps: time-axis levels only: a list of float64 ``[T_i]`` arrays, the centre of each frame in s.
         durations: float64 ``[N]``, seconds of audio per file (at the model's sample rate).
         failures: files that were not embedded, with the reason.
+        warnings: files that were embedded with a warning (e.g. shorter than their header says).
         metadata: model, level, dim, sample_rate, m2d2_embed_version and the settings used.
     """
 
@@ -94,6 +97,7 @@ class EmbeddingSet:
     durations: np.ndarray = field(default_factory=lambda: np.zeros(0))
     failures: list[FileFailure] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[FileFailure] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,8 +127,10 @@ class EmbeddingSet:
         else:
             embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
             timestamps = None
+        warnings = [FileFailure(r.path, r.warning, "warning") for r in results if getattr(r, "warning", None)]
         return cls([r.path for r in results], embeddings, level, timestamps,
-                   np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata))
+                   np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata),
+                   warnings)
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Write to one file, atomically (``format`` defaults to the suffix: npz, npy or parquet).
@@ -132,7 +138,7 @@ class EmbeddingSet:
         Overwrites ``path``; failures, if any, go to ``<path minus suffix>.failures.jsonl``."""
         path = Path(path)
         get_format(format or format_for(path)).write(self, path)
-        write_failures(self.failures, failures_path(path))
+        write_failures(self.failures + self.warnings, failures_path(path))
         return path
 
 
@@ -452,7 +458,7 @@ def write_failures(failures: Sequence[FileFailure], path: Path) -> None:
     if not failures:
         path.unlink(missing_ok=True)
         return
-    text = "".join(json.dumps({"path": f.path, "error": f.reason}) + "\n" for f in failures)
+    text = "".join(json.dumps({"path": f.path, f.kind: f.reason}) + "\n" for f in failures)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -463,8 +469,15 @@ def read_failures(path: Path) -> list[FileFailure]:
     for line in path.read_text().splitlines():
         if line.strip():
             d = json.loads(line)
-            out.append(FileFailure(d["path"], d.get("error", "")))
+            kind = "warning" if "warning" in d else "error"
+            out.append(FileFailure(d["path"], d.get(kind, ""), kind))
     return out
+
+
+def _split_sidecar(es: EmbeddingSet, entries: list[FileFailure], embedded: set[str] | None = None) -> None:
+    """Sidecar entries -> ``es.failures`` (not embedded) and ``es.warnings``."""
+    es.warnings = [f for f in entries if f.kind == "warning"]
+    es.failures = [f for f in entries if f.kind != "warning" and (embedded is None or f.path not in embedded)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,7 +501,7 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingSet:
     if p.is_dir():
         return _read_dir(p)
     es = get_format(format_for(p)).read(p)
-    es.failures = read_failures(failures_path(p)) + es.failures
+    _split_sidecar(es, read_failures(failures_path(p)) + es.failures)
     return es
 
 
@@ -563,7 +576,7 @@ def _read_dir(d: Path) -> EmbeddingSet:
         log.warning("%s holds %d path(s) more than once (written by concurrent runs of an older version?); "
                     "each is read once", d, len(es.paths) - len(first))
     es = subset(es, sorted(first.values(), key=lambda i: es.paths[i]))
-    es.failures = [f for f in read_failures(d / FAILURES) + es.failures if f.path not in first]
+    _split_sidecar(es, read_failures(d / FAILURES) + es.failures, set(first))
     return es
 
 
@@ -764,7 +777,8 @@ class OutputDir:
     def write_failures(self, failures: Sequence[FileFailure]) -> Path:
         """Replace ``failures.jsonl`` with ``failures`` less those embedded since; returns its path."""
         done = self.done_keys() if failures else set()
-        write_failures([f for f in failures if resume_key(f.path) not in done], self.root / FAILURES)
+        write_failures([f for f in failures if f.kind == "warning" or resume_key(f.path) not in done],
+                       self.root / FAILURES)
         return self.root / FAILURES
 
 
@@ -783,6 +797,7 @@ class ResultWriter:
         self.format, self.metadata, self.level = get_format(fmt), dict(metadata), level
         self.part_size, self.keep = part_size, keep or self.dir is None
         self.failures: list[FileFailure] = []
+        self.warnings: list[FileFailure] = []  # embedded files with a warning (e.g. truncated): in the sidecar too
         self.embedded, self.audio_seconds = 0, 0.0
         self._pending: list[tuple[int, Any]] = []
         self._kept: list[tuple[int, Any]] = []
@@ -793,6 +808,8 @@ class ResultWriter:
             return
         self.embedded += 1
         self.audio_seconds += float(item.duration)
+        if getattr(item, "warning", None):
+            self.warnings.append(FileFailure(item.path, item.warning, "warning"))
         if self.keep:
             self._kept.append((index, item))
         if self.dir is not None:
@@ -817,13 +834,13 @@ class ResultWriter:
         if self.dir is not None:
             self.flush()
             self.dir.start(self.metadata)
-            return self.dir.write_failures(self.failures)
+            return self.dir.write_failures(self.failures + self.warnings)
         if self.path is None:
             return None
         if complete:
             self.format.write(EmbeddingSet.from_results(self.results(), self.failures, self.metadata, self.level),
                               self.path)
-        write_failures(self.failures, failures_path(self.path))
+        write_failures(self.failures + self.warnings, failures_path(self.path))
         return failures_path(self.path)
 
 

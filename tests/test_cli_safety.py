@@ -157,3 +157,22 @@ def test_readme_says_to_install_cpu_torch_before_the_set_up_commands():
     setup = readme[readme.index("## Set up"):readme.index("\n## ", readme.index("## Set up") + 1)]
     note = setup.index("CPU build of PyTorch")
     assert note < setup.index("pip install . && m2d2-embed embed") and note < setup.index('pip install -e ".[test]"')
+
+
+@pytest.mark.parametrize("output", ["emb.npz", "emb_dir"])
+def test_a_truncated_wav_is_embedded_with_a_warning_in_the_sidecar(tiny_model_dir, tmp_path, output):
+    src = tmp_path / "in"
+    src.mkdir()
+    whole = src / "whole.wav"
+    sf.write(whole, make_signal(5.0, 16000, 1, 1), 16000, subtype="PCM_16")
+    cut = src / "cut.wav"  # the header still promises 5 s; 0.69 s of samples are left
+    cut.write_bytes(whole.read_bytes()[:44 + 2 * int(0.69 * 16000)])
+    out = tmp_path / output
+    r = run("embed", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--num-workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr  # a warning, not a failure
+    assert "2 files embedded" in r.stdout and "0 failed" in r.stdout
+    assert f"warning: {cut}: truncated file: its header promises 5.00 s of audio but it holds 0.69 s" in r.stderr
+    es = m2d2.read_embeddings(out)
+    assert sorted(Path(p).name for p in es.paths) == ["cut.wav", "whole.wav"] and not es.failures
+    assert [(Path(w.path).name, w.kind) for w in es.warnings] == [("cut.wav", "warning")]
+    assert es.durations[es.paths.index(str(cut))] == pytest.approx(0.69, abs=1e-3)
