@@ -200,10 +200,14 @@ def require_pyarrow():
     return pa, pq
 
 
-def atomic_write(dst: Path, write: Callable[[str], None], suffix: str = "") -> None:
-    """Write through a temporary file in ``dst``'s directory, then rename it over ``dst``.
+def atomic_write(dst: str | os.PathLike, write: Callable[[str], Any], suffix: str = "") -> Path:
+    """Write through a temporary file in ``dst``'s directory (created if missing), then rename it over ``dst``;
+    the file gets the mode a plain new file gets (0o666 less the umask). Returns ``dst``.
 
-    ``write`` receives the temporary path (ending in ``suffix``, for writers that insist on one)."""
+    ``write`` receives the temporary path (ending in ``suffix``, for writers that insist on one); on any failure
+    the temporary file is removed and ``dst`` is left as it was."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp" + suffix, dir=dst.parent)
     os.close(fd)
     try:
@@ -215,6 +219,7 @@ def atomic_write(dst: Path, write: Callable[[str], None], suffix: str = "") -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return dst
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -443,7 +443,7 @@ class FinetuneModel(nn.Module):
         ``labels`` (JSON list), ``multi_label`` (JSON bool) and ``classifier_config`` (JSON). Returns its path."""
         from safetensors.torch import save_file
 
-        from .loop import atomic_write
+        from ..outputs import atomic_write
 
         cc = self.classifier_config()
         meta = {

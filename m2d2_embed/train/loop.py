@@ -13,9 +13,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..outputs import atomic_write
 from . import dist
 from .config import OptimConfig, TrainConfig
 from .data import EpochBatches
@@ -36,25 +35,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
-
-def atomic_write(dst: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``dst``, give it the mode a plain new file gets
-    (0o666 less the umask, as ``m2d2_embed.convert.save_model``'s files) and rename it onto ``dst``; the
-    temporary file is removed on failure. Returns ``dst``."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

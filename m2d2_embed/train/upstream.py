@@ -214,7 +214,7 @@ def write_upstream_checkpoint(
     ``args`` an ``argparse.Namespace`` holding ``input_size``, ``patch_size``, ``sr`` (and ``decoder_depth``,
     ``norm_stats``); the write is atomic. ``dst``: a ``.pth`` path, or a folder in which an upstream-style
     release folder (``release_name``) receives ``checkpoint-<epoch>.pth``. Returns the file's path."""
-    from .loop import atomic_write
+    from ..outputs import atomic_write
 
     cfg = model.model_config
     dst = Path(dst)
