@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-NAMES = ["01_quickstart.ipynb", "02_zero_shot_and_search.ipynb", "03_downstream_classifier.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_zero_shot_and_search.ipynb", "03_downstream_classifier.ipynb",
+         "04_tagging_and_events.ipynb"]
 
 
-def test_the_three_notebooks_exist_without_outputs():
+def test_the_notebooks_exist_without_outputs():
     nbformat = pytest.importorskip("nbformat")
     assert [p.name for p in NOTEBOOKS] == NAMES
     for path in NOTEBOOKS:
@@ -31,9 +32,17 @@ def converted_checkpoint(parity_checkpoint, tmp_path_factory) -> Path:
     return convert(parity_checkpoint, tmp_path_factory.mktemp("nb_model") / "m2d2-synthetic")
 
 
+@pytest.fixture(scope="module")
+def converted_tagger(geometry_checkpoint, tmp_path_factory) -> Path:
+    """A synthetic checkpoint in the layout of upstream's AudioSet fine-tuned release (EVAR head, 527 classes)."""
+    from m2d2_embed import convert
+
+    return convert(geometry_checkpoint("evar_as_ft"), tmp_path_factory.mktemp("nb_tagger") / "m2d-tagging-synthetic")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes(name, converted_checkpoint, tmp_path, monkeypatch):
+def test_notebook_executes(name, request, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
@@ -41,7 +50,8 @@ def test_notebook_executes(name, converted_checkpoint, tmp_path, monkeypatch):
     if name.startswith("03"):
         pytest.importorskip("sklearn")
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.setenv("M2D2_NOTEBOOK_MODEL", str(converted_checkpoint))
+    model = request.getfixturevalue("converted_tagger" if name.startswith("04") else "converted_checkpoint")
+    monkeypatch.setenv("M2D2_NOTEBOOK_MODEL", str(model))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
