@@ -411,7 +411,12 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
         log.warning("skipping %s: %s", paths[i], reason)
         return FileFailure(paths[i], reason)
 
-    def warned(res: FileResult, i: int) -> FileResult:
+    def checked(res: FileResult, i: int) -> FileResult | FileFailure:
+        """A result as it goes out: never a non-finite embedding (a failure naming the file instead), and with
+        the probe's warning (a truncated file) logged and attached."""
+        if not np.isfinite(res.embedding).all():
+            return fail(i, "the model gave non-finite values (NaN or Inf) for this file; nothing was written for it. "
+                        "Check the weights (`m2d2-embed cache --verify`) and the dtype (--dtype fp32)")
         if probes[i][2] is not None:
             log.warning("%s: %s", paths[i], probes[i][2])
             res.warning = probes[i][2]
@@ -449,7 +454,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
                     launched = _launch(model, groups, level, reduce, normalize, batch_size)
                 if pending is not None:
                     for i, res in _collect_batch(model, paths, pending, level):
-                        yield i, warned(res, i)
+                        yield i, checked(res, i)
                     done(len(pending.idx), pending.audio_seconds)
                 pending = launched
                 for i, err in failures:
@@ -457,7 +462,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
                     done(1, 0.0)
             if pending is not None:
                 for i, res in _collect_batch(model, paths, pending, level):
-                    yield i, warned(res, i)
+                    yield i, checked(res, i)
                 done(len(pending.idx), pending.audio_seconds)
         for i in long_:
             try:
@@ -469,7 +474,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
                 yield i, fail(i, failure_reason(e))
                 done(1, 0.0)
                 continue
-            yield i, warned(res, i)
+            yield i, checked(res, i)
             done(1, res.duration)
     finally:
         bar.close()

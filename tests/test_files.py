@@ -476,3 +476,24 @@ def test_default_workers_leave_cores_to_the_main_process(monkeypatch):
     for cpus, want in [(1, 0), (2, 1), (4, 3), (8, 6), (16, 8), (64, 8)]:
         monkeypatch.setattr(files, "_cpu_count", lambda c=cpus: c)
         assert files.default_num_workers() == want
+
+
+def test_a_non_finite_embedding_is_never_written_but_reported_as_a_failure(tiny_model_dir, tmp_path):
+    model = m2d2.load(tiny_model_dir, device="cpu")
+    sf.write(tmp_path / "a.wav", signal(1.5, 16000, 1, 1), 16000)
+    sf.write(tmp_path / "b.wav", signal(2.5, 16000, 1, 2), 16000)
+    with torch.no_grad():
+        model.encoder.norm.weight[0] = float("nan")  # weights gone bad after loading (load refuses NaN weights)
+    es = model.embed_files(tmp_path, num_workers=0, progress=False)
+    assert es.paths == [] and sorted(Path(f.path).name for f in es.failures) == ["a.wav", "b.wav"]
+    assert all("non-finite" in f.reason and "--verify" in f.reason for f in es.failures)
+    with pytest.raises(AudioFileError, match="non-finite"):
+        model.embed_files(tmp_path, num_workers=0, progress=False, strict=True)
+
+
+def test_load_audio_errors_end_with_one_period(tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"RIFF\x04\x00\x00\x00WAVEnothing useful")
+    with pytest.raises(ValueError, match="cannot decode audio file") as e:
+        m2d2.load_audio(junk)
+    assert ".." not in str(e.value) and str(e.value).count("Readable formats") == 1
