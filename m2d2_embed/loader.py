@@ -12,6 +12,7 @@ import torch
 
 from . import registry
 from .convert import CheckpointError, read_any
+from .encoder import cpu_int8_full_range, cpu_native_bf16, pack_for_cpu
 from .model import M2D2
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,30 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
-    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers."""
+    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers.
+
+    Warns (``RuntimeWarning``) for bfloat16/float16 on a CPU that lacks native bfloat16 arithmetic, where they
+    run emulated at a fraction of float32's speed."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16, float16 or 'int8' (CPU)")
-        return dtype
-    key = str(dtype).lower()
-    if key in ("int8", "qint8"):
-        if device.type != "cpu":
-            raise ValueError("dtype='int8' (dynamic quantization) runs on the CPU only; use bf16 on CUDA")
-        return "int8"
-    if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
-    return _DTYPES[key]
+    else:
+        key = str(dtype).lower()
+        if key in ("int8", "qint8"):
+            if device.type != "cpu":
+                raise ValueError("dtype='int8' (dynamic quantization) runs on the CPU only; use bf16 on CUDA")
+            return "int8"
+        if key not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
+        dtype = _DTYPES[key]
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_native_bf16():
+        # measured on a 2-core Zen 3 (AVX2, no AVX512-BF16): the bf16 encoder ran at 0.32x float32 (issue 14)
+        warnings.warn(f"dtype={dtype} on a CPU without native bfloat16 (no AVX512-BF16/AMX) is emulated and was "
+                      f"measured at about 0.3x the speed of float32; use the default float32 (or dtype='int8' "
+                      f"for speed)", RuntimeWarning, stacklevel=3)
+    return dtype
 
 
 class _SkipRandomInit(torch.overrides.TorchFunctionMode):
@@ -100,6 +110,10 @@ def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.devic
     model.eval()
     if compile:
         compile_encoder(model)
+    elif device.type == "cpu" and dtype == torch.float32:
+        pack_for_cpu(model.encoder)  # fused oneDNN matmuls for float32 CPU inference (see encoder.py)
+        if model.audio_proj is not None:
+            pack_for_cpu(model.audio_proj)
     return model
 
 
@@ -120,13 +134,33 @@ def quantize_int8(model: M2D2) -> None:
     if not any(e in engines for e in ("x86", "fbgemm", "onednn", "qnnpack")):
         raise RuntimeError(f"dtype='int8' needs a quantized CPU engine; this PyTorch build has {engines}")
     spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
+    mapping = {torch.nn.Linear: _full_range_int8_linear()} if cpu_int8_full_range() else None
     with warnings.catch_warnings():
         # torch >= 2.10 warns that torch.ao.quantization moves to torchao; the eager dynamic path still works
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        model.encoder = quantize_dynamic(model.encoder, spec, dtype=torch.qint8)
+        model.encoder = quantize_dynamic(model.encoder, spec, dtype=torch.qint8, mapping=mapping)
         if model.audio_proj is not None:
-            model.audio_proj = quantize_dynamic(model.audio_proj, spec, dtype=torch.qint8)
+            model.audio_proj = quantize_dynamic(model.audio_proj, spec, dtype=torch.qint8, mapping=mapping)
+
+
+def _full_range_int8_linear() -> type:
+    """PyTorch's dynamic int8 Linear, with activations quantized to all 8 bits instead of 7 (``reduce_range``).
+
+    The 7-bit range guards fbgemm's AVX2 kernels against int16 saturation; on AVX512-VNNI/AMX CPUs products sum
+    in int32, and the full range halves the activation rounding error: min token cosine vs float32 0.9987 -> 0.9995
+    on ViT-B at the same speed (benchmarks/README.md)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    class FullRangeInt8Linear(DynamicLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self._packed_params.dtype != torch.qint8:
+                return super().forward(x)
+            packed = self._packed_params._packed_params  # noqa: SLF001 (PyTorch's own packed weights)
+            y = torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)
+            return y.to(x.dtype)
+
+    return FullRangeInt8Linear
 
 
 def compile_encoder(model: M2D2) -> None:
@@ -162,6 +196,10 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if compile and dev.type == "cpu":
+        warnings.warn("compile=True on the CPU measured 0.91-0.96x the eager float32 encoder on 10-s clips, after a "
+                      "warm-up of 50-74 s per batch size (issue 14), and it replaces the fused oneDNN CPU path; "
+                      "leave compile=False on the CPU", RuntimeWarning, stacklevel=2)
     target = registry.DEFAULT_MODEL if name_or_path is None else name_or_path
     path = _resolve(target, cache_dir=cache_dir, offline=offline)
     sd, cfg = read_any(path)
