@@ -4,6 +4,7 @@ state dict loads after only its prefix is stripped."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,14 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_native_bf16() -> bool | None:
-    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm); None when
-    the flags are unknown."""
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm), and oneDNN is
+    not capped below those kernels (``ONEDNN_MAX_CPU_ISA``); None when the flags are unknown."""
     flags = cpu_flags()
     if not flags:
         return None
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if not any(k in isa for k in ("ALL", "BF16", "AMX", "AVX10")):  # oneDNN capped below its bf16 kernels
+        return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
@@ -89,7 +93,8 @@ def cpu_int8_full_range() -> bool:
     """Whether dynamically quantized activations may use all 8 bits: on x86 CPUs with AVX512-VNNI or AMX-INT8,
     whose int8 dot products accumulate in int32. Without them fbgemm's AVX2 kernels sum pairs of u8 x s8 products
     in int16, which can saturate, so activations keep PyTorch's default 7-bit range (``reduce_range``)."""
-    return bool(cpu_flags() & {"avx512_vnni", "amx_int8"})
+    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "AVX512").upper()  # fbgemm's own cap on its kernels
+    return capped.startswith("AVX512") and bool(cpu_flags() & {"avx512_vnni", "amx_int8"})
 
 
 @functools.cache

@@ -58,6 +58,9 @@ def export_onnx(model: M2D2 | str | os.PathLike, out_dir: str | os.PathLike, *, 
     except ImportError as e:
         raise ImportError("ONNX export needs the onnx extra: pip install 'm2d2-embed[onnx]' "
                           f"(onnx, onnxscript); missing: {e.name}") from e
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6):
+        raise RuntimeError(f"ONNX export needs PyTorch >= 2.6 (its torch.export-based exporter); this is "
+                           f"{torch.__version__}: upgrade torch to export")
     if not isinstance(model, M2D2):
         from .loader import load
 
