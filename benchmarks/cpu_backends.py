@@ -62,7 +62,8 @@ def log(msg: str) -> None:
 def cpu_environment() -> dict[str, Any]:
     env = bench.environment()  # with isa_flags (present/absent) and torch_cpu_capability
     env["env"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-                                             "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS") if k in os.environ}
+                                             "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+                  if k in os.environ}
     for mod in ("onnxruntime", "openvino", "onnx", "onnxscript"):
         try:
             env[mod] = __import__(mod).__version__
@@ -99,7 +100,8 @@ def gemm_shapes(cfg) -> list[tuple[int, int]]:
 
 
 class Ceiling:
-    """One pass over the encoder's four Linear shapes at M = tokens rows: fp32 torch.mm or fbgemm int8 Linear."""
+    """The encoder's matmuls alone: its four Linear shapes at M = tokens rows, ``depth`` times (as many as the
+    encoder runs), through fp32 ``torch.mm`` or fbgemm's dynamic int8 Linear (the package's)."""
 
     def __init__(self, cfg, kind: str) -> None:
         g = torch.Generator().manual_seed(0)
@@ -117,14 +119,16 @@ class Ceiling:
         self.inputs: dict[int, list[torch.Tensor]] = {}
 
     def flops(self, rows: int) -> float:
-        return 2.0 * rows * sum(K * N for K, N in gemm_shapes(self.cfg))
+        return 2.0 * rows * sum(K * N for K, N in gemm_shapes(self.cfg)) * self.cfg.depth
 
     def run(self, rows: int) -> None:
         if rows not in self.inputs:
             g = torch.Generator().manual_seed(1)
             self.inputs[rows] = [torch.randn(rows, K, generator=g) for K, _ in gemm_shapes(self.cfg)]
-        for x, layer in zip(self.inputs[rows], self.layers):
-            layer(x) if self.kind == "int8" else torch.mm(x, layer)
+        with torch.inference_mode():
+            for _ in range(self.cfg.depth):
+                for x, layer in zip(self.inputs[rows], self.layers):
+                    layer(x) if self.kind == "int8" else torch.mm(x, layer)
 
 
 def quantized_linear(lin: torch.nn.Linear) -> torch.nn.Module:
@@ -257,11 +261,13 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
     before = plain(m2d2_embed.load(source, device="cpu", dtype="fp32"))
     cs = [Contender("m2d2_embed fp32, plain nn.Linear (before)", "torch", before.encoder, before)]
     cs.append(Contender("m2d2_embed fp32 (fused oneDNN, default)", "torch", fp32.encoder, fp32))
-    onnx_path, info["export_s"] = ensure_export(fp32, cache)
-    run = ort_session(onnx_path, threads)
-    cs.append(Contender(f"ONNX Runtime {bench_version('onnxruntime')} fp32", "ort", run,
-                        with_encoder(fp32, OrtEncoder(fp32.encoder, run))))
-    if not a.no_openvino:
+    onnx_path = None
+    if not a.torch_only:
+        onnx_path, info["export_s"] = ensure_export(fp32, cache)
+        run = ort_session(onnx_path, threads)
+        cs.append(Contender(f"ONNX Runtime {bench_version('onnxruntime')} fp32", "ort", run,
+                            with_encoder(fp32, OrtEncoder(fp32.encoder, run))))
+    if onnx_path is not None and not a.no_openvino:
         run = openvino_model(onnx_path, threads)
         cs.append(Contender(f"OpenVINO {bench_version('openvino')} fp32", "ov", run,
                             with_encoder(fp32, OrtEncoder(fp32.encoder, run))))
@@ -279,7 +285,7 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
     cs.append(Contender("m2d2_embed int8 (default)", "torch", q.encoder, q, ceiling="int8"))
     q7 = int8_7bit(source)
     cs.append(Contender("m2d2_embed int8, 7-bit activations (before)", "torch", q7.encoder, q7, ceiling="int8"))
-    for wt in ("QUInt8", "QInt8"):
+    for wt in ("QUInt8", "QInt8") if onnx_path is not None else ():
         run = ort_session(ort_quantized(onnx_path, wt), threads)
         cs.append(Contender(f"ORT dynamic int8, {wt} per-channel weights", "ort", run,
                             with_encoder(fp32, OrtEncoder(fp32.encoder, run)), ceiling="int8"))
@@ -375,7 +381,8 @@ def summarise(cs: list[Contender], inputs: dict[str, torch.Tensor], cfg, t_patch
             ts = c.times[k]
             med = float(np.median(ts))
             row = {"input": k, "batch": B, "contender": c.name, "median_s": med, "min_s": min(ts), "max_s": max(ts),
-                   "times_s": ts, "x_plain_fp32": base_med / med, "warmup_s": c.warmup.get(k)}
+                   "times_s": ts, "x_plain_fp32": base_med / med if c.kind != "ceiling" else None,
+                   "warmup_s": c.warmup.get(k)}
             if k.startswith("enc"):
                 cl = ceil.get(c.ceiling)
                 if c.kind == "ceiling":
@@ -434,7 +441,8 @@ def markdown(result: dict[str, Any]) -> str:
         rate = f"{r['rate_gflops']:.0f}" if "rate_gflops" in r else ""
         ofc = f"{r['of_ceiling']:.2f}" if "of_ceiling" in r else ""
         lines.append(f"| {r['input']} | {r['contender']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
-                     f"| {r['x_plain_fp32']:.2f} | {rate} | {ofc} | {', '.join(agr)} |")
+                     f"| {'' if r['x_plain_fp32'] is None else format(r['x_plain_fp32'], '.2f')} | {rate} | {ofc} "
+                     f"| {', '.join(agr)} |")
     lines += ["", "| input | ours fp32 vs faster of ORT/OpenVINO fp32 | ours int8 vs ORT QUInt8 | int8 token cos min "
               "(ours / ORT QUInt8) |", "|---|---:|---:|---|"]
     for t in result["targets"]:
@@ -443,6 +451,10 @@ def markdown(result: dict[str, Any]) -> str:
         c = (f"{t['int8_token_cos_min']:.5f} / {t['ort_quint8_token_cos_min']:.5f}"
              if t["ort_quint8_token_cos_min"] is not None else "")
         lines.append(f"| {t['input']} | {f} | {q} | {c} |")
+    warm = [r for r in result["rows"] if "compile" in r["contender"] and r.get("warmup_s")]
+    if warm:
+        lines.append("\ncompile=True warm-up (first call, compilation included): "
+                     + ", ".join(f"{r['input']} {r['warmup_s']:.0f} s" for r in warm))
     if result.get("export_s"):
         lines.append(f"\nfull-size ONNX export (encoder + CLAP head): {result['export_s']:.1f} s")
     return "\n".join(lines)
@@ -459,6 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="leave out compile=True (its warm-up is minutes)")
     p.add_argument("--no-bf16", action="store_true", help="leave out bf16")
     p.add_argument("--no-openvino", action="store_true", help="leave out OpenVINO")
+    p.add_argument("--torch-only", action="store_true", help="leave out ONNX Runtime and OpenVINO (e.g. under "
+                   "ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA caps, which those runtimes do not follow)")
     p.add_argument("--cache-dir", type=Path, default=None, help="weights and exports (default: bench.py's cache)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown here")

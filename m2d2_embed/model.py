@@ -258,7 +258,8 @@ class M2D2(nn.Module):
             n = x.shape[0]
             if compiled:
                 n, size = _bucket(n, max_b, 16 if x.is_cuda else None)  # CPU: unpadded, n may shrink
-                x = x[:n] if size == n else torch.cat([x[:n], x.new_zeros(size - n, *x.shape[1:])])
+                # contiguous: a chunk sliced from a longer log-mel has other strides, which would recompile
+                x = x[:n].contiguous() if size == n else torch.cat([x[:n], x.new_zeros(size - n, *x.shape[1:])])
             try:
                 outs.append(encode(x)[:n].float())
             except torch.cuda.OutOfMemoryError:

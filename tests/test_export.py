@@ -43,8 +43,9 @@ def test_onnx_pipeline_reproduces_clap_embeddings(exported):
     out, model = exported
     wav = torch.randn(2, 16000 * 4, generator=torch.Generator().manual_seed(1)) * 0.1
     with torch.inference_mode():
-        lms = model.frontend(wav)  # [2, 1, 80, 401] -> one chunk of 25 time patches (400 frames)
-    tokens = session(out / "encoder.onnx").run(None, {"lms": lms[..., :400].numpy()})[0]
+        lms = model.frontend(wav)  # [2, 1, 80, 401]: one chunk, zero-padded to 26 time patches (the manifest's rule)
+    chunk = torch.nn.functional.pad(lms, (0, 26 * 16 - lms.shape[-1]))
+    tokens = session(out / "encoder.onnx").run(None, {"lms": chunk.numpy()})[0]
     emb = session(out / "audio_head.onnx").run(["embedding"], {"tokens": tokens})[0]
     want = model.clap_audio_embeddings(wav, 16000).numpy()
     assert np.abs(emb - want).max() < 1e-4
