@@ -192,14 +192,19 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
         offline: only use the cache; never download.
         compile: ``torch.compile`` the audio encoder (worth it for long jobs on a GPU). Full 10-s chunks run
             through the compiled graph in micro-batches padded to a few fixed sizes, so it compiles once per size
-            (a one-off warm-up of tens of seconds), not per batch. Not with ``dtype='int8'``.
+            (a one-off warm-up of tens of seconds), not per batch. Not with ``dtype='int8'``. On the CPU it is
+            slower than the default fused float32 path and warns (``RuntimeWarning``).
+
+    On the CPU in float32 the encoder's blocks run fused oneDNN matmuls on weights reordered at load time
+    (:func:`m2d2_embed.encoder.pack_for_cpu`); bfloat16/float16 on a CPU without native bfloat16 warns.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if compile and dev.type == "cpu":
-        warnings.warn("compile=True on the CPU measured 0.91-0.96x the eager float32 encoder on 10-s clips, after a "
-                      "warm-up of 50-74 s per batch size (issue 14), and it replaces the fused oneDNN CPU path; "
-                      "leave compile=False on the CPU", RuntimeWarning, stacklevel=2)
+        warnings.warn("compile=True on the CPU does not pay: it replaces the fused oneDNN float32 path and ran at "
+                      "0.6-0.7x its speed on a 2-core Zen 4 (0.9-1.0x the plain eager encoder on an AVX2 Zen 3), "
+                      "after a warm-up of 1-5 minutes per batch size (benchmarks/README.md); leave compile=False "
+                      "on the CPU", RuntimeWarning, stacklevel=2)
     target = registry.DEFAULT_MODEL if name_or_path is None else name_or_path
     path = _resolve(target, cache_dir=cache_dir, offline=offline)
     sd, cfg = read_any(path)
