@@ -122,7 +122,7 @@ def quantize_int8(model: M2D2) -> None:
 
     Weights are quantized per output channel once; activations per tensor at run time (``quantize_dynamic``
     with ``per_channel_dynamic_qconfig``). Attention, LayerNorm, the patch projection and the text encoder
-    stay float32. About 2.5-3x the float32 encoder throughput on AVX-512 VNNI CPUs; outputs agree with
+    stay float32. About 1.6-1.9x the (fused) float32 encoder on a 2-core AVX-512 VNNI CPU; outputs agree with
     float32 to a cosine of about 0.998 or better (see benchmarks/README.md).
     """
     try:

@@ -62,7 +62,7 @@ def test_manifest_has_the_front_end_and_norm_stats(exported):
     assert not list(out.glob(".export-*"))  # no temporary folder left behind
 
 
-def test_export_refuses_to_overwrite_and_keeps_the_model_fused(exported, tiny_model_dir, capsys):
+def test_export_refuses_to_overwrite_an_existing_export(exported, tiny_model_dir, capsys):
     out, _ = exported
     assert cli.main(["export", str(tiny_model_dir), "-o", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
