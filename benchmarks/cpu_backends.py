@@ -62,7 +62,8 @@ def log(msg: str) -> None:
 def cpu_environment() -> dict[str, Any]:
     env = bench.environment()  # with isa_flags (present/absent) and torch_cpu_capability
     env["env"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-                                             "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+                                             "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS",
+                                             "OMP_WAIT_POLICY")
                   if k in os.environ}
     for mod in ("onnxruntime", "openvino", "onnx", "onnxscript"):
         try:
