@@ -369,11 +369,25 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_name(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa_flags": isa_flags()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else 0)
         env["cuda"] = torch.version.cuda
     return env
+
+
+# the ISA extensions that decide CPU speed (lscpu's names): AVX-512 and VNNI for int8, AVX512-BF16/AMX for bf16
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+
+def isa_flags() -> dict[str, list[str]]:
+    """Which of ``ISA_FLAGS`` the CPU has (``present``) and lacks (``absent``), from /proc/cpuinfo (lscpu's flags)."""
+    from m2d2_embed.encoder import cpu_flags
+
+    flags = cpu_flags()
+    return {"present": [f for f in ISA_FLAGS if f in flags], "absent": [f for f in ISA_FLAGS if f not in flags]}
 
 
 def _cpu_name() -> str:
@@ -389,6 +403,8 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines.append(f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['cpu_count']} CPUs, "
                  f"{env['torch_threads']} torch threads)" + (f", {env['gpu']}" if "gpu" in env else ""))
+    lines.append(f"CPU ISA: {' '.join(env['isa_flags']['present']) or '-'} (absent: "
+                 f"{' '.join(env['isa_flags']['absent']) or '-'}); torch CPU capability {env['torch_cpu_capability']}")
     if result.get("throughput"):
         lines += ["", "| device | path | clips | clips/s | audio-s/s | x baseline (best) | x baseline (median) | "
                   "warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|"]

@@ -263,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true", help="print JSON")
     li.set_defaults(func=cmd_list)
 
+    x = _parser(sub, "export", parents=[common], help="export the encoder and CLAP head as ONNX for other runtimes",
+                       description="Write MODEL's audio encoder (and CLAP audio head) as ONNX, with dynamic batch and "
+                       "chunk width, plus m2d2_export.json (front-end settings, norm stats, tensor layouts). The "
+                       "weights stay NTT's: not for redistribution. Needs `pip install 'm2d2-embed[onnx]'`.")
+    x.add_argument("name", metavar="MODEL", help="registry name, checkpoint path, converted directory or URL")
+    x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
+    x.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    x.add_argument("--no-heads", action="store_true", help="export the encoder only")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    x.add_argument("--cache-dir", default=None, help="model cache (default $M2D2_EMBED_CACHE or ~/.cache/m2d2_embed)")
+    x.add_argument("--offline", action="store_true", help="use the cache only; never download")
+    x.set_defaults(func=cmd_export)
+
     ca = _parser(sub, "cache", parents=[common], help="show where the model cache is and what it holds",
                         description="Show the model cache folder, its entries and sizes, and how to clear it.")
     ca.add_argument("--cache-dir", default=None, help="model cache to inspect")
@@ -813,6 +826,15 @@ def cmd_download(args: argparse.Namespace) -> int:
     path = loader.download_model(args.name, cache_dir=args.cache_dir, progress=False if args.no_progress else None,
                           keep_source=args.keep_source)
     print(path)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    manifest = export_onnx(args.name, args.output, heads=not args.no_heads, overwrite=args.overwrite,
+                           cache_dir=args.cache_dir, offline=args.offline or None)
+    print(f"{PROG}: exported {args.name} -> {manifest.parent} (see {manifest.name})")
     return EXIT_OK
 
 

@@ -48,6 +48,7 @@ from .convert import (
     verify_checksum,
 )
 from .download import DownloadError
+from .encoder import cpu_int8_full_range, cpu_native_bf16, pack_for_cpu
 from .model import M2D2
 from .registry import LICENSE_SUMMARY, LICENSE_URL, MODELS, ModelInfo
 
@@ -70,21 +71,30 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
-    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers."""
+    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers.
+
+    Warns (``RuntimeWarning``) for bfloat16/float16 on a CPU that lacks native bfloat16 arithmetic, where they
+    run emulated at a fraction of float32's speed."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16, float16 or 'int8' (CPU)")
-        return dtype
-    key = str(dtype).lower()
-    if key in ("int8", "qint8"):
-        if device.type != "cpu":
-            raise ValueError("dtype='int8' (dynamic quantization) runs on the CPU only; use bf16 on CUDA")
-        return "int8"
-    if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
-    return _DTYPES[key]
+    else:
+        key = str(dtype).lower()
+        if key in ("int8", "qint8"):
+            if device.type != "cpu":
+                raise ValueError("dtype='int8' (dynamic quantization) runs on the CPU only; use bf16 on CUDA")
+            return "int8"
+        if key not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
+        dtype = _DTYPES[key]
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_native_bf16():
+        # measured on a 2-core Zen 3 (AVX2, no AVX512-BF16): the bf16 encoder ran at 0.32x float32 (issue 14)
+        warnings.warn(f"dtype={dtype} on a CPU without native bfloat16 (no AVX512-BF16/AMX) is emulated and was "
+                      f"measured at about 0.3x the speed of float32; use the default float32 (or dtype='int8' "
+                      f"for speed)", RuntimeWarning, stacklevel=3)
+    return dtype
 
 
 class _SkipRandomInit(torch.overrides.TorchFunctionMode):
@@ -139,6 +149,10 @@ def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.devic
     model.eval()
     if compile:
         compile_encoder(model)
+    elif device.type == "cpu" and dtype == torch.float32:
+        pack_for_cpu(model.encoder)  # fused oneDNN matmuls for float32 CPU inference (see encoder.py)
+        if model.audio_proj is not None:
+            pack_for_cpu(model.audio_proj)
     return model
 
 
@@ -147,7 +161,7 @@ def quantize_int8(model: M2D2) -> None:
 
     Weights are quantized per output channel once; activations per tensor at run time (``quantize_dynamic``
     with ``per_channel_dynamic_qconfig``). Attention, LayerNorm, the patch projection and the text encoder
-    stay float32. About 2.5-3x the float32 encoder throughput on AVX-512 VNNI CPUs; outputs agree with
+    stay float32. About 1.6-1.9x the (fused) float32 encoder on a 2-core AVX-512 VNNI CPU; outputs agree with
     float32 to a cosine of about 0.998 or better (see benchmarks/README.md).
     """
     try:
@@ -159,13 +173,33 @@ def quantize_int8(model: M2D2) -> None:
     if not any(e in engines for e in ("x86", "fbgemm", "onednn", "qnnpack")):
         raise RuntimeError(f"dtype='int8' needs a quantized CPU engine; this PyTorch build has {engines}")
     spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
+    mapping = {torch.nn.Linear: _full_range_int8_linear()} if cpu_int8_full_range() else None
     with warnings.catch_warnings():
         # torch >= 2.10 warns that torch.ao.quantization moves to torchao; the eager dynamic path still works
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        model.encoder = quantize_dynamic(model.encoder, spec, dtype=torch.qint8)
+        model.encoder = quantize_dynamic(model.encoder, spec, dtype=torch.qint8, mapping=mapping)
         if model.audio_proj is not None:
-            model.audio_proj = quantize_dynamic(model.audio_proj, spec, dtype=torch.qint8)
+            model.audio_proj = quantize_dynamic(model.audio_proj, spec, dtype=torch.qint8, mapping=mapping)
+
+
+def _full_range_int8_linear() -> type:
+    """PyTorch's dynamic int8 Linear, with activations quantized to all 8 bits instead of 7 (``reduce_range``).
+
+    The 7-bit range guards fbgemm's AVX2 kernels against int16 saturation; on AVX512-VNNI/AMX CPUs products sum
+    in int32, and the full range halves the activation rounding error: min token cosine vs float32 0.9987 -> 0.9995
+    on ViT-B at the same speed (benchmarks/README.md)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    class FullRangeInt8Linear(DynamicLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self._packed_params.dtype != torch.qint8:
+                return super().forward(x)
+            packed = self._packed_params._packed_params  # noqa: SLF001 (PyTorch's own packed weights)
+            y = torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)
+            return y.to(x.dtype)
+
+    return FullRangeInt8Linear
 
 
 def compile_encoder(model: M2D2) -> None:
@@ -198,7 +232,11 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
         offline: only use the cache; never download.
         compile: ``torch.compile`` the audio encoder (worth it for long jobs on a GPU). Full 10-s chunks run
             through the compiled graph in micro-batches padded to a few fixed sizes, so it compiles once per size
-            (a one-off warm-up of tens of seconds), not per batch. Not with ``dtype='int8'``.
+            (a one-off warm-up of tens of seconds), not per batch. Not with ``dtype='int8'``. On the CPU it is
+            slower than the default fused float32 path and warns (``RuntimeWarning``).
+
+    On the CPU in float32 the encoder's blocks run fused oneDNN matmuls on weights reordered at load time
+    (:func:`m2d2_embed.encoder.pack_for_cpu`); bfloat16/float16 on a CPU without native bfloat16 warns.
 
     Raises:
         ValueError: unknown name, device or dtype.
@@ -208,6 +246,11 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if compile and dev.type == "cpu":
+        warnings.warn("compile=True on the CPU does not pay: it replaces the fused oneDNN float32 path and ran at "
+                      "0.6-0.7x its speed on a 2-core Zen 4 (0.9-1.0x the plain eager encoder on an AVX2 Zen 3), "
+                      "after a warm-up of 1-5 minutes per batch size (benchmarks/README.md); leave compile=False "
+                      "on the CPU", RuntimeWarning, stacklevel=2)
     target = registry.DEFAULT_MODEL if name_or_path is None else name_or_path
     path = _resolve(target, cache_dir=cache_dir, offline=offline)
     sd, cfg = read_any(path)

@@ -637,8 +637,10 @@ class M2D2(nn.Module):
         while i < batch.shape[0]:
             x = batch[i:i + max_b].to(self.dtype)
             n = x.shape[0]
-            if compiled and (size := _bucket(n, max_b, 16 if x.is_cuda else 1)) > n:
-                x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
+            if compiled:
+                n, size = _bucket(n, max_b, 16 if x.is_cuda else None)  # CPU: unpadded, n may shrink
+                # contiguous: a chunk sliced from a longer log-mel has other strides, which would recompile
+                x = x[:n].contiguous() if size == n else torch.cat([x[:n], x.new_zeros(size - n, *x.shape[1:])])
             try:
                 outs.append(encode(x)[:n].float())
             except torch.cuda.OutOfMemoryError:
@@ -652,14 +654,24 @@ class M2D2(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _bucket(n: int, max_b: int, floor: int) -> int:
-    """Padded micro-batch size for the compiled encoder: the smallest of max_b, max_b/2, max_b/4, ... that holds
-    n chunks, none below ``floor`` (16 on CUDA, where a smaller batch takes as long) and at most 7 sizes, so
-    torch.compile sees a handful of batch shapes."""
-    size, floor = max_b, max(floor, max_b >> 6)
+def _bucket(n: int, max_b: int, floor: int | None) -> tuple[int, int]:
+    """Micro-batch of the compiled encoder for ``n`` waiting chunks: ``(rows, size)``, run ``rows`` of them padded to
+    ``size``. Sizes are max_b, max_b/2, max_b/4, ... (at most 7 of them), so torch.compile sees a handful of batch
+    shapes.
+
+    ``floor`` given (CUDA, where a batch below 16 takes as long as 16): all n rows, padded up to the smallest size
+    that holds them and is at least ``floor``. ``floor=None`` (CPU, where time grows with the rows): the largest
+    size that fits in n, unpadded, the rest left for the next pass; 6 chunks run as 4 + 2, not as 8."""
+    smallest = max(1, max_b >> 6)
+    if floor is None:
+        size = max_b
+        while size > n and size // 2 >= smallest:
+            size //= 2
+        return (size, size) if size <= n else (n, size)
+    size, floor = max_b, max(floor, smallest)
     while size // 2 >= n and size // 2 >= floor:
         size //= 2
-    return size
+    return n, size
 
 
 # ---------------------------------------------------------------------------------------------------------------
