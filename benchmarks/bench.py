@@ -53,6 +53,7 @@ DEFAULT_DTYPES = {"cpu": ["fp32", "int8"], "cuda": ["bf16", "fp32"]}
 # Weights
 # ---------------------------------------------------------------------------------------------------
 
+
 def default_cache() -> Path:
     return Path(os.environ.get("M2D2_BENCH_CACHE") or Path.home() / ".cache" / "m2d2_embed" / "bench")
 
@@ -85,6 +86,7 @@ def ensure_converted(pth: Path, cache: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------
 # Measurement helpers
 # ---------------------------------------------------------------------------------------------------
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -137,25 +139,27 @@ def cuda_tf32(enabled: bool):
 # The reference's strategy, on our modules
 # ---------------------------------------------------------------------------------------------------
 
+
 @torch.inference_mode()
-def reference_strategy(model: m2d2_embed.M2D2, x: torch.Tensor, clip_batch: int,
-                       autocast: torch.dtype | None = None) -> torch.Tensor:
+def reference_strategy(
+    model: m2d2_embed.M2D2, x: torch.Tensor, clip_batch: int, autocast: torch.dtype | None = None
+) -> torch.Tensor:
     """Stacked frame embeddings [n, T, f*D] computed as the upstream runtime does: per batch of ``clip_batch``
     clips, one log-mel call, then one encoder call per 10-s chunk (the last padded to whole patches), chunks
     joined in time. Same numbers as ``model.frame_embeddings(x)`` in float32; only the batching differs."""
     enc = model.config.encoder
     U, pw, T = enc.chunk_frames, enc.patch_size[1], enc.grid[1]
     f = model.freq_patches
-    ctx = (torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext())
+    ctx = torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     outs = []
     for b in range(0, x.shape[0], clip_batch):
-        wav = x[b:b + clip_batch].to(model.device)
+        wav = x[b : b + clip_batch].to(model.device)
         lms = model.frontend(wav)  # (b, 1, n_mels, F), float32
         embs = []
         with ctx:
             for s in range(0, lms.shape[-1], U):
-                c = lms[..., s:s + U]
-                c = F.pad(c, (0, -c.shape[-1] % pw))[..., :T * pw]  # whole patches; never more than T of them
+                c = lms[..., s : s + U]
+                c = F.pad(c, (0, -c.shape[-1] % pw))[..., : T * pw]  # whole patches; never more than T of them
                 tok = model.encoder(c.to(model.dtype))  # (b, f*t, D)
                 t = tok.shape[1] // f
                 embs.append(tok.reshape(tok.shape[0], f, t, -1).permute(0, 2, 1, 3).reshape(tok.shape[0], t, -1))
@@ -166,6 +170,7 @@ def reference_strategy(model: m2d2_embed.M2D2, x: torch.Tensor, clip_batch: int,
 # ---------------------------------------------------------------------------------------------------
 # Throughput
 # ---------------------------------------------------------------------------------------------------
+
 
 class Variant:
     """One way of computing frame embeddings for a batch of clips, with its warm-up and timings."""
@@ -178,8 +183,13 @@ class Variant:
         self.peak_gpu_mib: dict[str, float] = {}
 
 
-def run_throughput(variants: list[Variant], device: torch.device, lengths: dict[str, tuple[int, float]],
-                   repeats: int, full_warmup: bool) -> list[dict[str, Any]]:
+def run_throughput(
+    variants: list[Variant],
+    device: torch.device,
+    lengths: dict[str, tuple[int, float]],
+    repeats: int,
+    full_warmup: bool,
+) -> list[dict[str, Any]]:
     """Time every variant on every clip length, interleaved (round r runs all variants once), best of ``repeats``.
 
     Warm-up: one untimed call per variant and length, on the full input when ``full_warmup`` (CUDA, compile:
@@ -210,26 +220,50 @@ def run_throughput(variants: list[Variant], device: torch.device, lengths: dict[
         base_median = float(np.median(base[0].times[label])) if base else None
         for v in variants:
             best, median = min(v.times[label]), float(np.median(v.times[label]))
-            rows.append({"device": device.type, "variant": v.name, "clips": label, "n": n, "seconds": seconds,
-                         "time_s": best, "clips_per_s": n / best, "audio_s_per_s": n * seconds / best,
-                         "x_baseline": (base_best / best) if base_best else None,
-                         "x_baseline_median": (base_median / median) if base_median else None,
-                         "times_s": v.times[label], "cpu_times_s": v.cpu_times[label], "warmup_s": v.warmup_s,
-                         "peak_gpu_mib": v.peak_gpu_mib.get(label)})
+            rows.append(
+                {
+                    "device": device.type,
+                    "variant": v.name,
+                    "clips": label,
+                    "n": n,
+                    "seconds": seconds,
+                    "time_s": best,
+                    "clips_per_s": n / best,
+                    "audio_s_per_s": n * seconds / best,
+                    "x_baseline": (base_best / best) if base_best else None,
+                    "x_baseline_median": (base_median / median) if base_median else None,
+                    "times_s": v.times[label],
+                    "cpu_times_s": v.cpu_times[label],
+                    "warmup_s": v.warmup_s,
+                    "peak_gpu_mib": v.peak_gpu_mib.get(label),
+                }
+            )
     return rows
 
 
-def build_variants(device: torch.device, source: Path, dtypes: list[str], batch_size: int | None,
-                   compile_: bool, clip_batch: int, reference: Path | None, pth: Path) -> list[Variant]:
+def build_variants(
+    device: torch.device,
+    source: Path,
+    dtypes: list[str],
+    batch_size: int | None,
+    compile_: bool,
+    clip_batch: int,
+    reference: Path | None,
+    pth: Path,
+) -> list[Variant]:
     fp32 = m2d2_embed.load(source, device=device, dtype="fp32")
     variants = [Variant("reference strategy, fp32", lambda x: reference_strategy(fp32, x, clip_batch), baseline=True)]
     if device.type == "cuda":
-        variants.append(Variant("reference strategy, bf16 autocast",
-                                lambda x: reference_strategy(fp32, x, clip_batch, autocast=torch.bfloat16)))
+        variants.append(
+            Variant(
+                "reference strategy, bf16 autocast",
+                lambda x: reference_strategy(fp32, x, clip_batch, autocast=torch.bfloat16),
+            )
+        )
     if reference is not None:
         variants += upstream_variants(reference, pth, device, clip_batch)
     for dt in dtypes:
-        for comp in ([False, True] if compile_ and dt != "int8" else [False]):
+        for comp in [False, True] if compile_ and dt != "int8" else [False]:
             m = fp32 if (dt == "fp32" and not comp) else m2d2_embed.load(source, device=device, dtype=dt, compile=comp)
             name = f"m2d2_embed, {dt}" + (", compiled" if comp else "")
             variants.append(Variant(name, lambda x, m=m: m.frame_embeddings(x, SR, batch_size=batch_size)))
@@ -239,6 +273,7 @@ def build_variants(device: torch.device, source: Path, dtypes: list[str], batch_
 # ---------------------------------------------------------------------------------------------------
 # The upstream runtime (optional; needs the user's own portable_m2d.py with nnAudio and timm installed)
 # ---------------------------------------------------------------------------------------------------
+
 
 def import_upstream(path: Path):
     spec = importlib.util.spec_from_file_location("portable_m2d", path)
@@ -261,7 +296,7 @@ def upstream_variants(path: Path, pth: Path, device: torch.device, clip_batch: i
     def run(x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         with ctx:
-            return torch.cat([ref.encode(x[b:b + clip_batch]).float() for b in range(0, x.shape[0], clip_batch)])
+            return torch.cat([ref.encode(x[b : b + clip_batch]).float() for b in range(0, x.shape[0], clip_batch)])
 
     out = [Variant("upstream PortableM2D, fp32", run)]
     if device.type == "cuda":
@@ -272,6 +307,7 @@ def upstream_variants(path: Path, pth: Path, device: torch.device, clip_batch: i
 # ---------------------------------------------------------------------------------------------------
 # Load time and memory (fresh subprocesses, so page cache aside nothing is shared)
 # ---------------------------------------------------------------------------------------------------
+
 
 def _child_load(kind: str, path: str, device: str, reference: str | None) -> None:
     """Load, then one embedding of a 1-s clip and one caption (weights are memory-mapped: the first call is what
@@ -296,12 +332,22 @@ def _child_load(kind: str, path: str, device: str, reference: str | None) -> Non
             if m.text_encoder is not None:
                 m.clap_text_embeddings(["a dog barks"])
     sync(dev)
-    print(json.dumps({"seconds": load_s, "first_call_s": time.perf_counter() - t, "rss_base_mib": base,
-                      "rss_load_mib": rss_load, "rss_peak_mib": rss_peak_mib()}))
+    print(
+        json.dumps(
+            {
+                "seconds": load_s,
+                "first_call_s": time.perf_counter() - t,
+                "rss_base_mib": base,
+                "rss_load_mib": rss_load,
+                "rss_peak_mib": rss_peak_mib(),
+            }
+        )
+    )
 
 
-def measure_load(pth: Path, converted: Path, device: torch.device, reference: Path | None,
-                 repeats: int = 2) -> list[dict[str, Any]]:
+def measure_load(
+    pth: Path, converted: Path, device: torch.device, reference: Path | None, repeats: int = 2
+) -> list[dict[str, Any]]:
     """Load time (best of ``repeats`` fresh processes, warm page cache) and peak RSS growth during the load."""
     cases = [("converted safetensors", "ours", converted), ("upstream .pth, converted on the fly", "ours", pth)]
     if reference is not None:
@@ -324,17 +370,29 @@ def measure_load(pth: Path, converted: Path, device: torch.device, reference: Pa
         if best is None:
             continue
         grow = best["rss_peak_mib"] - best["rss_base_mib"]
-        rows.append({"device": device.type, "source": label, "load_s": best["seconds"],
-                     "first_call_s": best["first_call_s"], "rss_growth_mib": grow, "weights_mib": weights_mib,
-                     "rss_growth_x_weights": grow / weights_mib, "rss_peak_mib": best["rss_peak_mib"]})
-        log(f"  load {label}: {best['seconds']:.2f} s + first call {best['first_call_s']:.2f} s, "
-            f"RSS +{grow:.0f} MiB ({grow / weights_mib:.2f}x weights)")
+        rows.append(
+            {
+                "device": device.type,
+                "source": label,
+                "load_s": best["seconds"],
+                "first_call_s": best["first_call_s"],
+                "rss_growth_mib": grow,
+                "weights_mib": weights_mib,
+                "rss_growth_x_weights": grow / weights_mib,
+                "rss_peak_mib": best["rss_peak_mib"],
+            }
+        )
+        log(
+            f"  load {label}: {best['seconds']:.2f} s + first call {best['first_call_s']:.2f} s, "
+            f"RSS +{grow:.0f} MiB ({grow / weights_mib:.2f}x weights)"
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------
 # Agreement of a reduced-precision model with float32, on the parity inputs
 # ---------------------------------------------------------------------------------------------------
+
 
 def parity_waves() -> dict[str, np.ndarray]:
     with np.load(DATA / "golden_seed0.npz", allow_pickle=False) as z:
@@ -350,8 +408,11 @@ def agreement(test: m2d2_embed.M2D2, ref: m2d2_embed.M2D2, waves: dict[str, np.n
     """Minimum cosine similarity, over all parity inputs, per embedding: stacked frames [T, 3840], frames
     averaged over frequency [T, 768], clip [3840] and CLAP audio [768]."""
     out: dict[str, float] = {}
-    calls = {"frame": ("frame_embeddings", {}), "frame_mean": ("frame_embeddings", {"reduce": "mean"}),
-             "clip": ("clip_embeddings", {})}
+    calls = {
+        "frame": ("frame_embeddings", {}),
+        "frame_mean": ("frame_embeddings", {"reduce": "mean"}),
+        "clip": ("clip_embeddings", {}),
+    }
     if ref.audio_proj is not None:
         calls["clap"] = ("clap_audio_embeddings", {})
     for w in waves.values():
@@ -365,12 +426,20 @@ def agreement(test: m2d2_embed.M2D2, ref: m2d2_embed.M2D2, waves: dict[str, np.n
 # Report
 # ---------------------------------------------------------------------------------------------------
 
+
 def environment(device: torch.device | None = None) -> dict[str, Any]:
-    env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "torch": torch.__version__,
-           "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_name(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa_flags": isa_flags()}
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_flags": isa_flags(),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(device if device is not None and device.type == "cuda" else 0)
         env["cuda"] = torch.version.cuda
@@ -378,8 +447,19 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
 
 
 # the ISA extensions that decide CPU speed (lscpu's names): AVX-512 and VNNI for int8, AVX512-BF16/AMX for bf16
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "amx_tile", "amx_bf16", "amx_int8")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def isa_flags() -> dict[str, list[str]]:
@@ -401,27 +481,44 @@ def _cpu_name() -> str:
 def markdown(result: dict[str, Any]) -> str:
     lines = []
     env = result["environment"]
-    lines.append(f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['cpu_count']} CPUs, "
-                 f"{env['torch_threads']} torch threads)" + (f", {env['gpu']}" if "gpu" in env else ""))
-    lines.append(f"CPU ISA: {' '.join(env['isa_flags']['present']) or '-'} (absent: "
-                 f"{' '.join(env['isa_flags']['absent']) or '-'}); torch CPU capability {env['torch_cpu_capability']}")
+    lines.append(
+        f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['cpu_count']} CPUs, "
+        f"{env['torch_threads']} torch threads)" + (f", {env['gpu']}" if "gpu" in env else "")
+    )
+    lines.append(
+        f"CPU ISA: {' '.join(env['isa_flags']['present']) or '-'} (absent: "
+        f"{' '.join(env['isa_flags']['absent']) or '-'}); torch CPU capability {env['torch_cpu_capability']}"
+    )
     if result.get("throughput"):
-        lines += ["", "| device | path | clips | clips/s | audio-s/s | x baseline (best) | x baseline (median) | "
-                  "warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| device | path | clips | clips/s | audio-s/s | x baseline (best) | x baseline (median) | warm-up s |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
         for r in result["throughput"]:
             xb = f"{r['x_baseline']:.2f}" if r["x_baseline"] else ""
             xm = f"{r['x_baseline_median']:.2f}" if r.get("x_baseline_median") else ""
-            lines.append(f"| {r['device']} | {r['variant']} | {r['n']} x {r['seconds']:g} s | {r['clips_per_s']:.2f} | "
-                         f"{r['audio_s_per_s']:.1f} | {xb} | {xm} | {r['warmup_s']:.1f} |")
+            lines.append(
+                f"| {r['device']} | {r['variant']} | {r['n']} x {r['seconds']:g} s | {r['clips_per_s']:.2f} | "
+                f"{r['audio_s_per_s']:.1f} | {xb} | {xm} | {r['warmup_s']:.1f} |"
+            )
     if result.get("load"):
-        lines += ["", "| device | load from | load() s | first call s | peak RSS growth MiB | x weights size |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| device | load from | load() s | first call s | peak RSS growth MiB | x weights size |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for r in result["load"]:
-            lines.append(f"| {r['device']} | {r['source']} | {r['load_s']:.2f} | {r['first_call_s']:.2f} | "
-                         f"{r['rss_growth_mib']:.0f} | {r['rss_growth_x_weights']:.2f} |")
+            lines.append(
+                f"| {r['device']} | {r['source']} | {r['load_s']:.2f} | {r['first_call_s']:.2f} | "
+                f"{r['rss_growth_mib']:.0f} | {r['rss_growth_x_weights']:.2f} |"
+            )
     for name, agr in result.get("agreement", {}).items():
-        lines += ["", f"{name}: minimum cosine vs fp32 on the parity inputs: "
-                  + ", ".join(f"{k} {v:.5f}" for k, v in agr.items())]
+        lines += [
+            "",
+            f"{name}: minimum cosine vs fp32 on the parity inputs: "
+            + ", ".join(f"{k} {v:.5f}" for k, v in agr.items()),
+        ]
     lines.append(f"\nprocess peak RSS: {result.get('rss_peak_mib', 0):.0f} MiB")
     return "\n".join(lines)
 
@@ -430,14 +527,20 @@ def markdown(result: dict[str, Any]) -> str:
 # Main
 # ---------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="all", help="cpu, cuda, cuda:N or all (CPU, plus CUDA when present)")
-    p.add_argument("--dtype", help="comma-separated: fp32, bf16, fp16, int8 (CPU); default fp32,int8 on CPU, "
-                   "bf16,fp32 on CUDA")
-    p.add_argument("--batch-size", type=int, help="chunks per encoder pass, also clips per reference batch "
-                   "(default: the model's, 32 on CPU, 256 on CUDA)")
+    p.add_argument(
+        "--dtype", help="comma-separated: fp32, bf16, fp16, int8 (CPU); default fp32,int8 on CPU, bf16,fp32 on CUDA"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="chunks per encoder pass, also clips per reference batch (default: the model's, 32 on CPU, 256 on CUDA)",
+    )
     p.add_argument("--clips", type=int, help="number of 10-s clips (default 16 on CPU, 2048 on CUDA; 0 skips)")
     p.add_argument("--clips-60s", type=int, help="number of 60-s clips (default 4 on CPU, 256 on CUDA; 0 skips)")
     p.add_argument("--compile", action="store_true", help="also time load(..., compile=True)")
@@ -445,8 +548,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--no-load", action="store_true", help="skip the load time / memory measurement")
     p.add_argument("--no-agreement", action="store_true", help="skip the int8/bf16 agreement measurement")
-    p.add_argument("--reference", type=Path, help="the upstream portable_m2d.py (needs nnAudio, timm, einops) "
-                   "to time the real upstream runtime as well")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="the upstream portable_m2d.py (needs nnAudio, timm, einops) to time the real upstream runtime as well",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="where the synthetic checkpoint is written")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
@@ -468,8 +574,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache = a.cache_dir or default_cache()
     pth = ensure_checkpoint(cache)
     converted = ensure_converted(pth, cache)
-    result: dict[str, Any] = {"environment": environment(devices[-1]), "args": {k: str(v) for k, v in vars(a).items()},
-                              "throughput": [], "load": [], "agreement": {}}
+    result: dict[str, Any] = {
+        "environment": environment(devices[-1]),
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "throughput": [],
+        "load": [],
+        "agreement": {},
+    }
     for dev in devices:
         cpu = dev.type == "cpu"
         dtypes = a.dtype.split(",") if a.dtype else DEFAULT_DTYPES[dev.type]
@@ -485,8 +596,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with cuda_tf32(False):
             variants = build_variants(dev, converted, dtypes, a.batch_size, a.compile, bs, a.reference, pth)
             lengths = {"10 s": (n10, 10.0), "60 s": (n60, 60.0)}
-            result["throughput"] += run_throughput(variants, dev, lengths, a.repeats or (2 if cpu else 3),
-                                                   full_warmup=not cpu or a.compile)
+            result["throughput"] += run_throughput(
+                variants, dev, lengths, a.repeats or (2 if cpu else 3), full_warmup=not cpu or a.compile
+            )
         if not a.no_agreement:
             waves = parity_waves()
             ref = m2d2_embed.load(converted, device=dev, dtype="fp32")

@@ -35,8 +35,9 @@ def main() -> int:
     a = p.parse_args()
     dev = torch.device(a.device)
     cache = default_cache()
-    model = m2d2_embed.load(ensure_converted(ensure_checkpoint(cache), cache), device=dev, dtype=a.dtype,
-                            compile=a.compile)
+    model = m2d2_embed.load(
+        ensure_converted(ensure_checkpoint(cache), cache), device=dev, dtype=a.dtype, compile=a.compile
+    )
     x = make_clips(a.clips, a.seconds, dev)
     bs, T, pw = a.batch_size, model.config.encoder.grid[1], model.config.encoder.patch_size[1]
 
@@ -46,15 +47,17 @@ def main() -> int:
 
     with torch.inference_mode():
         lms = model.frontend(x[:bs])
-        chunk = lms[..., :T * pw].to(model.dtype).contiguous()
+        chunk = lms[..., : T * pw].to(model.dtype).contiguous()
         tok = model.encoder(chunk).float().reshape(bs, model.freq_patches, T, -1)
         stages = {
             "prepare_audio (checks, list)": lambda: model._prepare(x, SR),
-            "front end (log-mel), all clips": lambda: [model.frontend(x[k:k + 4 * bs])
-                                                       for k in range(0, a.clips, 4 * bs)],
+            "front end (log-mel), all clips": lambda: [
+                model.frontend(x[k : k + 4 * bs]) for k in range(0, a.clips, 4 * bs)
+            ],
             "encoder only, all chunks": lambda: [model.encoder(chunk) for _ in range(0, a.clips, bs)],
-            "tokens -> float32 + pooling, all clips": lambda: [model._pool_frames(tok.float(), "none")
-                                                               for _ in range(0, a.clips, bs)],
+            "tokens -> float32 + pooling, all clips": lambda: [
+                model._pool_frames(tok.float(), "none") for _ in range(0, a.clips, bs)
+            ],
             "frame_embeddings (whole call)": lambda: model.frame_embeddings(x, SR, batch_size=bs),
         }
         for name, fn in stages.items():

@@ -47,8 +47,10 @@ def main() -> int:
         peak, secs = peak_rss_mib(CODE_CONVERT, str(pth), str(Path(tmp) / "converted"))
     grow = peak - base
     print(f"checkpoint {pth} ({weights_mib:.0f} MiB)")
-    print(f"convert: {secs:.1f} s, peak RSS {peak:.0f} MiB; baseline (import torch + m2d2_embed) {base:.0f} MiB; "
-          f"growth {grow:.0f} MiB = {grow / weights_mib:.2f}x the weights")
+    print(
+        f"convert: {secs:.1f} s, peak RSS {peak:.0f} MiB; baseline (import torch + m2d2_embed) {base:.0f} MiB; "
+        f"growth {grow:.0f} MiB = {grow / weights_mib:.2f}x the weights"
+    )
     return 0
 
 

@@ -59,21 +59,33 @@ def log(msg: str) -> None:
 # Environment
 # ---------------------------------------------------------------------------------------------------
 
+
 def cpu_environment() -> dict[str, Any]:
     env = bench.environment()  # with isa_flags (present/absent) and torch_cpu_capability
-    env["env"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-                                             "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS",
-                                             "OMP_WAIT_POLICY")
-                  if k in os.environ}
+    env["env"] = {
+        k: os.environ[k]
+        for k in (
+            "ATEN_CPU_CAPABILITY",
+            "ONEDNN_MAX_CPU_ISA",
+            "DNNL_MAX_CPU_ISA",
+            "MKL_ENABLE_INSTRUCTIONS",
+            "FBGEMM_ENABLE_INSTRUCTIONS",
+            "OMP_NUM_THREADS",
+            "OMP_WAIT_POLICY",
+        )
+        if k in os.environ
+    }
     for mod in ("onnxruntime", "openvino", "onnx", "onnxscript"):
         try:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
     try:
-        env["lscpu_model"] = next(line.split(":", 1)[1].strip() for line in
-                                  subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                                  if line.startswith("Model name"))
+        env["lscpu_model"] = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, StopIteration):
         env["lscpu_model"] = None
     return env
@@ -82,6 +94,7 @@ def cpu_environment() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # FLOPs and ceilings
 # ---------------------------------------------------------------------------------------------------
+
 
 def encoder_flops(cfg, batch: int, t: int) -> float:
     """Multiply-adds x 2 of the encoder on [batch, 1, n_mels, 16 t]: patch projection, the blocks' matmuls
@@ -151,6 +164,7 @@ def quantized_linear(lin: torch.nn.Linear) -> torch.nn.Module:
 # Contenders
 # ---------------------------------------------------------------------------------------------------
 
+
 class Contender:
     def __init__(self, name: str, kind: str, encode=None, model=None, ceiling: str = "fp32") -> None:
         self.name, self.kind, self.ceiling = name, kind, ceiling
@@ -202,8 +216,13 @@ def ort_quantized(src: Path, weight_type: str) -> Path:
     if not dst.exists():
         t = time.perf_counter()
         tmp = dst.with_name("tmp." + dst.name)
-        quantize_dynamic(str(src), str(tmp), weight_type=getattr(QuantType, weight_type), per_channel=True,
-                         use_external_data_format=True)
+        quantize_dynamic(
+            str(src),
+            str(tmp),
+            weight_type=getattr(QuantType, weight_type),
+            per_channel=True,
+            use_external_data_format=True,
+        )
         os.replace(tmp, dst)  # its .data file is named after tmp, which the graph refers to
         log(f"ORT {weight_type} quantization: {time.perf_counter() - t:.1f} s")
     return dst
@@ -213,8 +232,11 @@ def openvino_model(path: Path, threads: int):
     import openvino as ov
 
     core = ov.Core()
-    cm = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                                               "INFERENCE_NUM_THREADS": threads})
+    cm = core.compile_model(
+        str(path),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
+    )
     req = cm.create_infer_request()
     return lambda x: req.infer({0: x})[cm.output(0)]
 
@@ -266,12 +288,24 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
     if not a.torch_only:
         onnx_path, info["export_s"] = ensure_export(fp32, cache)
         run = ort_session(onnx_path, threads)
-        cs.append(Contender(f"ONNX Runtime {bench_version('onnxruntime')} fp32", "ort", run,
-                            with_encoder(fp32, OrtEncoder(fp32.encoder, run))))
+        cs.append(
+            Contender(
+                f"ONNX Runtime {bench_version('onnxruntime')} fp32",
+                "ort",
+                run,
+                with_encoder(fp32, OrtEncoder(fp32.encoder, run)),
+            )
+        )
     if onnx_path is not None and not a.no_openvino:
         run = openvino_model(onnx_path, threads)
-        cs.append(Contender(f"OpenVINO {bench_version('openvino')} fp32", "ov", run,
-                            with_encoder(fp32, OrtEncoder(fp32.encoder, run))))
+        cs.append(
+            Contender(
+                f"OpenVINO {bench_version('openvino')} fp32",
+                "ov",
+                run,
+                with_encoder(fp32, OrtEncoder(fp32.encoder, run)),
+            )
+        )
     if not a.no_compile:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the compile-on-CPU warning
@@ -288,13 +322,27 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
     cs.append(Contender("m2d2_embed int8, 7-bit activations (before)", "torch", q7.encoder, q7, ceiling="int8"))
     for wt in ("QUInt8", "QInt8") if onnx_path is not None else ():
         run = ort_session(ort_quantized(onnx_path, wt), threads)
-        cs.append(Contender(f"ORT dynamic int8, {wt} per-channel weights", "ort", run,
-                            with_encoder(fp32, OrtEncoder(fp32.encoder, run)), ceiling="int8"))
+        cs.append(
+            Contender(
+                f"ORT dynamic int8, {wt} per-channel weights",
+                "ort",
+                run,
+                with_encoder(fp32, OrtEncoder(fp32.encoder, run)),
+                ceiling="int8",
+            )
+        )
     cfg = fp32.config.encoder
     for kind in ("fp32", "int8"):
         c = Ceiling(cfg, kind)
-        cs.append(Contender(f"ceiling: {'fp32 torch.mm' if kind == 'fp32' else 'fbgemm int8 Linear'}", "ceiling",
-                            c, None, ceiling=kind))
+        cs.append(
+            Contender(
+                f"ceiling: {'fp32 torch.mm' if kind == 'fp32' else 'fbgemm int8 Linear'}",
+                "ceiling",
+                c,
+                None,
+                ceiling=kind,
+            )
+        )
     return cs, info
 
 
@@ -309,6 +357,7 @@ def bench_version(mod: str) -> str:
 # Timing
 # ---------------------------------------------------------------------------------------------------
 
+
 def call(c: Contender, what: str, x: torch.Tensor, tokens_per_chunk: int) -> Any:
     if c.kind == "ceiling":
         return c.encode.run(x.shape[0] * tokens_per_chunk) if what == "enc" else None
@@ -320,8 +369,9 @@ def call(c: Contender, what: str, x: torch.Tensor, tokens_per_chunk: int) -> Any
     return c.model.clip_embeddings(x, SR)
 
 
-def run_rounds(cs: list[Contender], inputs: dict[str, torch.Tensor], rounds: int, gap: float,
-               tokens_per_chunk: int) -> None:
+def run_rounds(
+    cs: list[Contender], inputs: dict[str, torch.Tensor], rounds: int, gap: float, tokens_per_chunk: int
+) -> None:
     keys = list(inputs)
     for c in cs:  # warm-up: one untimed call per input (compile: the compilation of that batch size)
         for k in keys:
@@ -342,12 +392,10 @@ def run_rounds(cs: list[Contender], inputs: dict[str, torch.Tensor], rounds: int
                 t = time.perf_counter()
                 call(c, what, inputs[k], tokens_per_chunk)
                 c.times.setdefault(k, []).append(time.perf_counter() - t)
-        log(f"round {r + 1}/{rounds}: " + "; ".join(
-            f"{c.name[:28]} {c.times[keys[0]][-1]:.3f}" for c in cs))
+        log(f"round {r + 1}/{rounds}: " + "; ".join(f"{c.name[:28]} {c.times[keys[0]][-1]:.3f}" for c in cs))
 
 
-def measure_agreement(cs: list[Contender], ref_encoder, lms: torch.Tensor, waves: torch.Tensor,
-                      ref_model) -> None:
+def measure_agreement(cs: list[Contender], ref_encoder, lms: torch.Tensor, waves: torch.Tensor, ref_model) -> None:
     """fp32: max abs difference of the tokens from the plain fp32 encoder; all: min token cosine; e2e: min clip
     embedding cosine."""
     with torch.inference_mode():
@@ -368,6 +416,7 @@ def measure_agreement(cs: list[Contender], ref_encoder, lms: torch.Tensor, waves
 # Report
 # ---------------------------------------------------------------------------------------------------
 
+
 def summarise(cs: list[Contender], inputs: dict[str, torch.Tensor], cfg, t_patches: int) -> list[dict[str, Any]]:
     ceil = {c.ceiling: c for c in cs if c.kind == "ceiling"}
     rows = []
@@ -381,9 +430,17 @@ def summarise(cs: list[Contender], inputs: dict[str, torch.Tensor], cfg, t_patch
                 continue
             ts = c.times[k]
             med = float(np.median(ts))
-            row = {"input": k, "batch": B, "contender": c.name, "median_s": med, "min_s": min(ts), "max_s": max(ts),
-                   "times_s": ts, "x_plain_fp32": base_med / med if c.kind != "ceiling" else None,
-                   "warmup_s": c.warmup.get(k)}
+            row = {
+                "input": k,
+                "batch": B,
+                "contender": c.name,
+                "median_s": med,
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "times_s": ts,
+                "x_plain_fp32": base_med / med if c.kind != "ceiling" else None,
+                "warmup_s": c.warmup.get(k),
+            }
             if k.startswith("enc"):
                 cl = ceil.get(c.ceiling)
                 if c.kind == "ceiling":
@@ -407,30 +464,38 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         def med(prefix: str, by: dict = by) -> float | None:
             r = next((r for n, r in by.items() if n.startswith(prefix)), None)
             return r["median_s"] if r else None
+
         ours, q = med("m2d2_embed fp32 (fused"), med("m2d2_embed int8 (default)")
         others = [v for v in (med("ONNX Runtime"), med("OpenVINO")) if v is not None]
         qu = med("ORT dynamic int8, QUInt8")
         qrow = next(r for n, r in by.items() if n.startswith("m2d2_embed int8 (default)"))
         qurow = next((r for n, r in by.items() if n.startswith("ORT dynamic int8, QUInt8")), None)
-        out.append({"input": k, "fp32_vs_fastest_other": min(others) / ours if others else None,
-                    "int8_vs_ort_quint8": qu / q if qu else None,
-                    "int8_token_cos_min": qrow.get("agreement_token_cos_min"),
-                    "ort_quint8_token_cos_min": qurow.get("agreement_token_cos_min") if qurow else None})
+        out.append(
+            {
+                "input": k,
+                "fp32_vs_fastest_other": min(others) / ours if others else None,
+                "int8_vs_ort_quint8": qu / q if qu else None,
+                "int8_token_cos_min": qrow.get("agreement_token_cos_min"),
+                "ort_quint8_token_cos_min": qurow.get("agreement_token_cos_min") if qurow else None,
+            }
+        )
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
-    lines = [f"{env['date']}, {env['lscpu_model'] or env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} "
-             f"threads; torch {env['torch']} (CPU capability {env['torch_cpu_capability']}), onnxruntime "
-             f"{env['onnxruntime']}, openvino {env['openvino']}",
-             f"ISA flags present: {' '.join(env['isa_flags']['present']) or '-'}; absent: "
-             f"{' '.join(env['isa_flags']['absent'])}"
-             + (f"; env {env['env']}" if env["env"] else ""),
-             f"{result['rounds']} rounds, contenders interleaved, medians (min-max); load average at start "
-             f"{env['load_average']}",
-             "", "| input | contender | median s | min-max s | x plain fp32 | GFLOP/s | of ceiling | agreement |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"{env['date']}, {env['lscpu_model'] or env['cpu']}, {env['cpu_count']} CPUs, {env['torch_threads']} "
+        f"threads; torch {env['torch']} (CPU capability {env['torch_cpu_capability']}), onnxruntime "
+        f"{env['onnxruntime']}, openvino {env['openvino']}",
+        f"ISA flags present: {' '.join(env['isa_flags']['present']) or '-'}; absent: "
+        f"{' '.join(env['isa_flags']['absent'])}" + (f"; env {env['env']}" if env["env"] else ""),
+        f"{result['rounds']} rounds, contenders interleaved, medians (min-max); load average at start "
+        f"{env['load_average']}",
+        "",
+        "| input | contender | median s | min-max s | x plain fp32 | GFLOP/s | of ceiling | agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in result["rows"]:
         agr = []
         if "agreement_max_abs" in r and r["agreement_max_abs"] < 1e-3:
@@ -441,29 +506,41 @@ def markdown(result: dict[str, Any]) -> str:
             agr.append(f"clip cos min {r['agreement_clip_cos_min']:.6f}")
         rate = f"{r['rate_gflops']:.0f}" if "rate_gflops" in r else ""
         ofc = f"{r['of_ceiling']:.2f}" if "of_ceiling" in r else ""
-        lines.append(f"| {r['input']} | {r['contender']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
-                     f"| {'' if r['x_plain_fp32'] is None else format(r['x_plain_fp32'], '.2f')} | {rate} | {ofc} "
-                     f"| {', '.join(agr)} |")
-    lines += ["", "| input | ours fp32 vs faster of ORT/OpenVINO fp32 | ours int8 vs ORT QUInt8 | int8 token cos min "
-              "(ours / ORT QUInt8) |", "|---|---:|---:|---|"]
+        lines.append(
+            f"| {r['input']} | {r['contender']} | {r['median_s']:.3f} | {r['min_s']:.3f}-{r['max_s']:.3f} "
+            f"| {'' if r['x_plain_fp32'] is None else format(r['x_plain_fp32'], '.2f')} | {rate} | {ofc} "
+            f"| {', '.join(agr)} |"
+        )
+    lines += [
+        "",
+        "| input | ours fp32 vs faster of ORT/OpenVINO fp32 | ours int8 vs ORT QUInt8 | int8 token cos min "
+        "(ours / ORT QUInt8) |",
+        "|---|---:|---:|---|",
+    ]
     for t in result["targets"]:
         f = f"{t['fp32_vs_fastest_other']:.2f}x" if t["fp32_vs_fastest_other"] else ""
         q = f"{t['int8_vs_ort_quint8']:.2f}x" if t["int8_vs_ort_quint8"] else ""
-        c = (f"{t['int8_token_cos_min']:.5f} / {t['ort_quint8_token_cos_min']:.5f}"
-             if t["ort_quint8_token_cos_min"] is not None else "")
+        c = (
+            f"{t['int8_token_cos_min']:.5f} / {t['ort_quint8_token_cos_min']:.5f}"
+            if t["ort_quint8_token_cos_min"] is not None
+            else ""
+        )
         lines.append(f"| {t['input']} | {f} | {q} | {c} |")
     warm = [r for r in result["rows"] if "compile" in r["contender"] and r.get("warmup_s")]
     if warm:
-        lines.append("\ncompile=True warm-up (first call, compilation included): "
-                     + ", ".join(f"{r['input']} {r['warmup_s']:.0f} s" for r in warm))
+        lines.append(
+            "\ncompile=True warm-up (first call, compilation included): "
+            + ", ".join(f"{r['input']} {r['warmup_s']:.0f} s" for r in warm)
+        )
     if result.get("export_s"):
         lines.append(f"\nfull-size ONNX export (encoder + CLAP head): {result['export_s']:.1f} s")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: torch's)")
@@ -472,8 +549,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="leave out compile=True (its warm-up is minutes)")
     p.add_argument("--no-bf16", action="store_true", help="leave out bf16")
     p.add_argument("--no-openvino", action="store_true", help="leave out OpenVINO")
-    p.add_argument("--torch-only", action="store_true", help="leave out ONNX Runtime and OpenVINO (e.g. under "
-                   "ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA caps, which those runtimes do not follow)")
+    p.add_argument(
+        "--torch-only",
+        action="store_true",
+        help="leave out ONNX Runtime and OpenVINO (e.g. under "
+        "ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA caps, which those runtimes do not follow)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="weights and exports (default: bench.py's cache)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
@@ -495,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     T = cfg.grid[1]
     waves = bench.make_clips(max(int(b) for b in a.batches.split(",")), 10.0, torch.device("cpu"))
     with torch.inference_mode():
-        lms = ref_model.frontend(waves)[..., :T * cfg.patch_size[1]].contiguous()  # [B, 1, 80, 992]
+        lms = ref_model.frontend(waves)[..., : T * cfg.patch_size[1]].contiguous()  # [B, 1, 80, 992]
     inputs: dict[str, torch.Tensor] = {}
     for b in (int(b) for b in a.batches.split(",")):
         inputs[f"enc B={b}"] = lms[:b].clone()
@@ -506,8 +587,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_rounds(cs, inputs, a.rounds, a.gap, tokens)
     measure_agreement(cs, ref_model.encoder, lms, waves, ref_model)
     rows = summarise(cs, inputs, cfg, T)
-    result = {"environment": env, "rounds": a.rounds, "threads": threads, "rows": rows, "targets": targets(rows),
-              **info, "rss_peak_mib": bench.rss_peak_mib()}
+    result = {
+        "environment": env,
+        "rounds": a.rounds,
+        "threads": threads,
+        "rows": rows,
+        "targets": targets(rows),
+        **info,
+        "rss_peak_mib": bench.rss_peak_mib(),
+    }
     md = markdown(result)
     print(md)
     if a.json:

@@ -59,6 +59,7 @@ CLIP_SECONDS = 10.0
 # Audio files
 # ---------------------------------------------------------------------------------------------------
 
+
 def clip_int16(i: int, samples: int) -> np.ndarray:
     """File ``i``: uniform noise at about -20 dBFS, int16 (content does not affect speed)."""
     return np.random.default_rng(i).integers(-3300, 3300, samples, dtype=np.int16)
@@ -83,6 +84,7 @@ def write_files(folder: Path, n: int, threads: int) -> list[np.ndarray]:
 # GPU utilisation
 # ---------------------------------------------------------------------------------------------------
 
+
 class GpuUtil:
     """Samples ``utilization.gpu`` of the device with nvidia-smi every 200 ms while the block runs."""
 
@@ -101,9 +103,19 @@ class GpuUtil:
     def __enter__(self) -> GpuUtil:
         if self.exe:
             self._f = open(self.path, "w")
-            self.proc = subprocess.Popen([self.exe, "-i", self.smi_index, "--query-gpu=utilization.gpu",
-                                          "--format=csv,noheader,nounits", "-lms", "200"],
-                                         stdout=self._f, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [
+                    self.exe,
+                    "-i",
+                    self.smi_index,
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=self._f,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(0.3)  # let the first sample in
         return self
 
@@ -128,21 +140,27 @@ class GpuUtil:
             return None
         s = self.samples
         busy = [i for i, v in enumerate(s) if v >= 5]
-        span = s[busy[0]:busy[-1] + 1] if busy else []
-        return {"mean": float(np.mean(s)), "mean_busy_span": float(np.mean(span)) if span else 0.0,
-                "max": int(max(s)), "samples": len(s)}
+        span = s[busy[0] : busy[-1] + 1] if busy else []
+        return {
+            "mean": float(np.mean(s)),
+            "mean_busy_span": float(np.mean(span)) if span else 0.0,
+            "max": int(max(s)),
+            "samples": len(s),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------------
 
-def measure_in_memory(model: m2d2_embed.M2D2, waves: list[np.ndarray], batch_size: int, repeats: int,
-                      work: Path) -> dict[str, Any]:
+
+def measure_in_memory(
+    model: m2d2_embed.M2D2, waves: list[np.ndarray], batch_size: int, repeats: int, work: Path
+) -> dict[str, Any]:
     dev = model.device
     x = torch.from_numpy(np.stack(waves)).to(dev).float().div_(32768.0)  # what soundfile reads from PCM_16
     n = x.shape[0]
-    bench.timed(lambda: model.clip_embeddings(x[:min(n, batch_size)], SR, batch_size=batch_size), dev)  # warm-up
+    bench.timed(lambda: model.clip_embeddings(x[: min(n, batch_size)], SR, batch_size=batch_size), dev)  # warm-up
     times = []
     with GpuUtil(dev, work) as util:
         for _ in range(repeats):
@@ -151,8 +169,14 @@ def measure_in_memory(model: m2d2_embed.M2D2, waves: list[np.ndarray], batch_siz
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     best = min(times)
-    return {"clips": n, "times_s": times, "best_s": best, "files_per_s": n / best,
-            "audio_s_per_s": n * CLIP_SECONDS / best, "gpu_util": util.summary()}
+    return {
+        "clips": n,
+        "times_s": times,
+        "best_s": best,
+        "files_per_s": n / best,
+        "audio_s_per_s": n * CLIP_SECONDS / best,
+        "gpu_util": util.summary(),
+    }
 
 
 def measure_decode(paths: list[str], batch_size: int, workers: int, pin: bool) -> dict[str, Any]:
@@ -163,8 +187,14 @@ def measure_decode(paths: list[str], batch_size: int, workers: int, pin: bool) -
     ds = files_mod._AudioBatches(paths, batches, SR, 1)
     w = min(workers, max(0, len(batches) - 1))
     t = time.perf_counter()
-    loader = DataLoader(ds, batch_size=None, num_workers=w, collate_fn=files_mod._identity, pin_memory=pin,
-                        prefetch_factor=2 if w else None)
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=w,
+        collate_fn=files_mod._identity,
+        pin_memory=pin,
+        prefetch_factor=2 if w else None,
+    )
     n = n_first = 0
     t_first = None
     for groups, failures in loader:
@@ -175,16 +205,28 @@ def measure_decode(paths: list[str], batch_size: int, workers: int, pin: bool) -
     t_end = time.perf_counter()
     wall = t_end - t
     steady = (n - n_first) / (t_end - t_first) if len(batches) > 1 and t_end > t_first else None
-    return {"files": n, "workers": w, "pinned": pin, "wall_s": wall, "files_per_s": n / wall,
-            "steady_files_per_s": steady, "per_worker_files_per_s": (steady / w) if (steady and w) else None}
+    return {
+        "files": n,
+        "workers": w,
+        "pinned": pin,
+        "wall_s": wall,
+        "files_per_s": n / wall,
+        "steady_files_per_s": steady,
+        "per_worker_files_per_s": (steady / w) if (steady and w) else None,
+    }
 
 
-def measure_embed_files(model: m2d2_embed.M2D2, folder: Path, paths: list[str], batch_size: int, workers: int,
-                        work: Path) -> dict[str, Any]:
+def measure_embed_files(
+    model: m2d2_embed.M2D2, folder: Path, paths: list[str], batch_size: int, workers: int, work: Path
+) -> dict[str, Any]:
     dev = model.device
-    warm = paths[:min(len(paths), 2 * batch_size, 64)]
-    bench.timed(lambda: model.embed_files(warm, level="clip", batch_size=batch_size, num_workers=min(workers, 2),
-                                          progress=False), dev)
+    warm = paths[: min(len(paths), 2 * batch_size, 64)]
+    bench.timed(
+        lambda: model.embed_files(
+            warm, level="clip", batch_size=batch_size, num_workers=min(workers, 2), progress=False
+        ),
+        dev,
+    )
     with GpuUtil(dev, work) as util:
         t = time.perf_counter()
         es = model.embed_files(folder, level="clip", batch_size=batch_size, num_workers=workers, progress=False)
@@ -212,8 +254,9 @@ def measure_embed_files(model: m2d2_embed.M2D2, folder: Path, paths: list[str], 
     files_mod._launch, files_mod._collect_batch = timed_launch, timed_collect
     try:
         t = time.perf_counter()
-        for _ in files_mod.iter_file_embeddings(model, paths, "clip", batch_size=batch_size, num_workers=workers,
-                                                progress=False):
+        for _ in files_mod.iter_file_embeddings(
+            model, paths, "clip", batch_size=batch_size, num_workers=workers, progress=False
+        ):
             pass
     finally:
         files_mod._launch, files_mod._collect_batch = launch, collect
@@ -221,18 +264,52 @@ def measure_embed_files(model: m2d2_embed.M2D2, folder: Path, paths: list[str], 
     if len(ready) > 1:
         steady = sum(k for _, k in ready[1:]) / (ready[-1][0] - ready[0][0])
     n = len(paths)
-    return {"files": n, "workers": workers, "wall_s": wall, "files_per_s": n / wall,
-            "audio_s_per_s": n * CLIP_SECONDS / wall, "first_batch_s": ready[0][0] - t if ready else None,
-            "batches": len(ready), "steady_files_per_s": steady,
-            "gpu_util": util.summary()}
+    return {
+        "files": n,
+        "workers": workers,
+        "wall_s": wall,
+        "files_per_s": n / wall,
+        "audio_s_per_s": n * CLIP_SECONDS / wall,
+        "first_batch_s": ready[0][0] - t if ready else None,
+        "batches": len(ready),
+        "steady_files_per_s": steady,
+        "gpu_util": util.summary(),
+    }
 
 
-def measure_cli(converted: Path, folder: Path, n: int, device: torch.device, batch_size: int, workers: int,
-                dtype: str | None, compile_: bool, work: Path) -> dict[str, Any]:
+def measure_cli(
+    converted: Path,
+    folder: Path,
+    n: int,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    dtype: str | None,
+    compile_: bool,
+    work: Path,
+) -> dict[str, Any]:
     out = work / f"cli{'_compiled' if compile_ else ''}.npz"
-    argv = [sys.executable, "-m", "m2d2_embed", "embed", str(folder), "-o", str(out), "--overwrite", "--level",
-            "clip", "--model", str(converted), "--device", str(device), "--batch-size", str(batch_size),
-            "--num-workers", str(workers), "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "m2d2_embed",
+        "embed",
+        str(folder),
+        "-o",
+        str(out),
+        "--overwrite",
+        "--level",
+        "clip",
+        "--model",
+        str(converted),
+        "--device",
+        str(device),
+        "--batch-size",
+        str(batch_size),
+        "--num-workers",
+        str(workers),
+        "--no-progress",
+    ]
     argv += ["--dtype", dtype] if dtype else []
     argv += ["--compile"] if compile_ else []
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -248,14 +325,22 @@ def measure_cli(converted: Path, folder: Path, n: int, device: torch.device, bat
     embed_s = float(m2.group(1)) if m2 else math.nan
     es = m2d2_embed.read_embeddings(out)
     assert len(es) == n, (len(es), n)
-    return {"argv": " ".join(argv[1:]), "wall_s": wall, "files_per_s_wall": n / wall, "embed_s": embed_s,
-            "audio_s_per_s": rate, "files_per_s": rate / CLIP_SECONDS, "stdout": r.stdout.strip(),
-            "gpu_util": util.summary()}
+    return {
+        "argv": " ".join(argv[1:]),
+        "wall_s": wall,
+        "files_per_s_wall": n / wall,
+        "embed_s": embed_s,
+        "audio_s_per_s": rate,
+        "files_per_s": rate / CLIP_SECONDS,
+        "stdout": r.stdout.strip(),
+        "gpu_util": util.summary(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
+
 
 def _fmt(v: Any, spec: str | None = None) -> str:
     """``spec``, or by default whole numbers from 100 up and three significant digits below."""
@@ -275,12 +360,16 @@ def markdown(res: dict[str, Any]) -> str:
     mem = res.get("in_memory") or {}
     ref = mem.get("files_per_s")
     env = res["environment"]
-    lines = [f"# files_gpu: {res['files']} x 10-s WAV, {res['device']} ({env.get('gpu') or env.get('cpu')}), "
-             f"{res['dtype']}, batch {res['batch_size']}, {res['workers']} workers",
-             "", f"torch {env.get('torch')}, Python {env.get('python')}, {os.cpu_count()} CPUs; "
-             f"files written in {_fmt(res.get('write_s'), '.1f')} s; total {_fmt(res.get('total_s'), '.0f')} s", "",
-             "| path | files/s | ratio to in-memory | GPU util % (mean) | GPU util % (busy span) | wall s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# files_gpu: {res['files']} x 10-s WAV, {res['device']} ({env.get('gpu') or env.get('cpu')}), "
+        f"{res['dtype']}, batch {res['batch_size']}, {res['workers']} workers",
+        "",
+        f"torch {env.get('torch')}, Python {env.get('python')}, {os.cpu_count()} CPUs; "
+        f"files written in {_fmt(res.get('write_s'), '.1f')} s; total {_fmt(res.get('total_s'), '.0f')} s",
+        "",
+        "| path | files/s | ratio to in-memory | GPU util % (mean) | GPU util % (busy span) | wall s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
 
     def row(name: str, r: dict[str, Any] | None, fps_key: str = "files_per_s", wall_key: str = "wall_s") -> None:
         if not r:
@@ -293,21 +382,31 @@ def markdown(res: dict[str, Any]) -> str:
     row("(a) in memory: clip_embeddings on a device tensor (best)", mem, wall_key="best_s")
     d = res.get("decode")
     if d:
-        lines.append(f"| (d) decoding only, DataLoader, {d['workers']} workers (steady: "
-                     f"{_fmt(d.get('steady_files_per_s'))}/s) | {_fmt(d['files_per_s'])} | - | - | - | "
-                     f"{_fmt(d['wall_s'], '.2f')} |")
+        lines.append(
+            f"| (d) decoding only, DataLoader, {d['workers']} workers (steady: "
+            f"{_fmt(d.get('steady_files_per_s'))}/s) | {_fmt(d['files_per_s'])} | - | - | - | "
+            f"{_fmt(d['wall_s'], '.2f')} |"
+        )
     b = res.get("embed_files")
     row("(b) embed_files, wall (probe + worker start-up included)", b)
     if b:
-        row("(b) embed_files, steady state (first to last batch)", {**b, "gpu_util": None, "wall_s": None},
-            fps_key="steady_files_per_s")
-    for key, name in [("cli", "(c) CLI `m2d2-embed embed`, its own rate (embedding only)"),
-                      ("cli_compile", "(c) CLI with --compile, its own rate (compilation included)")]:
+        row(
+            "(b) embed_files, steady state (first to last batch)",
+            {**b, "gpu_util": None, "wall_s": None},
+            fps_key="steady_files_per_s",
+        )
+    for key, name in [
+        ("cli", "(c) CLI `m2d2-embed embed`, its own rate (embedding only)"),
+        ("cli_compile", "(c) CLI with --compile, its own rate (compilation included)"),
+    ]:
         r = res.get(key)
         row(name, r)
         if r:
-            row(f"{name.split(',')[0]}, wall (interpreter + model load)", {**r, "gpu_util": None},
-                fps_key="files_per_s_wall")
+            row(
+                f"{name.split(',')[0]}, wall (interpreter + model load)",
+                {**r, "gpu_util": None},
+                fps_key="files_per_s_wall",
+            )
     if res.get("errors"):
         lines += ["", "Errors: " + ", ".join(res["errors"])]
     return "\n".join(lines) + "\n"
@@ -324,8 +423,12 @@ def save(res: dict[str, Any], out: Path | None) -> None:
 def environment(dev: torch.device) -> dict[str, Any]:
     import platform
 
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-           "cpu": platform.processor() or platform.machine()}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
     return env
@@ -335,13 +438,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--files", type=int, default=4096, help="10-s WAV files to write and embed (default 4096)")
-    p.add_argument("--workers", type=int, default=files_mod.default_num_workers(),
-                   help="decoding workers (default: embed_files's, up to 8)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="chunks per batch (default 256 on CUDA; 8 on CPU, so a rehearsal has several batches)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=files_mod.default_num_workers(),
+        help="decoding workers (default: embed_files's, up to 8)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="chunks per batch (default 256 on CUDA; 8 on CPU, so a rehearsal has several batches)",
+    )
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="also run the CLI with --compile (and the in-memory "
-                   "path compiled, as its reference); adds the compilation time")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run the CLI with --compile (and the in-memory "
+        "path compiled, as its reference); adds the compilation time",
+    )
     p.add_argument("--repeats", type=int, default=None, help="in-memory runs, best kept (default 3 CUDA, 2 CPU)")
     p.add_argument("--no-cli", action="store_true", help="skip the command-line runs")
     p.add_argument("--cache-dir", type=Path, default=None, help="checkpoint cache (default as bench.py)")
@@ -354,9 +469,16 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device("cuda", torch.cuda.current_device())
     bs = a.batch_size or (256 if dev.type == "cuda" else 8)
     repeats = a.repeats or (3 if dev.type == "cuda" else 2)
-    res: dict[str, Any] = {"environment": environment(dev), "device": str(dev), "files": a.files,
-                           "workers": a.workers, "batch_size": bs, "dtype": a.dtype or "default",
-                           "args": {k: str(v) for k, v in vars(a).items()}, "errors": {}}
+    res: dict[str, Any] = {
+        "environment": environment(dev),
+        "device": str(dev),
+        "files": a.files,
+        "workers": a.workers,
+        "batch_size": bs,
+        "dtype": a.dtype or "default",
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "errors": {},
+    }
 
     def section(name: str, fn) -> Any:
         log(f"[{name}] {time.perf_counter() - t0:.0f} s")
@@ -387,28 +509,36 @@ def main(argv: list[str] | None = None) -> int:
         res["in_memory"] = section("in_memory", lambda: measure_in_memory(model, waves, bs, repeats, work))
         waves = []  # free the host copy
         res["decode"] = section("decode", lambda: measure_decode(paths, bs, a.workers, dev.type == "cuda"))
-        res["embed_files"] = section("embed_files",
-                                     lambda: measure_embed_files(model, folder, paths, bs, a.workers, work))
+        res["embed_files"] = section(
+            "embed_files", lambda: measure_embed_files(model, folder, paths, bs, a.workers, work)
+        )
         if not a.no_cli:
-            res["cli"] = section("cli", lambda: measure_cli(converted, folder, a.files, dev, bs, a.workers,
-                                                            a.dtype, False, work))
+            res["cli"] = section(
+                "cli", lambda: measure_cli(converted, folder, a.files, dev, bs, a.workers, a.dtype, False, work)
+            )
         if a.compile:
+
             def compiled_in_memory() -> dict[str, Any]:
                 cm = m2d2_embed.load(converted, device=dev, dtype=a.dtype, compile=True)
-                return measure_in_memory(cm, [clip_int16(i, int(CLIP_SECONDS * SR)) for i in range(a.files)], bs,
-                                         repeats, work)
+                return measure_in_memory(
+                    cm, [clip_int16(i, int(CLIP_SECONDS * SR)) for i in range(a.files)], bs, repeats, work
+                )
 
             res["in_memory_compile"] = section("in_memory_compile", compiled_in_memory)
             if not a.no_cli:
-                res["cli_compile"] = section("cli_compile", lambda: measure_cli(
-                    converted, folder, a.files, dev, bs, a.workers, a.dtype, True, work))
+                res["cli_compile"] = section(
+                    "cli_compile",
+                    lambda: measure_cli(converted, folder, a.files, dev, bs, a.workers, a.dtype, True, work),
+                )
     res["total_s"] = time.perf_counter() - t0
     save(res, a.out)
     print(markdown(res))
     if a.compile and res.get("in_memory_compile") and res.get("cli_compile"):
         ref = res["in_memory_compile"]["files_per_s"]
-        print(f"compiled: in memory {ref:.0f} clips/s; CLI --compile {res['cli_compile']['files_per_s']:.0f} "
-              f"files/s (ratio {res['cli_compile']['files_per_s'] / ref:.2f}, compilation included)")
+        print(
+            f"compiled: in memory {ref:.0f} clips/s; CLI --compile {res['cli_compile']['files_per_s']:.0f} "
+            f"files/s (ratio {res['cli_compile']['files_per_s'] / ref:.2f}, compilation included)"
+        )
     return 1 if res["errors"] else 0
 
 

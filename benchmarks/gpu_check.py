@@ -40,15 +40,22 @@ import m2d2_embed  # noqa: E402
 
 # tests/data/README.md: (max abs diff, max abs diff / max abs golden); None: not checked
 TOLERANCES = {
-    "lms": (5e-4, 2.5e-4), "encode_stacked": (1e-4, 2.5e-5), "encode_flat": (1e-4, 2.5e-5),
-    "frames": (5e-5, 1.5e-5), "scene": (5e-5, 1.5e-5), "clap_audio": (5e-5, 1.5e-5),
-    "text.emb": (5e-5, 1.5e-5), "text.emb_single": (5e-5, 1.5e-5), "timestamps": (1e-2, None),
+    "lms": (5e-4, 2.5e-4),
+    "encode_stacked": (1e-4, 2.5e-5),
+    "encode_flat": (1e-4, 2.5e-5),
+    "frames": (5e-5, 1.5e-5),
+    "scene": (5e-5, 1.5e-5),
+    "clap_audio": (5e-5, 1.5e-5),
+    "text.emb": (5e-5, 1.5e-5),
+    "text.emb_single": (5e-5, 1.5e-5),
+    "timestamps": (1e-2, None),
 }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Parity
 # ---------------------------------------------------------------------------------------------------
+
 
 def _np(x: Any) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -113,12 +120,14 @@ def text_agreement(test: m2d2_embed.M2D2, ref: m2d2_embed.M2D2, golden: dict[str
 # Throughput extras
 # ---------------------------------------------------------------------------------------------------
 
+
 def bare_encoder_variant(model: m2d2_embed.M2D2, batch: int, name: str) -> bench.Variant:
     """The encoder alone on precomputed full-width log-mels (the ceiling): as many calls of ``batch`` chunks as
     the input has chunks, rounded up to whole calls (one batch shape, so a compiled encoder never recompiles)."""
     enc = model.config.encoder
-    lms = torch.randn(batch, 1, enc.input_size[0], enc.grid[1] * enc.patch_size[1], device=model.device,
-                      dtype=model.dtype)
+    lms = torch.randn(
+        batch, 1, enc.input_size[0], enc.grid[1] * enc.patch_size[1], device=model.device, dtype=model.dtype
+    )
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> None:
@@ -129,8 +138,9 @@ def bare_encoder_variant(model: m2d2_embed.M2D2, batch: int, name: str) -> bench
     return bench.Variant(name, run)
 
 
-def encoder_variants(model: m2d2_embed.M2D2, batch: int, repeats: int, compiled: bool,
-                     calls: int = 8) -> list[dict[str, Any]]:
+def encoder_variants(
+    model: m2d2_embed.M2D2, batch: int, repeats: int, compiled: bool, calls: int = 8
+) -> list[dict[str, Any]]:
     """The bare encoder (bf16, ``batch`` full chunks per call) under each GELU and attention-kernel choice:
     clips/s, and max abs diff of its tokens against the default choice. Compiled variants are traced afresh
     under each setting (the attention kernel is picked at trace time)."""
@@ -141,13 +151,16 @@ def encoder_variants(model: m2d2_embed.M2D2, batch: int, repeats: int, compiled:
     import m2d2_embed.encoder as E
 
     enc = model.config.encoder
-    lms = torch.randn(batch, 1, enc.input_size[0], enc.grid[1] * enc.patch_size[1], device=model.device,
-                      dtype=model.dtype)
-    configs = [("GELU in the matmul epilogue (default), default attention kernel", True, None),
-               ("separate erf GELU, default attention kernel", False, None),
-               ("GELU in the matmul epilogue, flash attention", True, SDPBackend.FLASH_ATTENTION),
-               ("GELU in the matmul epilogue, cuDNN attention", True, SDPBackend.CUDNN_ATTENTION),
-               ("GELU in the matmul epilogue, memory-efficient attention", True, SDPBackend.EFFICIENT_ATTENTION)]
+    lms = torch.randn(
+        batch, 1, enc.input_size[0], enc.grid[1] * enc.patch_size[1], device=model.device, dtype=model.dtype
+    )
+    configs = [
+        ("GELU in the matmul epilogue (default), default attention kernel", True, None),
+        ("separate erf GELU, default attention kernel", False, None),
+        ("GELU in the matmul epilogue, flash attention", True, SDPBackend.FLASH_ATTENTION),
+        ("GELU in the matmul epilogue, cuDNN attention", True, SDPBackend.CUDNN_ATTENTION),
+        ("GELU in the matmul epilogue, memory-efficient attention", True, SDPBackend.EFFICIENT_ATTENTION),
+    ]
     if compiled:
         configs = configs[:3]
     rows, ref = [], None
@@ -176,8 +189,16 @@ def encoder_variants(model: m2d2_embed.M2D2, batch: int, repeats: int, compiled:
             if ref is None:
                 ref = tok.float()
             best = min(times)
-            rows.append({"variant": name, "compiled": compiled, "clips_per_s": batch * calls / best,
-                         "ms_per_batch": 1000 * best / calls, "warmup_s": warm, "max_abs_diff_vs_first": diff})
+            rows.append(
+                {
+                    "variant": name,
+                    "compiled": compiled,
+                    "clips_per_s": batch * calls / best,
+                    "ms_per_batch": 1000 * best / calls,
+                    "warmup_s": warm,
+                    "max_abs_diff_vs_first": diff,
+                }
+            )
             log(f"  encoder {'compiled' if compiled else 'eager'} {name}: {batch * calls / best:.1f} clips/s")
     finally:
         E.FUSED_GELU = True
@@ -205,6 +226,7 @@ def long_file(model: m2d2_embed.M2D2, seconds: float) -> dict[str, Any]:
 # Report
 # ---------------------------------------------------------------------------------------------------
 
+
 def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
@@ -213,42 +235,65 @@ def markdown(res: dict[str, Any]) -> str:
     env = res.get("environment", {})
     L = [f"# gpu_check ({env.get('date')}, torch {env.get('torch')}, {env.get('gpu', env.get('cpu'))})", ""]
     if "parity" in res:
-        L += ["## fp32 parity on " + res.get("device", "?") + " (TF32 off)", "",
-              "| key | max abs diff | tolerance | max diff / max golden | tolerance | ok |",
-              "|---|---:|---:|---:|---:|---|"]
+        L += [
+            "## fp32 parity on " + res.get("device", "?") + " (TF32 off)",
+            "",
+            "| key | max abs diff | tolerance | max diff / max golden | tolerance | ok |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for k, v in res["parity"].items():
             tr = f"{v['tol_rel']:.1e}" if v["tol_rel"] is not None else ""
-            L.append(f"| {k} | {v['max_abs']:.2e} | {v['tol_abs']:.0e} | {v['max_rel']:.2e} | {tr} | "
-                     f"{'yes' if v['ok'] else '**NO**'} |")
+            L.append(
+                f"| {k} | {v['max_abs']:.2e} | {v['tol_abs']:.0e} | {v['max_rel']:.2e} | {tr} | "
+                f"{'yes' if v['ok'] else '**NO**'} |"
+            )
         L.append("")
     if "agreement" in res:
-        L += ["## bf16 vs fp32: minimum cosine on the parity inputs", "",
-              ", ".join(f"{k} {v:.5f}" for k, v in res["agreement"].items()), ""]
+        L += [
+            "## bf16 vs fp32: minimum cosine on the parity inputs",
+            "",
+            ", ".join(f"{k} {v:.5f}" for k, v in res["agreement"].items()),
+            "",
+        ]
     if res.get("throughput"):
-        L += ["## Throughput", "",
-              "| clips | path | clips/s | audio-s/s | x ref fp32 | x ref bf16 | x upstream fp32 | x upstream bf16 "
-              "| warm-up s | peak GPU MiB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        L += [
+            "## Throughput",
+            "",
+            "| clips | path | clips/s | audio-s/s | x ref fp32 | x ref bf16 | x upstream fp32 | x upstream bf16 "
+            "| warm-up s | peak GPU MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in res["throughput"]:
-            xs = " | ".join(_fmt(r.get(k), ".2f") for k in ("x_baseline", "x_ref_bf16", "x_upstream_fp32",
-                                                            "x_upstream_bf16"))
-            L.append(f"| {r['n']} x {r['seconds']:g} s | {r['variant']} | {r['clips_per_s']:.1f} | "
-                     f"{r['audio_s_per_s']:.0f} | {xs} | {r['warmup_s']:.1f} | {_fmt(r.get('peak_gpu_mib'), '.0f')} |")
+            xs = " | ".join(
+                _fmt(r.get(k), ".2f") for k in ("x_baseline", "x_ref_bf16", "x_upstream_fp32", "x_upstream_bf16")
+            )
+            L.append(
+                f"| {r['n']} x {r['seconds']:g} s | {r['variant']} | {r['clips_per_s']:.1f} | "
+                f"{r['audio_s_per_s']:.0f} | {xs} | {r['warmup_s']:.1f} | {_fmt(r.get('peak_gpu_mib'), '.0f')} |"
+            )
         L.append("")
     if res.get("encoder_variants"):
-        L += ["## Bare encoder variants (bf16, full chunks)", "",
-              "| variant | compiled | clips/s | ms per batch | max abs diff vs first | warm-up s |",
-              "|---|---|---:|---:|---:|---:|"]
+        L += [
+            "## Bare encoder variants (bf16, full chunks)",
+            "",
+            "| variant | compiled | clips/s | ms per batch | max abs diff vs first | warm-up s |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for r in res["encoder_variants"]:
             if "error" in r:
                 L.append(f"| {r['variant']} | {r['compiled']} | {r['error']} | | | |")
                 continue
-            L.append(f"| {r['variant']} | {r['compiled']} | {r['clips_per_s']:.1f} | {r['ms_per_batch']:.2f} | "
-                     f"{_fmt(r['max_abs_diff_vs_first'], '.2e')} | {r['warmup_s']:.1f} |")
+            L.append(
+                f"| {r['variant']} | {r['compiled']} | {r['clips_per_s']:.1f} | {r['ms_per_batch']:.2f} | "
+                f"{_fmt(r['max_abs_diff_vs_first'], '.2e')} | {r['warmup_s']:.1f} |"
+            )
         L.append("")
     if "compiled_vs_eager_bf16_min_cosine" in res:
-        L += [f"compiled vs eager bf16 frames: min cosine {res['compiled_vs_eager_bf16_min_cosine']:.5f}; "
-              f"dynamo stats {res.get('compiled_graphs')}", ""]
+        L += [
+            f"compiled vs eager bf16 frames: min cosine {res['compiled_vs_eager_bf16_min_cosine']:.5f}; "
+            f"dynamo stats {res.get('compiled_graphs')}",
+            "",
+        ]
     if "long_file" in res:
         L += ["## Long file", "", json.dumps(res["long_file"]), ""]
     if res.get("errors"):
@@ -274,21 +319,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny counts, to rehearse the script (e.g. on a CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     p.add_argument("--clips", type=int, default=2048, help="10-s clips for throughput (a multiple of --batch-size)")
-    p.add_argument("--clips-60s", type=int, default=340,
-                   help="60-s clips for throughput (340: groups of 1020 chunks, so one batch shape)")
+    p.add_argument(
+        "--clips-60s",
+        type=int,
+        default=340,
+        help="60-s clips for throughput (340: groups of 1020 chunks, so one batch shape)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=270, help="skip remaining optional sections after this")
-    p.add_argument("--reference", type=Path, help="the upstream portable_m2d.py (needs nnAudio, timm, einops): "
-                   "also time the upstream runtime itself, fp32 and bf16 autocast")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="the upstream portable_m2d.py (needs nnAudio, timm, einops): "
+        "also time the upstream runtime itself, fp32 and bf16 autocast",
+    )
     p.add_argument("--work-dir", type=Path, help="checkpoint location (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = p.parse_args(argv)
     if a.smoke:
         a.clips, a.clips_60s, a.repeats, a.batch_size = min(a.clips, 2), min(a.clips_60s, 1), 1, min(a.batch_size, 4)
     dev = torch.device(a.device)
-    res: dict[str, Any] = {"environment": bench.environment(dev), "device": str(dev),
-                           "args": {k: str(v) for k, v in vars(a).items()}, "errors": {}}
+    res: dict[str, Any] = {
+        "environment": bench.environment(dev),
+        "device": str(dev),
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "errors": {},
+    }
 
     def section(name: str, fn, optional: bool = False) -> Any:
         if optional and time.perf_counter() - T0 > a.budget_s:
@@ -309,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="m2d2_gpu_check_")
         a.work_dir = Path(tmp.name)
-    paths = section("checkpoint", lambda: (lambda pth: (pth, bench.ensure_converted(pth, a.work_dir)))(
-        bench.ensure_checkpoint(a.work_dir)))
+    paths = section(
+        "checkpoint",
+        lambda: (lambda pth: (pth, bench.ensure_converted(pth, a.work_dir)))(bench.ensure_checkpoint(a.work_dir)),
+    )
     if paths is None:
         print(markdown(res))
         return 1
@@ -376,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             comp = m2d2_embed.load(conv, device=dev, dtype="bf16", compile=True)
             variants = [
-                V("reference strategy, bf16 autocast", lambda x: bench.reference_strategy(fp32, x, bs, torch.bfloat16),
-                  baseline=True),
+                V(
+                    "reference strategy, bf16 autocast",
+                    lambda x: bench.reference_strategy(fp32, x, bs, torch.bfloat16),
+                    baseline=True,
+                ),
                 V("m2d2_embed, bf16, compiled", lambda x: comp.frame_embeddings(x, SR, batch_size=bs)),
                 V("m2d2_embed, bf16, compiled, erf GELU", lambda x: erf_gelu(comp, x)),
                 bare_encoder_variant(comp, bs, "bare encoder, bf16, compiled (ceiling)"),
@@ -389,14 +451,17 @@ def main(argv: list[str] | None = None) -> int:
             got, want = comp.frame_embeddings(x, SR, batch_size=bs), bf16.frame_embeddings(x, SR, batch_size=bs)
             res["compiled_vs_eager_bf16_min_cosine"] = float(bench._cos(_np(got), _np(want)).min())
             from torch._dynamo.utils import counters
+
             res["compiled_graphs"] = dict(counters["stats"])
         done = res.setdefault("throughput", [])
         for r in rows:  # speed-ups against both reference settings (same clip length, same run)
             same = {x["variant"]: x for x in rows + done if x["clips"] == r["clips"]}
-            for key, ref in (("x_baseline", "reference strategy, fp32"),
-                             ("x_ref_bf16", "reference strategy, bf16 autocast"),
-                             ("x_upstream_fp32", "upstream PortableM2D, fp32"),
-                             ("x_upstream_bf16", "upstream PortableM2D, bf16 autocast")):
+            for key, ref in (
+                ("x_baseline", "reference strategy, fp32"),
+                ("x_ref_bf16", "reference strategy, bf16 autocast"),
+                ("x_upstream_fp32", "upstream PortableM2D, fp32"),
+                ("x_upstream_bf16", "upstream PortableM2D, bf16 autocast"),
+            ):
                 if ref in same:
                     r[key] = r["clips_per_s"] / same[ref]["clips_per_s"]
         done.extend(rows if not compiled else [r for r in rows if "reference" not in r["variant"]])

@@ -42,8 +42,11 @@ def child(model_dir: str, path: str, call: str) -> None:
     model = m2d2.load(model_dir, device="cpu", dtype=torch.float32)  # noqa: F841 (used by eval)
     t = time.perf_counter()
     eval(call, {"model": model, "path": path})
-    print(json.dumps({"seconds": time.perf_counter() - t,
-                      "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {"seconds": time.perf_counter() - t, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        )
+    )
 
 
 def main() -> None:
@@ -72,8 +75,12 @@ def main() -> None:
     print(f"{a.minutes:g}-minute file, default model layout, CPU fp32")
     print("| entry point | peak RSS (GiB) | seconds |\n|---|---|---|")
     for name in wanted:
-        out = subprocess.run([sys.executable, __file__, "--_child", str(model_dir), str(wav), CALLS[name]],
-                             capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, __file__, "--_child", str(model_dir), str(wav), CALLS[name]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if out.returncode != 0:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} | |")
             continue

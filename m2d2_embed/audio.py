@@ -39,13 +39,16 @@ _INT_SCALE = {np.dtype("int8"): 2.0**7, np.dtype("int16"): 2.0**15, np.dtype("in
 PCM16_SCALE = 2.0**-15  # 16-bit PCM sample -> float, as libsndfile reads it (exact: a power of two)
 MIN_RATE, MAX_RATE = 1000, 768000  # plausible sample rates in Hz: anything outside is a mistake
 READ_BLOCK_FRAMES = 1 << 18  # frames per read when streaming a file (about 5.5 s at 48 kHz)
-READABLE = ("Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 (and other libsndfile formats); convert others "
-            "first, e.g. `ffmpeg -i IN OUT.flac`")
+READABLE = (
+    "Readable formats: WAV, FLAC, OGG/Vorbis, Opus, MP3 (and other libsndfile formats); convert others "
+    "first, e.g. `ffmpeg -i IN OUT.flac`"
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Mel filters
 # ---------------------------------------------------------------------------------------------------
+
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
     """Slaney mel scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above."""
@@ -107,9 +110,17 @@ class LogMelSpectrogram(nn.Module):
         out = []
         for a in range(0, n_frames, self.SEGMENT_FRAMES):
             b = min(n_frames, a + self.SEGMENT_FRAMES)
-            seg = x[..., a * c.hop_length:(b - 1) * c.hop_length + c.n_fft]
-            spec = torch.stft(seg, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.win_length,
-                              window=self.window, center=False, onesided=True, return_complex=True)
+            seg = x[..., a * c.hop_length : (b - 1) * c.hop_length + c.n_fft]
+            spec = torch.stft(
+                seg,
+                n_fft=c.n_fft,
+                hop_length=c.hop_length,
+                win_length=c.win_length,
+                window=self.window,
+                center=False,
+                onesided=True,
+                return_complex=True,
+            )
             power = spec.real.square() + spec.imag.square()  # (B, n_fft // 2 + 1, frames)
             out.append(torch.log(self.mel_fb @ power + LOG_EPS))  # (B, n_mels, frames)
         x = torch.cat(out, dim=-1) if len(out) > 1 else out[0]
@@ -120,6 +131,7 @@ class LogMelSpectrogram(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Resampling and input checking
 # ---------------------------------------------------------------------------------------------------
+
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample float32 audio along the last axis with soxr ('HQ' quality). [..., N] -> [..., N']."""
@@ -145,21 +157,28 @@ def to_float(x: np.ndarray, what: str = "audio") -> np.ndarray:
     if x.dtype.kind == "f":
         return x.astype(np.float32, copy=False)
     if x.dtype.kind in "iu" and x.dtype != np.bool_:
-        raise TypeError(f"{what}: integer audio of dtype {x.dtype} is ambiguous (what is its full scale?); convert "
-                        "it to float in [-1, 1] (e.g. x / 32768 for 16-bit values) or to int16/int32 PCM "
-                        "(e.g. x.astype(np.int16))")
-    raise TypeError(f"{what}: audio of dtype {x.dtype} is not supported; pass float samples in [-1, 1] "
-                    "or int8/int16/int32 PCM")
+        raise TypeError(
+            f"{what}: integer audio of dtype {x.dtype} is ambiguous (what is its full scale?); convert "
+            "it to float in [-1, 1] (e.g. x / 32768 for 16-bit values) or to int16/int32 PCM "
+            "(e.g. x.astype(np.int16))"
+        )
+    raise TypeError(
+        f"{what}: audio of dtype {x.dtype} is not supported; pass float samples in [-1, 1] or int8/int16/int32 PCM"
+    )
 
 
 def check_sample_rate(sample_rate: Any, what: str = "sample_rate") -> int:
     """The rate as an int, or a ValueError/TypeError that says what the argument means."""
     if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, (int, np.integer)):
-        raise TypeError(f"{what} must be an integer number of samples per second (e.g. 16000 or 44100), got "
-                        f"{sample_rate!r} of type {type(sample_rate).__name__}")
+        raise TypeError(
+            f"{what} must be an integer number of samples per second (e.g. 16000 or 44100), got "
+            f"{sample_rate!r} of type {type(sample_rate).__name__}"
+        )
     if not MIN_RATE <= sample_rate <= MAX_RATE:
-        raise ValueError(f"{what}={sample_rate} Hz is not a plausible audio sample rate ({MIN_RATE} to {MAX_RATE} "
-                         "Hz); it is the rate of the array you pass, in samples per second (e.g. 16000 or 44100)")
+        raise ValueError(
+            f"{what}={sample_rate} Hz is not a plausible audio sample rate ({MIN_RATE} to {MAX_RATE} "
+            "Hz); it is the rate of the array you pass, in samples per second (e.g. 16000 or 44100)"
+        )
     return int(sample_rate)
 
 
@@ -173,9 +192,11 @@ def check_wave(x: np.ndarray | torch.Tensor, what: str, min_samples: int, rate: 
         if not finite:
             raise ValueError(f"{what} contains NaN or Inf samples; clean the audio (e.g. np.nan_to_num) first")
     if n < min_samples:
-        raise ValueError(f"{what} is too short: {n} samples at {rate} Hz after resampling; the model needs at "
-                         f"least {min_samples} samples ({1000 * min_samples / rate:.1f} ms). Pad it with zeros "
-                         "if it is a genuinely short sound")
+        raise ValueError(
+            f"{what} is too short: {n} samples at {rate} Hz after resampling; the model needs at "
+            f"least {min_samples} samples ({1000 * min_samples / rate:.1f} ms). Pad it with zeros "
+            "if it is a genuinely short sound"
+        )
 
 
 class PreparedAudio:
@@ -192,8 +213,9 @@ def is_path(audio: Any) -> bool:
     return isinstance(audio, (str, os.PathLike))
 
 
-def prepare_audio(audio: AudioInput, sample_rate: int | None, model_rate: int, min_samples: int,
-                  device: torch.device | str = "cpu") -> PreparedAudio:
+def prepare_audio(
+    audio: AudioInput, sample_rate: int | None, model_rate: int, min_samples: int, device: torch.device | str = "cpu"
+) -> PreparedAudio:
     """Validate any supported audio input and return 1-D float32 waveforms at ``model_rate``.
 
     Accepted: a 1-D or 2-D float tensor/array [N] or [B, N]; integer PCM arrays (int8/16/32 scaled by their type's
@@ -203,13 +225,14 @@ def prepare_audio(audio: AudioInput, sample_rate: int | None, model_rate: int, m
     """
     if is_path(audio):
         if sample_rate is not None and sample_rate != model_rate:
-            raise ValueError(f"sample_rate={sample_rate!r} was given with a file path; a file's rate is read from "
-                             "the file: leave sample_rate out")
+            raise ValueError(
+                f"sample_rate={sample_rate!r} was given with a file path; a file's rate is read from "
+                "the file: leave sample_rate out"
+            )
         what = f"audio file {os.fspath(audio)!r}"
         wave = read_audio(audio, model_rate)
         check_wave(wave, what, min_samples, model_rate)
-        return PreparedAudio([torch.from_numpy(wave).to(device)], batched=False, kind="path",
-                             paths=[os.fspath(audio)])
+        return PreparedAudio([torch.from_numpy(wave).to(device)], batched=False, kind="path", paths=[os.fspath(audio)])
     if isinstance(audio, (list, tuple)):
         if len(audio) == 0:
             raise ValueError("empty list of audio; pass at least one waveform or file path")
@@ -241,21 +264,29 @@ def prepare_audio(audio: AudioInput, sample_rate: int | None, model_rate: int, m
     elif isinstance(audio, np.ndarray):
         kind, x = "numpy", to_float(audio, "audio")
     else:
-        raise TypeError(f"unsupported audio input of type {type(audio).__name__}; pass a float tensor or numpy "
-                        "array [samples] or [batch, samples], a list of 1-D arrays, or file path(s)")
+        raise TypeError(
+            f"unsupported audio input of type {type(audio).__name__}; pass a float tensor or numpy "
+            "array [samples] or [batch, samples], a list of 1-D arrays, or file path(s)"
+        )
     if x.ndim not in (1, 2):
-        raise ValueError(f"audio has shape {tuple(x.shape)}; expected [samples] or [batch, samples] "
-                         "(downmix multichannel audio to mono first, e.g. x.mean(axis=0))")
+        raise ValueError(
+            f"audio has shape {tuple(x.shape)}; expected [samples] or [batch, samples] "
+            "(downmix multichannel audio to mono first, e.g. x.mean(axis=0))"
+        )
     if sample_rate is None:
-        raise ValueError("sample_rate= is required for arrays and tensors (e.g. sample_rate=16000); "
-                         "the audio is resampled to the model's rate when it differs")
+        raise ValueError(
+            "sample_rate= is required for arrays and tensors (e.g. sample_rate=16000); "
+            "the audio is resampled to the model's rate when it differs"
+        )
     sample_rate = check_sample_rate(sample_rate)
     if x.ndim == 2 and x.shape[0] == 0:
         raise ValueError("audio batch is empty (shape [0, N]); pass at least one waveform")
     if x.ndim == 2 and x.shape[1] <= 8 < x.shape[0]:  # soundfile's (samples, channels) layout
-        raise ValueError(f"audio has shape {tuple(x.shape)}: this looks like {x.shape[1]}-channel audio in "
-                         "soundfile's (samples, channels) layout, not a batch of waveforms; downmix it first "
-                         "(x.mean(axis=1)) or pass one channel (x[:, 0])")
+        raise ValueError(
+            f"audio has shape {tuple(x.shape)}: this looks like {x.shape[1]}-channel audio in "
+            "soundfile's (samples, channels) layout, not a batch of waveforms; downmix it first "
+            "(x.mean(axis=1)) or pass one channel (x[:, 0])"
+        )
     check_wave(x, "audio", 1, sample_rate)
     if sample_rate != model_rate:
         target_device = x.device if isinstance(x, torch.Tensor) else device
@@ -358,7 +389,7 @@ def _wav_header(path: str) -> AudioInfo | None:
         head = os.read(fd, 1024)
 
         def read_at(pos: int, n: int) -> bytes:
-            return head[pos:pos + n] if pos + n <= len(head) else os.pread(fd, n, pos)
+            return head[pos : pos + n] if pos + n <= len(head) else os.pread(fd, n, pos)
 
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
@@ -391,8 +422,14 @@ def _wav_header(path: str) -> AudioInfo | None:
     return None
 
 
-def read_audio(src: AudioSource, sample_rate: int | None = SAMPLE_RATE, *, mono: bool = True,
-               channel: int | None = None, keep_int16: bool = False) -> np.ndarray:
+def read_audio(
+    src: AudioSource,
+    sample_rate: int | None = SAMPLE_RATE,
+    *,
+    mono: bool = True,
+    channel: int | None = None,
+    keep_int16: bool = False,
+) -> np.ndarray:
     """Decode an audio file (path, bytes or file object) to float32 samples in [-1, 1].
 
     Args:
@@ -436,8 +473,9 @@ def read_audio(src: AudioSource, sample_rate: int | None = SAMPLE_RATE, *, mono:
     return x
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int | None = SAMPLE_RATE, mono: bool = True,
-               channel: int | None = None) -> np.ndarray:
+def load_audio(
+    path: str | os.PathLike, sample_rate: int | None = SAMPLE_RATE, mono: bool = True, channel: int | None = None
+) -> np.ndarray:
     """Read an audio file with soundfile and return float32 samples in [-1, 1].
 
     Formats: WAV, FLAC, OGG/Vorbis, Opus and MP3 (libsndfile >= 1.1), AIFF and the other libsndfile formats.

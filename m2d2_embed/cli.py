@@ -40,8 +40,14 @@ DEFAULT_TEMPLATE = "{label} can be heard"  # the same default as M2D2.zero_shot
 DEFAULT_EVENT_THRESHOLD = 0.5  # tag --frames: a frame holds a class when its sigmoid score reaches this
 WORKER_GRACE_SECONDS = 10.0  # --devices: time the workers get to save their work after Ctrl-C
 # options of the --devices parent that its workers do not get (each gets its own --device and --shard)
-PARENT_ONLY = {"--devices": True, "--device": True, "--shard": True, "--overwrite": False, "--no-progress": False,
-               "--no-merge": False}  # option -> takes a value
+PARENT_ONLY = {
+    "--devices": True,
+    "--device": True,
+    "--shard": True,
+    "--overwrite": False,
+    "--no-progress": False,
+    "--no-merge": False,
+}  # option -> takes a value
 
 log = logging.getLogger(PROG)
 
@@ -73,6 +79,7 @@ def _count(n: int, what: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Argument parsing
 # ---------------------------------------------------------------------------------------------------
+
 
 def _int_at_least(minimum: int, what: str):
     """argparse type: an integer >= ``minimum``, with an error naming what was expected."""
@@ -118,155 +125,277 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = model.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
-                   help=f"registry name (default {DEFAULT_MODEL}; see `{PROG} list`), upstream .pth, converted "
-                        ".safetensors file or directory, http(s):// or hf:// URL")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME_OR_PATH",
+        help=f"registry name (default {DEFAULT_MODEL}; see `{PROG} list`), upstream .pth, converted "
+        ".safetensors file or directory, http(s):// or hf:// URL",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "int8"],
-                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU; int8: dynamic quantization, CPU)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16", "int8"],
+        help="compute dtype (default: bf16 on CUDA, fp32 on CPU; int8: dynamic quantization, CPU)",
+    )
     g.add_argument("--cache-dir", default=None, help="model cache (default $M2D2_EMBED_CACHE or ~/.cache/m2d2_embed)")
     g.add_argument("--offline", action="store_true", help="use the cache only; never download")
 
     inputs = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = inputs.add_argument_group("inputs")
-    g.add_argument("paths", nargs="+", metavar="PATH",
-                   help="audio files, folders, or quoted wildcards such as 'data/*.wav'")
+    g.add_argument(
+        "paths", nargs="+", metavar="PATH", help="audio files, folders, or quoted wildcards such as 'data/*.wav'"
+    )
     g.add_argument("--recursive", "-r", action="store_true", help="search sub-folders of folders")
-    g.add_argument("--glob", default=None, metavar="PATTERN",
-                   help="which files to take from folders, e.g. '*.wav' (default: the audio suffixes .wav .flac "
-                        ".ogg .opus .mp3 .aiff ...; others are counted as skipped, and listed with -v)")
-    g.add_argument("--batch-size", type=_positive, default=None, metavar="N",
-                   help="10-s chunks per batch (default 32 on CPU, 256 on CUDA)")
-    g.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
-                   help="decoding processes (default: up to 8, two cores left free; 0 decodes in the main process)")
+    g.add_argument(
+        "--glob",
+        default=None,
+        metavar="PATTERN",
+        help="which files to take from folders, e.g. '*.wav' (default: the audio suffixes .wav .flac "
+        ".ogg .opus .mp3 .aiff ...; others are counted as skipped, and listed with -v)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="10-s chunks per batch (default 32 on CPU, 256 on CUDA)",
+    )
+    g.add_argument(
+        "--num-workers",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="decoding processes (default: up to 8, two cores left free; 0 decodes in the main process)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the audio encoder: faster on a GPU for long jobs, after a one-off warm-up "
-                        "of tens of seconds (compiled once per micro-batch size, not per batch); not with "
-                        "--dtype int8")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the audio encoder: faster on a GPU for long jobs, after a one-off warm-up "
+        "of tens of seconds (compiled once per micro-batch size, not per batch); not with "
+        "--dtype int8",
+    )
 
-    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False, description="Audio embeddings from NTT's M2D2 "
-                                "(M2D-CLAP 2025): frame, clip and text-aligned (CLAP) embeddings of audio files.",
-                                epilog=f"Run `{PROG} COMMAND --help` for the options of a command.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Audio embeddings from NTT's M2D2 "
+        "(M2D-CLAP 2025): frame, clip and text-aligned (CLAP) embeddings of audio files.",
+        epilog=f"Run `{PROG} COMMAND --help` for the options of a command.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    e = _parser(sub, "embed", parents=[common, inputs, model], help="embed audio files into an npz/npy/parquet "
-                "file or a resumable directory",
-                description="Embed audio files. A file output (-o out.npz|.npy|.parquet) is written at the end, "
-                "atomically; a directory output (-o DIR or DIR/) is written as work completes, and an interrupted "
-                "or extended run resumes it (files already embedded with the same model and settings are "
-                "skipped, however their path is spelled). One run at a time writes into a directory: a second "
-                "is refused. Failed files are listed in a failures.jsonl sidecar and make the exit code 1.",
-                epilog=f"example: {PROG} embed recordings/ -r -o emb.npz --level clip")
-    e.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file (.npz, .npy + .json sidecar, .parquet) or directory (no suffix, or ending in /)")
-    e.add_argument("--level", default="clip", choices=["clip", "frame", "clap"],
-                   help="clip: one vector per file (3840-d); frame: one per 160 ms step with timestamps (3840-d); "
-                        "clap: the audio side of the audio-text space (768-d). Default clip")
-    e.add_argument("--reduce", default="none", choices=["none", "mean"],
-                   help="clip/frame: none stacks the 5 frequency patches (3840-d), mean averages them (768-d)")
+    e = _parser(
+        sub,
+        "embed",
+        parents=[common, inputs, model],
+        help="embed audio files into an npz/npy/parquet file or a resumable directory",
+        description="Embed audio files. A file output (-o out.npz|.npy|.parquet) is written at the end, "
+        "atomically; a directory output (-o DIR or DIR/) is written as work completes, and an interrupted "
+        "or extended run resumes it (files already embedded with the same model and settings are "
+        "skipped, however their path is spelled). One run at a time writes into a directory: a second "
+        "is refused. Failed files are listed in a failures.jsonl sidecar and make the exit code 1.",
+        epilog=f"example: {PROG} embed recordings/ -r -o emb.npz --level clip",
+    )
+    e.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output file (.npz, .npy + .json sidecar, .parquet) or directory (no suffix, or ending in /)",
+    )
+    e.add_argument(
+        "--level",
+        default="clip",
+        choices=["clip", "frame", "clap"],
+        help="clip: one vector per file (3840-d); frame: one per 160 ms step with timestamps (3840-d); "
+        "clap: the audio side of the audio-text space (768-d). Default clip",
+    )
+    e.add_argument(
+        "--reduce",
+        default="none",
+        choices=["none", "mean"],
+        help="clip/frame: none stacks the 5 frequency patches (3840-d), mean averages them (768-d)",
+    )
     e.add_argument("--normalize", action="store_true", help="L2-normalise each embedding vector")
     _output_options(e)
     e.add_argument("--strict", action="store_true", help="stop at the first file that fails")
     g = e.add_argument_group("several devices or machines")
-    g.add_argument("--devices", type=_devices, default=None, metavar="DEV,DEV,...",
-                   help="one worker process per device (cuda:0,cuda:1,...; cpu,cpu works too), each embedding its "
-                        "share of the sorted file list; their output is merged into OUT at the end. Resumable: "
-                        "run the same command again after an interruption")
-    g.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                   help="embed only shard I of N (0-based: files I, I+N, I+2N, ... of the sorted list), for job "
-                        "arrays (SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). Each shard writes "
-                        f"under OUT/{outputs.STAGING}/ and is merged into OUT when complete (a file output once all "
-                        "N are)")
-    g.add_argument("--no-merge", action="store_true",
-                   help=f"with --shard: leave the finished shard unmerged; run `{PROG} merge OUT` afterwards")
+    g.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        metavar="DEV,DEV,...",
+        help="one worker process per device (cuda:0,cuda:1,...; cpu,cpu works too), each embedding its "
+        "share of the sorted file list; their output is merged into OUT at the end. Resumable: "
+        "run the same command again after an interruption",
+    )
+    g.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="embed only shard I of N (0-based: files I, I+N, I+2N, ... of the sorted list), for job "
+        "arrays (SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT). Each shard writes "
+        f"under OUT/{outputs.STAGING}/ and is merged into OUT when complete (a file output once all "
+        "N are)",
+    )
+    g.add_argument(
+        "--no-merge",
+        action="store_true",
+        help=f"with --shard: leave the finished shard unmerged; run `{PROG} merge OUT` afterwards",
+    )
     e.set_defaults(func=cmd_embed)
 
-    m = _parser(sub, "merge", parents=[common], help="merge the shards of --shard/--devices workers into OUT",
-                description="Merge complete shards written by `embed --shard I/N` (or --devices) into the output. "
-                "A directory output takes each complete shard (files already in it are not duplicated); a file "
-                "output is written once all N shards are complete. Incomplete shards are listed (exit code 1): "
-                "finish them by running their `embed --shard I/N` again.", epilog=f"example: {PROG} merge emb/")
+    m = _parser(
+        sub,
+        "merge",
+        parents=[common],
+        help="merge the shards of --shard/--devices workers into OUT",
+        description="Merge complete shards written by `embed --shard I/N` (or --devices) into the output. "
+        "A directory output takes each complete shard (files already in it are not duplicated); a file "
+        "output is written once all N shards are complete. Incomplete shards are listed (exit code 1): "
+        "finish them by running their `embed --shard I/N` again.",
+        epilog=f"example: {PROG} merge emb/",
+    )
     m.add_argument("output", metavar="OUT", help="the -o of the embed command (directory or .npz/.npy/.parquet)")
     m.set_defaults(func=cmd_merge)
 
-    tr = _parser(sub, "train", add_help=False, help=f"train or fine-tune a model (stage1, stage2, finetune, probe, "
-                 f"...): `{PROG} train --help`", description="Hands off to the training command line (needs the "
-                 "training dependencies).")
+    tr = _parser(
+        sub,
+        "train",
+        add_help=False,
+        help=f"train or fine-tune a model (stage1, stage2, finetune, probe, ...): `{PROG} train --help`",
+        description="Hands off to the training command line (needs the training dependencies).",
+    )
     tr.add_argument("train_args", nargs=argparse.REMAINDER, metavar="...")
     tr.set_defaults(func=cmd_train)
 
-    t = _parser(sub, "tag", parents=[common, inputs, model], help="tag sounds (AudioSet classes) and find events",
-                description="Audio tagging with a model that has a classifier head (e.g. an AudioSet fine-tuned "
-                "one): the top classes of each file as a table, or with --frames the sound events (onset, offset, "
-                "label, score) found by thresholding per-frame scores and merging adjacent frames. -o also writes "
-                "the scores (level tags, or frame_tags with --frames) in the formats of `embed`.",
-                epilog=f"example: {PROG} tag clips/ --model path/to/as2m_finetuned.pth --frames --threshold 0.3")
+    t = _parser(
+        sub,
+        "tag",
+        parents=[common, inputs, model],
+        help="tag sounds (AudioSet classes) and find events",
+        description="Audio tagging with a model that has a classifier head (e.g. an AudioSet fine-tuned "
+        "one): the top classes of each file as a table, or with --frames the sound events (onset, offset, "
+        "label, score) found by thresholding per-frame scores and merging adjacent frames. -o also writes "
+        "the scores (level tags, or frame_tags with --frames) in the formats of `embed`.",
+        epilog=f"example: {PROG} tag clips/ --model path/to/as2m_finetuned.pth --frames --threshold 0.3",
+    )
     t.add_argument("--top-k", type=_positive, default=5, metavar="K", help="classes shown per file (default 5)")
-    t.add_argument("--threshold", type=float, default=None, metavar="T",
-                   help="show only classes scoring at least T; with --frames, the event threshold (default "
-                        f"{DEFAULT_EVENT_THRESHOLD})")
+    t.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="show only classes scoring at least T; with --frames, the event threshold (default "
+        f"{DEFAULT_EVENT_THRESHOLD})",
+    )
     t.add_argument("--frames", action="store_true", help="sound event detection: segments from per-frame scores")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     t.add_argument("-o", "--output", default=None, metavar="OUT", help="also write the scores, as `embed -o` does")
     _output_options(t)
     t.set_defaults(func=cmd_tag)
 
-    z = _parser(sub, "zero-shot", parents=[common, inputs, model], help="score audio files against text labels",
-                description="Zero-shot classification: print the top labels of each file as a table.",
-                epilog=f"example: {PROG} zero-shot clips/ --labels dog,rain,speech --top-k 2")
-    z.add_argument("--labels", required=True, action="append", metavar="A,B,C",
-                   help="comma-separated labels (repeat the option for labels that contain commas)")
-    z.add_argument("--template", default=DEFAULT_TEMPLATE,
-                   help=f"prompt with {{label}} (default {DEFAULT_TEMPLATE!r}, as upstream)")
+    z = _parser(
+        sub,
+        "zero-shot",
+        parents=[common, inputs, model],
+        help="score audio files against text labels",
+        description="Zero-shot classification: print the top labels of each file as a table.",
+        epilog=f"example: {PROG} zero-shot clips/ --labels dog,rain,speech --top-k 2",
+    )
+    z.add_argument(
+        "--labels",
+        required=True,
+        action="append",
+        metavar="A,B,C",
+        help="comma-separated labels (repeat the option for labels that contain commas)",
+    )
+    z.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f"prompt with {{label}} (default {DEFAULT_TEMPLATE!r}, as upstream)",
+    )
     z.add_argument("--top-k", type=_positive, default=3, metavar="K", help="labels shown per file (default 3)")
-    z.add_argument("--scores", default="softmax", choices=["softmax", "cosine"],
-                   help="softmax: probabilities over the labels (default); cosine: raw similarities")
+    z.add_argument(
+        "--scores",
+        default="softmax",
+        choices=["softmax", "cosine"],
+        help="softmax: probabilities over the labels (default); cosine: raw similarities",
+    )
     z.add_argument("--temperature", type=float, default=0.01, help="softmax temperature (default 0.01)")
     z.add_argument("--json", action="store_true", help="print JSON (every label's score) instead of a table")
     z.set_defaults(func=cmd_zero_shot)
 
-    t = _parser(sub, "text", parents=[common, model], help="embed texts into the audio-text space",
-                description="Text embeddings (CLAP text side) saved as .npy (+ .json sidecar with the texts) or "
-                ".npz.", epilog=f'example: {PROG} text "a dog barks" "rain on a roof" -o text.npy')
+    t = _parser(
+        sub,
+        "text",
+        parents=[common, model],
+        help="embed texts into the audio-text space",
+        description="Text embeddings (CLAP text side) saved as .npy (+ .json sidecar with the texts) or .npz.",
+        epilog=f'example: {PROG} text "a dog barks" "rain on a roof" -o text.npy',
+    )
     t.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed")
-    t.add_argument("--from-file", dest="text_file", default=None, metavar="FILE",
-                   help="also read texts from FILE, one per line")
+    t.add_argument(
+        "--from-file", dest="text_file", default=None, metavar="FILE", help="also read texts from FILE, one per line"
+    )
     t.add_argument("-o", "--output", required=True, metavar="OUT", help="output .npy or .npz")
     t.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     t.add_argument("--batch-size", type=_positive, default=64, metavar="N", help="texts per batch (default 64)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output")
     t.set_defaults(func=cmd_text)
 
-    c = _parser(sub, "convert", parents=[common], help="convert an upstream .pth into the package's format",
-                description="Convert an upstream M2D/M2D-CLAP .pth (or re-save a converted model) into "
-                "model.safetensors + config.json (DST a directory) or one .safetensors file.")
+    c = _parser(
+        sub,
+        "convert",
+        parents=[common],
+        help="convert an upstream .pth into the package's format",
+        description="Convert an upstream M2D/M2D-CLAP .pth (or re-save a converted model) into "
+        "model.safetensors + config.json (DST a directory) or one .safetensors file.",
+    )
     c.add_argument("src", metavar="SRC", help="upstream .pth, .safetensors or converted directory")
     c.add_argument("dst", metavar="DST", help="output directory, or a path ending in .safetensors")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     c.set_defaults(func=cmd_convert)
 
-    d = _parser(sub, "download", parents=[common], help="download, verify and convert a model into the cache",
-                description="Download a registry model (or an http(s):// / hf:// URL), check its SHA-256 and "
-                "convert it into the cache; prints the converted path.")
+    d = _parser(
+        sub,
+        "download",
+        parents=[common],
+        help="download, verify and convert a model into the cache",
+        description="Download a registry model (or an http(s):// / hf:// URL), check its SHA-256 and "
+        "convert it into the cache; prints the converted path.",
+    )
     d.add_argument("name", metavar="NAME_OR_URL", help=f"registry name (e.g. {DEFAULT_MODEL}) or URL")
     d.add_argument("--cache-dir", default=None, help="model cache (default $M2D2_EMBED_CACHE or ~/.cache/m2d2_embed)")
     d.add_argument("--keep-source", action="store_true", help="keep the downloaded archive/checkpoint after converting")
     d.add_argument("--no-progress", action="store_true", help="no download progress bar")
     d.set_defaults(func=cmd_download)
 
-    li = _parser(sub, "list", parents=[common], help="list the registry models and which are cached",
-                        description="List the models `--model` accepts by name, their size and whether they are "
-                        "in the cache.")
+    li = _parser(
+        sub,
+        "list",
+        parents=[common],
+        help="list the registry models and which are cached",
+        description="List the models `--model` accepts by name, their size and whether they are in the cache.",
+    )
     li.add_argument("--cache-dir", default=None, help="model cache to look in")
     li.add_argument("--json", action="store_true", help="print JSON")
     li.set_defaults(func=cmd_list)
 
-    x = _parser(sub, "export", parents=[common], help="export the encoder and CLAP head as ONNX for other runtimes",
-                       description="Write MODEL's audio encoder (and CLAP audio head) as ONNX, with dynamic batch and "
-                       "chunk width, plus m2d2_export.json (front-end settings, norm stats, tensor layouts). The "
-                       "weights stay NTT's: not for redistribution. Needs `pip install 'm2d2-embed[onnx]'`.")
+    x = _parser(
+        sub,
+        "export",
+        parents=[common],
+        help="export the encoder and CLAP head as ONNX for other runtimes",
+        description="Write MODEL's audio encoder (and CLAP audio head) as ONNX, with dynamic batch and "
+        "chunk width, plus m2d2_export.json (front-end settings, norm stats, tensor layouts). The "
+        "weights stay NTT's: not for redistribution. Needs `pip install 'm2d2-embed[onnx]'`.",
+    )
     x.add_argument("name", metavar="MODEL", help="registry name, checkpoint path, converted directory or URL")
     x.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
     x.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
@@ -276,26 +405,49 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--offline", action="store_true", help="use the cache only; never download")
     x.set_defaults(func=cmd_export)
 
-    ca = _parser(sub, "cache", parents=[common], help="show where the model cache is and what it holds",
-                        description="Show the model cache folder, its entries and sizes, and how to clear it.")
+    ca = _parser(
+        sub,
+        "cache",
+        parents=[common],
+        help="show where the model cache is and what it holds",
+        description="Show the model cache folder, its entries and sizes, and how to clear it.",
+    )
     ca.add_argument("--cache-dir", default=None, help="model cache to inspect")
     ca.add_argument("--json", action="store_true", help="print JSON")
-    ca.add_argument("--clear", nargs="?", const="", default=None, metavar="NAME",
-                    help="remove entry NAME (a model name from `list`, or a folder shown here), or everything")
-    ca.add_argument("--verify", action="store_true",
-                    help="hash every converted model against the SHA-256 recorded at conversion; exit 1 if damaged")
+    ca.add_argument(
+        "--clear",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="remove entry NAME (a model name from `list`, or a folder shown here), or everything",
+    )
+    ca.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every converted model against the SHA-256 recorded at conversion; exit 1 if damaged",
+    )
     ca.set_defaults(func=cmd_cache)
     return p
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default=None, choices=list(outputs.FORMATS),
-                   help="output format (default: from the suffix of OUT; npz for a directory)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output file, or start a directory output over")
-    p.add_argument("--shard-size", type=_positive, default=1000, metavar="N",
-                   help="files per part of a directory output (default 1000): at most this much work is redone "
-                        "after a crash")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=list(outputs.FORMATS),
+        help="output format (default: from the suffix of OUT; npz for a directory)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file, or start a directory output over"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="files per part of a directory output (default 1000): at most this much work is redone after a crash",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if args.command == "train":  # everything after `train` belongs to the training command line
-            args.train_args = argv[argv.index("train") + 1:]
+            args.train_args = argv[argv.index("train") + 1 :]
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, --version, usage errors
@@ -345,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Shared steps
 # ---------------------------------------------------------------------------------------------------
 
+
 def _collect(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(files to embed, files of folders skipped for their suffix); the skipped are listed with -v."""
     skipped: list[str] = []
@@ -359,16 +512,23 @@ def _load_model(args: argparse.Namespace):
     if compile_ and args.dtype == "int8":
         fatal("--compile does not work with --dtype int8 (dynamically quantized layers); drop one of them")
     try:
-        return loader.load(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
-                           offline=True if args.offline else None, compile=compile_)
+        return loader.load(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=args.cache_dir,
+            offline=True if args.offline else None,
+            compile=compile_,
+        )
     except (ValueError, OSError, RuntimeError, NotImplementedError) as e:
         fatal(f"cannot load model {args.model!r}: {e}", EXIT_FAILED)
 
 
 def _check_file_output(out: Path, overwrite: bool) -> None:
     if not out.parent.is_dir():
-        fatal(f"the directory of the output {out} does not exist ({out.parent}); create it first "
-              f"(mkdir -p {out.parent})")
+        fatal(
+            f"the directory of the output {out} does not exist ({out.parent}); create it first (mkdir -p {out.parent})"
+        )
     if out.exists() and not overwrite:
         fatal(f"output {out} exists; pass --overwrite to replace it")
 
@@ -394,6 +554,7 @@ def _sigterm_as_interrupt():
 # embed (and tag -o): one run into a file or an output directory
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Run:
     """What one embedding run did."""
@@ -407,9 +568,23 @@ class _Run:
     failures: list[outputs.FileFailure] = field(default_factory=list)
 
 
-def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out: Path | None, fmt: str,
-         d: OutputDir | None, *, unsupported: int = 0, also_done: set[str] | None = None, label: str = PROG,
-         keep: bool = False, reduce: str = "none", normalize: bool = False, summary: Any = None) -> _Run:
+def _run(
+    args: argparse.Namespace,
+    model: Any,
+    level: str,
+    paths: list[str],
+    out: Path | None,
+    fmt: str,
+    d: OutputDir | None,
+    *,
+    unsupported: int = 0,
+    also_done: set[str] | None = None,
+    label: str = PROG,
+    keep: bool = False,
+    reduce: str = "none",
+    normalize: bool = False,
+    summary: Any = None,
+) -> _Run:
     """Embed ``paths`` at ``level`` (less those done in ``d`` or ``also_done``) into a file ``out`` (``d`` None)
     or the directory ``d``; print the summary line to ``summary`` (default stdout; ``False``: not at all)."""
     done = set(also_done or ())
@@ -417,18 +592,26 @@ def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out
         d.clean_partial()
         done |= d.done_keys()
     todo = [p for p in paths if outputs.resume_key(p) not in done] if done else list(paths)
-    meta = {**files.embedding_metadata(model, level, reduce, normalize), "format": fmt,
-            "model_source": str(args.model)}
+    meta = {**files.embedding_metadata(model, level, reduce, normalize), "format": fmt, "model_source": str(args.model)}
     if d is not None:
         d.check(meta)  # the manifest is written with the first part: a run that fails at once leaves nothing
-    writer = outputs.ResultWriter(d if d is not None else out, fmt, meta, level, keep=keep,
-                                  part_size=getattr(args, "shard_size", 1000))
+    writer = outputs.ResultWriter(
+        d if d is not None else out, fmt, meta, level, keep=keep, part_size=getattr(args, "shard_size", 1000)
+    )
     t0 = time.perf_counter()
     restore = _sigterm_as_interrupt()
     try:
-        for i, r in files.iter_file_embeddings(model, todo, level, reduce=reduce, normalize=normalize,
-                                               batch_size=args.batch_size, num_workers=args.num_workers,
-                                               progress=_progress(args), strict=getattr(args, "strict", False)):
+        for i, r in files.iter_file_embeddings(
+            model,
+            todo,
+            level,
+            reduce=reduce,
+            normalize=normalize,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            progress=_progress(args),
+            strict=getattr(args, "strict", False),
+        ):
             writer.add(i, r)
     except files.AudioFileError as e:
         writer.add(-1, outputs.FileFailure(e.path, e.reason))
@@ -437,25 +620,39 @@ def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out
     except KeyboardInterrupt:
         writer.save(complete=False)
         if d is None:
-            print(f"{label}: interrupted after {writer.embedded} of {len(todo)} files; nothing was written"
-                  f"{f' to {out}' if out else ''} (a directory output keeps finished work: -o DIR)", file=sys.stderr)
+            print(
+                f"{label}: interrupted after {writer.embedded} of {len(todo)} files; nothing was written"
+                f"{f' to {out}' if out else ''} (a directory output keeps finished work: -o DIR)",
+                file=sys.stderr,
+            )
         else:
-            print(f"{label}: interrupted: {writer.embedded + len(paths) - len(todo)} of {len(paths)} files are saved "
-                  f"in {d.root}; run the same command again to finish", file=sys.stderr)
+            print(
+                f"{label}: interrupted: {writer.embedded + len(paths) - len(todo)} of {len(paths)} files are saved "
+                f"in {d.root}; run the same command again to finish",
+                file=sys.stderr,
+            )
         return _Run(EXIT_INTERRUPTED, False)
     finally:
         restore()
     side = writer.save()
     elapsed = time.perf_counter() - t0
-    run = _Run(EXIT_OK, True, writer.embedded, len(paths) - len(todo), len(writer.failures), writer.results(),
-               writer.failures)
+    run = _Run(
+        EXIT_OK, True, writer.embedded, len(paths) - len(todo), len(writer.failures), writer.results(), writer.failures
+    )
     rate = writer.audio_seconds / elapsed if elapsed > 0 else math.inf
-    other = f"; {_count(unsupported, 'other file')} skipped: unsupported format, see --glob (-v lists them)" \
-        if unsupported else ""
+    other = (
+        f"; {_count(unsupported, 'other file')} skipped: unsupported format, see --glob (-v lists them)"
+        if unsupported
+        else ""
+    )
     if summary is not False:
-        print(f"{label}: {_count(run.embedded, 'file')} embedded, {run.skipped} skipped (already done), "
-              f"{run.failed} failed{other}; {_format_seconds(writer.audio_seconds)} of audio in {elapsed:.1f} s "
-              f"({rate:.1f} audio-s/s){f' -> {out}' if out else ''}", file=summary or sys.stdout, flush=True)
+        print(
+            f"{label}: {_count(run.embedded, 'file')} embedded, {run.skipped} skipped (already done), "
+            f"{run.failed} failed{other}; {_format_seconds(writer.audio_seconds)} of audio in {elapsed:.1f} s "
+            f"({rate:.1f} audio-s/s){f' -> {out}' if out else ''}",
+            file=summary or sys.stdout,
+            flush=True,
+        )
     for w in writer.warnings:
         print(f"{label}: warning: {w.path}: {w.reason}{f' (listed in {side})' if side else ''}", file=sys.stderr)
     if run.failures:
@@ -470,8 +667,12 @@ def _run(args: argparse.Namespace, model: Any, level: str, paths: list[str], out
 
 def _wanted(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
     """The resume keys known before the model loads."""
-    return {"level": args.level, "reduce": args.reduce if args.level != "clap" else "none",
-            "normalize": bool(args.normalize), "format": fmt}
+    return {
+        "level": args.level,
+        "reduce": args.reduce if args.level != "clap" else "none",
+        "normalize": bool(args.normalize),
+        "format": fmt,
+    }
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -483,8 +684,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.level == "clap" and args.reduce != "none":
         fatal("--reduce applies to the clip and frame levels only")
     if args.devices is not None and args.shard is not None:
-        fatal("--devices and --shard do not go together: --devices runs all shards here; --shard i/n runs one "
-              "(for a scheduler that starts the others)")
+        fatal(
+            "--devices and --shard do not go together: --devices runs all shards here; --shard i/n runs one "
+            "(for a scheduler that starts the others)"
+        )
     if args.devices is not None and args.device is not None:
         fatal("give --device (one device) or --devices (several), not both")
     if args.no_merge and args.shard is None:
@@ -498,12 +701,32 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if is_file:
         _check_file_output(out, args.overwrite)
         paths, unsupported = _collect(args)
-        return _run(args, _load_model(args), args.level, paths, out, fmt, None, unsupported=len(unsupported),
-                    reduce=args.reduce, normalize=args.normalize).code
+        return _run(
+            args,
+            _load_model(args),
+            args.level,
+            paths,
+            out,
+            fmt,
+            None,
+            unsupported=len(unsupported),
+            reduce=args.reduce,
+            normalize=args.normalize,
+        ).code
     with OutputDir(out, fmt).open(_wanted(args, fmt), overwrite=args.overwrite) as d:
         paths, unsupported = _collect(args)
-        return _run(args, _load_model(args), args.level, paths, out, fmt, d, unsupported=len(unsupported),
-                    reduce=args.reduce, normalize=args.normalize).code
+        return _run(
+            args,
+            _load_model(args),
+            args.level,
+            paths,
+            out,
+            fmt,
+            d,
+            unsupported=len(unsupported),
+            reduce=args.reduce,
+            normalize=args.normalize,
+        ).code
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -511,12 +734,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
 # (the layout of shards and how they merge: see m2d2_embed.outputs)
 # ---------------------------------------------------------------------------------------------------
 
+
 def _embed_shard(args: argparse.Namespace, out: Path, fmt: str, is_file: bool, i: int, n: int) -> int:
     """One worker of a split: embed files i, i + n, ... of the sorted list into its shard directory, mark it
     complete, then merge (unless --no-merge)."""
     if args.overwrite:
-        fatal("--overwrite does not go with --shard: workers of one job cannot clear each other's output; "
-              f"delete {out} (and {outputs.staging_dir(out, is_file)}) to start over")
+        fatal(
+            "--overwrite does not go with --shard: workers of one job cannot clear each other's output; "
+            f"delete {out} (and {outputs.staging_dir(out, is_file)}) to start over"
+        )
     final: OutputDir | None = None
     if is_file:
         _check_file_output(out, True)
@@ -533,15 +759,40 @@ def _embed_shard(args: argparse.Namespace, out: Path, fmt: str, is_file: bool, i
         (shard / outputs.COMPLETE).unlink(missing_ok=True)
         model = _load_model(args)
         if final is not None:  # the final manifest now, so read_embeddings(OUT) works while shards run
-            final.start({**files.embedding_metadata(model, args.level, args.reduce, args.normalize),
-                         "format": fmt, "model_source": str(args.model)})
-        run = _run(args, model, args.level, mine, shard, fmt, d, unsupported=len(unsupported),
-                   also_done=final.done_keys() if final is not None else None, label=label, reduce=args.reduce,
-                   normalize=args.normalize)
+            final.start(
+                {
+                    **files.embedding_metadata(model, args.level, args.reduce, args.normalize),
+                    "format": fmt,
+                    "model_source": str(args.model),
+                }
+            )
+        run = _run(
+            args,
+            model,
+            args.level,
+            mine,
+            shard,
+            fmt,
+            d,
+            unsupported=len(unsupported),
+            also_done=final.done_keys() if final is not None else None,
+            label=label,
+            reduce=args.reduce,
+            normalize=args.normalize,
+        )
         if not run.completed:
             return run.code
-        outputs.mark_complete(shard, {"shard": i, "of": n, "files": len(mine), "embedded": run.embedded,
-                                      "skipped": run.skipped, "failed": run.failed})
+        outputs.mark_complete(
+            shard,
+            {
+                "shard": i,
+                "of": n,
+                "files": len(mine),
+                "embedded": run.embedded,
+                "skipped": run.skipped,
+                "failed": run.failed,
+            },
+        )
     if not args.no_merge:
         print(f"{label}: {outputs.merge_shards(out, n).describe(out)}", flush=True)
     return run.code
@@ -556,17 +807,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = outputs.merge_shards(out)
     print(f"{PROG}: {report.describe(out)}")
     if report.waiting:
-        print(f"{PROG}: shard(s) {', '.join(report.waiting)} are not complete: run the same `{PROG} embed` command "
-              "with --shard i/n for each to finish it (a shard resumes where it stopped), then merge again",
-              file=sys.stderr)
+        print(
+            f"{PROG}: shard(s) {', '.join(report.waiting)} are not complete: run the same `{PROG} embed` command "
+            "with --shard i/n for each to finish it (a shard resumes where it stopped), then merge again",
+            file=sys.stderr,
+        )
     return EXIT_FAILED if report.waiting or report.busy else EXIT_OK
 
 
-def worker_argv(argv: Sequence[str], i: int, n: int, device: str, progress: bool,
-                num_workers: int | None = None) -> list[str]:
+def worker_argv(
+    argv: Sequence[str], i: int, n: int, device: str, progress: bool, num_workers: int | None = None
+) -> list[str]:
     """The `embed` command line of worker ``i`` of ``n``: the parent's own command line (``argv``, from
     ``embed`` on) less the parent-only options (:data:`PARENT_ONLY`), plus one device and one shard."""
-    rest, kept, k = list(argv[argv.index("embed") + 1:]), [], 0
+    rest, kept, k = list(argv[argv.index("embed") + 1 :]), [], 0
     while k < len(rest):
         token = rest[k]
         if token == "--":
@@ -604,9 +858,11 @@ def _embed_on_devices(args: argparse.Namespace, out: Path, fmt: str, is_file: bo
     try:
         stale = [f"{i}/{k}" for i, k, _ in outputs.shard_dirs(root) if k != n]
         if stale:
-            fatal(f"{root} holds unfinished shards of a split into another number of workers ({', '.join(stale)});"
-                  f" finish them (same command with --devices of that many) or delete them, or run `{PROG} merge "
-                  f"{out}`")
+            fatal(
+                f"{root} holds unfinished shards of a split into another number of workers ({', '.join(stale)});"
+                f" finish them (same command with --devices of that many) or delete them, or run `{PROG} merge "
+                f"{out}`"
+            )
         _collect(args)  # fail on bad inputs here, not in every worker
         return _launch_workers(args, out, devices)
     finally:
@@ -661,8 +917,11 @@ def _launch_workers(args: argparse.Namespace, out: Path, devices: list[str]) -> 
         print(f"{PROG}: interrupted; finished work is kept: run the same command again to finish", file=sys.stderr)
         return EXIT_INTERRUPTED
     if report.waiting:
-        print(f"{PROG}: worker(s) for shard(s) {', '.join(report.waiting)} did not finish (exit codes "
-              f"{codes}); run the same command again to finish", file=sys.stderr)
+        print(
+            f"{PROG}: worker(s) for shard(s) {', '.join(report.waiting)} did not finish (exit codes "
+            f"{codes}); run the same command again to finish",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     return max(codes)
 
@@ -670,6 +929,7 @@ def _launch_workers(args: argparse.Namespace, out: Path, devices: list[str]) -> 
 # ---------------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------------
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.__main__ import main as train_main  # the training stack (its own dependencies) loads only here
@@ -683,6 +943,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 # tag, zero-shot
 # ---------------------------------------------------------------------------------------------------
+
 
 def cmd_tag(args: argparse.Namespace) -> int:
     level = "frame_tags" if args.frames else "tags"
@@ -701,8 +962,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         paths, unsupported = _collect(args)
         model = _load_model(args)
         labels = list(model.labels)
-        run = _run(args, model, level, paths, out, fmt, d, unsupported=len(unsupported), keep=True,
-                   summary=sys.stderr)
+        run = _run(args, model, level, paths, out, fmt, d, unsupported=len(unsupported), keep=True, summary=sys.stderr)
     finally:
         if d is not None:
             d.close()
@@ -713,19 +973,37 @@ def cmd_tag(args: argparse.Namespace) -> int:
         hop = model.frame_hop_seconds
         events = {r.path: detect_events(r.embedding, r.timestamps, labels, threshold, hop) for r in run.results}
         if args.json:
-            print(json.dumps({"threshold": threshold, "results": [
-                {"path": p, "events": ev} for p, ev in events.items()], "failures": _failures(run)}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "threshold": threshold,
+                        "results": [{"path": p, "events": ev} for p, ev in events.items()],
+                        "failures": _failures(run),
+                    },
+                    indent=2,
+                )
+            )
         else:
             print(_events_table(events))
     else:
         rows = [(r.path, _top(r.embedding, labels, args.top_k, args.threshold)) for r in run.results]
         if args.json:
-            print(json.dumps({"threshold": args.threshold, "results": [
-                {"path": p, "top": [{"label": lab, "score": s} for lab, s in top]} for p, top in rows],
-                "failures": _failures(run)}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "threshold": args.threshold,
+                        "results": [
+                            {"path": p, "top": [{"label": lab, "score": s} for lab, s in top]} for p, top in rows
+                        ],
+                        "failures": _failures(run),
+                    },
+                    indent=2,
+                )
+            )
         else:
-            print(_table([(p, [f"{lab} ({s:.3f})" for lab, s in top]) for p, top in rows],
-                         min(args.top_k, len(labels))))
+            print(
+                _table([(p, [f"{lab} ({s:.3f})" for lab, s in top]) for p, top in rows], min(args.top_k, len(labels)))
+            )
     return run.code
 
 
@@ -742,8 +1020,9 @@ def _events_table(events: dict[str, list[dict]]) -> str:
     lines = []
     for path, evs in events.items():
         lines.append(path)
-        lines += [f"  {e['onset']:8.2f} {e['offset']:8.2f}  {e['score']:.3f}  {e['label']}" for e in evs] or \
-            ["  (no event above the threshold)"]
+        lines += [f"  {e['onset']:8.2f} {e['offset']:8.2f}  {e['score']:.3f}  {e['label']}" for e in evs] or [
+            "  (no event above the threshold)"
+        ]
     return "\n".join(["     onset   offset  score  label (seconds)", *lines])
 
 
@@ -756,33 +1035,68 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     options = {"template": args.template, "scores": args.scores, "temperature": args.temperature}
     none = np.zeros((0, model.output_dim("clap")), np.float32)
     model.zero_shot_scores(none, labels, **options)  # the labels and options checked before the audio work
-    run = _run(args, model, "clap", paths, None, "npz", None, unsupported=len(unsupported), keep=True,
-               normalize=True, summary=sys.stderr if args.verbose else False)
+    run = _run(
+        args,
+        model,
+        "clap",
+        paths,
+        None,
+        "npz",
+        None,
+        unsupported=len(unsupported),
+        keep=True,
+        normalize=True,
+        summary=sys.stderr if args.verbose else False,
+    )
     if not run.completed:
         return run.code
     audio = np.stack([r.embedding for r in run.results]) if run.results else none
     scores = model.zero_shot_scores(audio, labels, **options).float().cpu().numpy()
     paths = [r.path for r in run.results]
     if args.json:
-        rows = [{"path": p, "scores": {lab: float(s) for lab, s in zip(labels, row)},
-                 "top": [labels[j] for j in np.argsort(-row)[:args.top_k]]} for p, row in zip(paths, scores)]
-        print(json.dumps({"labels": labels, "template": args.template, "scores": args.scores, "results": rows,
-                          "failures": _failures(run)}, indent=2))
+        rows = [
+            {
+                "path": p,
+                "scores": {lab: float(s) for lab, s in zip(labels, row)},
+                "top": [labels[j] for j in np.argsort(-row)[: args.top_k]],
+            }
+            for p, row in zip(paths, scores)
+        ]
+        print(
+            json.dumps(
+                {
+                    "labels": labels,
+                    "template": args.template,
+                    "scores": args.scores,
+                    "results": rows,
+                    "failures": _failures(run),
+                },
+                indent=2,
+            )
+        )
     else:
-        print(_table([(p, [f"{lab} ({s:.3f})" for lab, s in _top(row, labels, args.top_k, None)])
-                      for p, row in zip(paths, scores)], min(args.top_k, len(labels))))
+        print(
+            _table(
+                [
+                    (p, [f"{lab} ({s:.3f})" for lab, s in _top(row, labels, args.top_k, None)])
+                    for p, row in zip(paths, scores)
+                ],
+                min(args.top_k, len(labels)),
+            )
+        )
     return run.code
 
 
 def _table(rows: list[tuple[str, list[str]]], k: int) -> str:
     """A table: one file per row, its top-k cells; long paths are shortened from the left to fit."""
-    table = [["file"] + [f"top-{j + 1}" for j in range(k)]] + [[p, *cells] + [""] * (k - len(cells))
-                                                               for p, cells in rows]
+    table = [["file"] + [f"top-{j + 1}" for j in range(k)]] + [
+        [p, *cells] + [""] * (k - len(cells)) for p, cells in rows
+    ]
     widths = [max(len(r[c]) for r in table) for c in range(k + 1)]
     width = shutil.get_terminal_size((120, 20)).columns
     if widths[0] > width // 2:  # long paths: keep the table readable
         widths[0] = max(20, width // 2)
-        table = [[r[0] if len(r[0]) <= widths[0] else "..." + r[0][-(widths[0] - 3):]] + r[1:] for r in table]
+        table = [[r[0] if len(r[0]) <= widths[0] else "..." + r[0][-(widths[0] - 3) :]] + r[1:] for r in table]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -792,11 +1106,13 @@ def _table(rows: list[tuple[str, list[str]]], k: int) -> str:
 # text, convert, download, list, cache
 # ---------------------------------------------------------------------------------------------------
 
+
 def cmd_text(args: argparse.Namespace) -> int:
     texts = list(args.texts)
     if args.text_file:
-        texts += [line.strip() for line in Path(args.text_file).read_text(encoding="utf-8").splitlines()
-                  if line.strip()]
+        texts += [
+            line.strip() for line in Path(args.text_file).read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
     if not texts:
         fatal("no texts given; pass TEXT arguments or --from-file FILE")
     out = Path(args.output)
@@ -806,9 +1122,15 @@ def cmd_text(args: argparse.Namespace) -> int:
     model = _load_model(args)
     emb = model.clap_text_embeddings(texts, normalize=args.normalize, batch_size=args.batch_size)
     emb = emb.float().cpu().numpy()
-    meta = {"model": model.name, "weights_fingerprint": files.weights_fingerprint(model), "level": "text",
-            "normalize": bool(args.normalize), "dim": int(emb.shape[-1]), "model_source": str(args.model),
-            "m2d2_embed_version": __version__}
+    meta = {
+        "model": model.name,
+        "weights_fingerprint": files.weights_fingerprint(model),
+        "level": "text",
+        "normalize": bool(args.normalize),
+        "dim": int(emb.shape[-1]),
+        "model_source": str(args.model),
+        "m2d2_embed_version": __version__,
+    }
     outputs.EmbeddingSet(texts, emb, "text", durations=np.zeros(0), metadata=meta).save(out)
     print(f"{PROG}: {len(texts)} text embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {out}")
     return EXIT_OK
@@ -823,8 +1145,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    path = loader.download_model(args.name, cache_dir=args.cache_dir, progress=False if args.no_progress else None,
-                          keep_source=args.keep_source)
+    path = loader.download_model(
+        args.name, cache_dir=args.cache_dir, progress=False if args.no_progress else None, keep_source=args.keep_source
+    )
     print(path)
     return EXIT_OK
 
@@ -832,8 +1155,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
-    manifest = export_onnx(args.name, args.output, heads=not args.no_heads, overwrite=args.overwrite,
-                           cache_dir=args.cache_dir, offline=args.offline or None)
+    manifest = export_onnx(
+        args.name,
+        args.output,
+        heads=not args.no_heads,
+        overwrite=args.overwrite,
+        cache_dir=args.cache_dir,
+        offline=args.offline or None,
+    )
     print(f"{PROG}: exported {args.name} -> {manifest.parent} (see {manifest.name})")
     return EXIT_OK
 
@@ -854,9 +1183,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [["name", "best for", "frame", "dims", "download", "cached"]]
     for m in models:
         dims = "/".join(str(m["dims"][k]) for k in ("clip", "clap") if k in m["dims"])
-        rows.append([m["name"] + (" (default)" if m["default"] else ""), m["best_for"], f"{m['frame_ms']:g} ms",
-                     dims + (f" +{m['dims']['classes']} tags" if "classes" in m["dims"] else ""),
-                     f"~{m['size_mb']} MB", "yes" if m["cached"] else "no"])
+        rows.append(
+            [
+                m["name"] + (" (default)" if m["default"] else ""),
+                m["best_for"],
+                f"{m['frame_ms']:g} ms",
+                dims + (f" +{m['dims']['classes']} tags" if "classes" in m["dims"] else ""),
+                f"~{m['size_mb']} MB",
+                "yes" if m["cached"] else "no",
+            ]
+        )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

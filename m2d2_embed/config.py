@@ -111,7 +111,9 @@ class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     audio_head: AudioHeadConfig | None = None
     text: TextConfig | None = None
-    text_weights: str | None = None  # where text weights live when not in the checkpoint (e.g. "hf://thenlper/gte-base")
+    text_weights: str | None = (
+        None  # where text weights live when not in the checkpoint (e.g. "hf://thenlper/gte-base")
+    )
     classifier: ClassifierConfig | None = None  # task head (AudioSet tagging of fine-tuned models), when present
 
     def to_dict(self) -> dict[str, Any]:

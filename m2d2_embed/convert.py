@@ -51,6 +51,7 @@ class CheckpointError(ValueError):
 # Reading
 # ---------------------------------------------------------------------------------------------------
 
+
 def describe_bytes(head: bytes, size: int) -> str:
     """What a file that should be a checkpoint or an archive looks like, from its first bytes: "an HTML page",
     "empty (0 bytes)", "a zip archive", "text starting 'abc'", ... (for error messages)."""
@@ -95,19 +96,24 @@ def _refused(path: Path, err: BaseException) -> CheckpointError:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand \S+", text)
         what = describe_file(path)
         if "pickle" not in what and "zip" not in what:
-            return CheckpointError(f"{path} is not a PyTorch checkpoint: {what}. If it was downloaded, the download "
-                                   "is damaged or was an error page: delete it and download it again")
+            return CheckpointError(
+                f"{path} is not a PyTorch checkpoint: {what}. If it was downloaded, the download "
+                "is damaged or was an error page: delete it and download it again"
+            )
         detail = f" ({found[1] if found.groups() else found[0]})" if found else ""
         return CheckpointError(
             f"{path} was not loaded: it holds Python objects other than tensors, containers and argparse.Namespace"
             f"{detail}, and unpickling untrusted files can run code. Official M2D checkpoints do not; if this one "
             "should be one, download it again from the official release. If it is your own checkpoint, save only "
             "its state dict (torch.save(model.state_dict(), path)) and load that, or convert the dict in Python with "
-            "m2d2_embed.convert.from_state_dict()")
+            "m2d2_embed.convert.from_state_dict()"
+        )
     if isinstance(err, (EOFError, zipfile.BadZipFile)) or "failed finding central directory" in text or not text:
         return CheckpointError(f"{path} is truncated or damaged ({describe_file(path)}); download or copy it again")
-    return CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({describe_file(path)}): "
-                           f"{text.splitlines()[0] if text else type(err).__name__}. Download or copy it again")
+    return CheckpointError(
+        f"cannot read {path} as a PyTorch checkpoint ({describe_file(path)}): "
+        f"{text.splitlines()[0] if text else type(err).__name__}. Download or copy it again"
+    )
 
 
 def _torch_load(path: Path, mmap: bool) -> Any:
@@ -161,12 +167,13 @@ def _parse_upstream_name(name: str) -> dict[str, Any]:
 # Upstream layouts -> ours
 # ---------------------------------------------------------------------------------------------------
 
+
 def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         for p in _PREFIXES:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
         out[k] = v
     return out
 
@@ -181,14 +188,17 @@ def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
 def text_config_from_state_dict(sd: dict[str, torch.Tensor], prefix: str, pooling: str = "cls") -> TextConfig:
     """The BERT-architecture text encoder's config from tensor shapes (keys ``prefix + 'embeddings...'``)."""
     we = sd[prefix + "embeddings.word_embeddings.weight"]
-    return TextConfig(vocab_size=we.shape[0], hidden_size=we.shape[1],
-                      num_layers=_count_layers(sd, prefix + "encoder.layer."),
-                      num_heads=we.shape[1] // HEAD_DIM,
-                      intermediate_size=sd[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
-                      max_position=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
-                      type_vocab_size=sd[prefix + "embeddings.token_type_embeddings.weight"].shape[0],
-                      pooling=pooling,
-                      proj_dim=sd["text_proj.weight"].shape[0] if "text_proj.weight" in sd else None)
+    return TextConfig(
+        vocab_size=we.shape[0],
+        hidden_size=we.shape[1],
+        num_layers=_count_layers(sd, prefix + "encoder.layer."),
+        num_heads=we.shape[1] // HEAD_DIM,
+        intermediate_size=sd[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=sd[prefix + "embeddings.token_type_embeddings.weight"].shape[0],
+        pooling=pooling,
+        proj_dim=sd["text_proj.weight"].shape[0] if "text_proj.weight" in sd else None,
+    )
 
 
 def _classifier_from_state_dict(
@@ -212,13 +222,17 @@ def _classifier_from_state_dict(
         labels = audioset_labels()
         log.info("classification head with 527 outputs: AudioSet labels in upstream's order (sorted by mid)")
     if template is not None and template.in_features != d:
-        log.warning("the classification head takes %d-d features, not %d as expected; using the weights' width",
-                    d, template.in_features)
+        log.warning(
+            "the classification head takes %d-d features, not %d as expected; using the weights' width",
+            d,
+            template.in_features,
+        )
     return out, ClassifierConfig(in_features=d, num_classes=n, norm=norm, labels=labels, multi_label=True)
 
 
-def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None,
-                    config: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def from_state_dict(
+    sd: dict[str, Any], name: str = "", args: Any = None, config: ModelConfig | None = None
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Map an upstream state dict (any known layout) to ours, with its config.
 
     Args:
@@ -236,14 +250,16 @@ def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None,
     """
     sd = {k: v for k, v in _strip(sd).items() if isinstance(v, torch.Tensor)}
     if any(k.startswith("backbone.") for k in sd):  # M2D2 2025: backbone.* and text_encoder.text_encoder.*
-        sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
+        sd = {(k[len("backbone.") :] if k.startswith("backbone.") else k): v for k, v in sd.items()}
     need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight")
     missing = [k for k in need if k not in sd]
     if missing:
         sample = ", ".join(sorted(sd)[:8])
-        raise CheckpointError(f"not an M2D checkpoint: missing encoder tensors {missing} (found keys like: {sample}). "
-                              "Supported: M2D2 2025, M2D-CLAP 2024, M2D and M2D-AS releases, and their fine-tuned "
-                              "(EVAR) checkpoints")
+        raise CheckpointError(
+            f"not an M2D checkpoint: missing encoder tensors {missing} (found keys like: {sample}). "
+            "Supported: M2D2 2025, M2D-CLAP 2024, M2D and M2D-AS releases, and their fine-tuned "
+            "(EVAR) checkpoints"
+        )
     arg = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
     if isinstance(arg.get("input_size"), str):  # the training command line's "80x608"
         arg["input_size"] = [int(x) for x in arg["input_size"].split("x")]
@@ -265,24 +281,33 @@ def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None,
             width = int(arg["input_size"][1])
         elif "input_size" in named:
             width = named["input_size"][1]
-            log.warning("%s: chunk width %d frames taken from the folder name (the checkpoint does not record it)",
-                        label, width)
+            log.warning(
+                "%s: chunk width %d frames taken from the folder name (the checkpoint does not record it)", label, width
+            )
     f = n_mels // ph
     if f == 0 or n_tokens % f:
-        raise CheckpointError(f"{label}: pos_embed has {n_tokens} patch positions, not a multiple of {f} frequency "
-                              f"patches ({n_mels} mel bins / {ph})")
+        raise CheckpointError(
+            f"{label}: pos_embed has {n_tokens} patch positions, not a multiple of {f} frequency "
+            f"patches ({n_mels} mel bins / {ph})"
+        )
     t = n_tokens // f
     if width is None:
         width = t * pw
-        log.warning("%s: chunk width not recorded in the checkpoint or its folder name; assuming %d frames",
-                    label, width)
+        log.warning(
+            "%s: chunk width not recorded in the checkpoint or its folder name; assuming %d frames", label, width
+        )
     if width // pw != t:
-        raise CheckpointError(f"{label}: chunk width {width} frames does not fit pos_embed's {t} time patches of "
-                              f"{pw}")
+        raise CheckpointError(f"{label}: chunk width {width} frames does not fit pos_embed's {t} time patches of {pw}")
     depth = _count_layers(sd, "blocks.")
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    enc = EncoderConfig(input_size=(n_mels, width), patch_size=(ph, pw), embed_dim=D, depth=depth,
-                        num_heads=D // HEAD_DIM, mlp_ratio=hidden / D)
+    enc = EncoderConfig(
+        input_size=(n_mels, width),
+        patch_size=(ph, pw),
+        embed_dim=D,
+        depth=depth,
+        num_heads=D // HEAD_DIM,
+        mlp_ratio=hidden / D,
+    )
     out = {"encoder." + k: v for k, v in sd.items() if k.startswith(_ENCODER_TOP)}
 
     # --- front end ---------------------------------------------------------------------------------------
@@ -299,18 +324,26 @@ def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None,
             rate = named["sample_rate"]
             log.warning("%s: sample rate %d Hz taken from the folder name", label, rate)
         stats = stats or list(DEFAULT_NORM_STATS)
-        front = FrontEndConfig.for_rate(rate or 16000, n_mels=n_mels, norm_mean=float(stats[0]),
-                                        norm_std=float(stats[1]))
+        front = FrontEndConfig.for_rate(
+            rate or 16000, n_mels=n_mels, norm_mean=float(stats[0]), norm_std=float(stats[1])
+        )
 
     # --- CLAP audio head -----------------------------------------------------------------------------------
     head = None
     if "audio_proj.sem_token" in sd:
         hd = sd["audio_proj.sem_token"].shape[-1]
-        head = AudioHeadConfig(kind="semantic", dim=hd, out_dim=hd, depth=_count_layers(sd, "audio_proj.sem_blocks."),
-                               num_heads=1, mlp_ratio=sd["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0] / hd)
+        head = AudioHeadConfig(
+            kind="semantic",
+            dim=hd,
+            out_dim=hd,
+            depth=_count_layers(sd, "audio_proj.sem_blocks."),
+            num_heads=1,
+            mlp_ratio=sd["audio_proj.sem_blocks.0.mlp.fc1.weight"].shape[0] / hd,
+        )
     elif "audio_proj.0.weight" in sd:
-        head = AudioHeadConfig(kind="mlp", dim=sd["audio_proj.0.weight"].shape[1],
-                               out_dim=sd["audio_proj.2.weight"].shape[0])
+        head = AudioHeadConfig(
+            kind="mlp", dim=sd["audio_proj.0.weight"].shape[1], out_dim=sd["audio_proj.2.weight"].shape[0]
+        )
     if head is not None:
         out.update({k: v for k, v in sd.items() if k.startswith("audio_proj.")})
 
@@ -319,7 +352,7 @@ def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None,
     tp = "text_encoder.text_encoder."
     if any(k.startswith(tp) for k in sd):
         text = text_config_from_state_dict(sd, tp, pooling=config.text.pooling if config and config.text else "cls")
-        out.update({"text_encoder." + k[len(tp):]: v for k, v in sd.items() if k.startswith(tp)})
+        out.update({"text_encoder." + k[len(tp) :]: v for k, v in sd.items() if k.startswith(tp)})
         if "text_proj.weight" in sd:
             out["text_encoder.text_proj.weight"] = sd["text_proj.weight"]
             if "text_proj.bias" in sd:
@@ -329,24 +362,32 @@ def from_state_dict(sd: dict[str, Any], name: str = "", args: Any = None,
     cls_sd, classifier = _classifier_from_state_dict(sd, config.classifier if config is not None else None)
     out.update(cls_sd)
 
-    used = {k for k in sd if k.startswith(_ENCODER_TOP) or k == "norm_stats"
-            or (head is not None and k.startswith("audio_proj.")) or (text is not None and k.startswith(tp))
-            or (text is not None and k.startswith("text_proj."))
-            or (classifier is not None and k.startswith(("head.norm.running_", "head.mlp.mlp.0.")))}
+    used = {
+        k
+        for k in sd
+        if k.startswith(_ENCODER_TOP)
+        or k == "norm_stats"
+        or (head is not None and k.startswith("audio_proj."))
+        or (text is not None and k.startswith(tp))
+        or (text is not None and k.startswith("text_proj."))
+        or (classifier is not None and k.startswith(("head.norm.running_", "head.mlp.mlp.0.")))
+    }
     ignored = sorted(set(sd) - used)
     if ignored:
         groups = sorted({k.split(".")[0] for k in ignored})
         log.info("ignored %d training-only tensors (%s)", len(ignored), ", ".join(groups))
         log.debug("ignored tensors: %s", ignored)
-    found = ModelConfig(name=name or "m2d", frontend=front, encoder=enc, audio_head=head, text=text,
-                        classifier=classifier)
+    found = ModelConfig(
+        name=name or "m2d", frontend=front, encoder=enc, audio_head=head, text=text, classifier=classifier
+    )
     if config is None:
         return out, found
     _check_fits(found, config, label)
     if config.text is not None and text is None and not config.text_weights:
         raise CheckpointError(f"{label}: the checkpoint has no text encoder, but the model should have one")
-    cfg = dataclasses.replace(config, frontend=front, text=text if text is not None else config.text,
-                              classifier=classifier)
+    cfg = dataclasses.replace(
+        config, frontend=front, text=text if text is not None else config.text, classifier=classifier
+    )
     if config.classifier is not None and classifier is None:
         log.warning("%s: the checkpoint carries no classification head; tag() will not be available", label)
     return out, cfg
@@ -365,18 +406,24 @@ def _check_fits(found: ModelConfig, want: ModelConfig, label: str) -> None:
         problems.append(f"audio head {found.audio_head} (expected {want.audio_head})")
     if found.text is not None and want.text is not None and found.text != want.text:
         problems.append(f"text encoder {found.text} (expected {want.text})")
-    if found.classifier is not None and want.classifier is not None \
-            and found.classifier.num_classes != want.classifier.num_classes:
+    if (
+        found.classifier is not None
+        and want.classifier is not None
+        and found.classifier.num_classes != want.classifier.num_classes
+    ):
         problems.append(f"{found.classifier.num_classes} classes (expected {want.classifier.num_classes})")
     if problems:
-        raise CheckpointError(f"{label}: the checkpoint does not hold the model its registry entry describes: "
-                              f"{'; '.join(problems)}. The release file may have changed; report it, and load the "
-                              "file by path meanwhile")
+        raise CheckpointError(
+            f"{label}: the checkpoint does not hold the model its registry entry describes: "
+            f"{'; '.join(problems)}. The release file may have changed; report it, and load the "
+            "file by path meanwhile"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Our format
 # ---------------------------------------------------------------------------------------------------
+
 
 def _stat(path: Path) -> tuple[int, int]:
     st = path.stat()
@@ -418,12 +465,15 @@ def verify_checksum(weights: str | os.PathLike, *, full: bool = False) -> bool |
     if not full and size == rec.get("size") and mtime == rec.get("mtime_ns"):
         return True
     if size != rec.get("size"):
-        raise CheckpointError(f"{weights} is damaged: {size:,} bytes, but {rec.get('size'):,} were written; "
-                              f"{_fix(weights)}")
+        raise CheckpointError(
+            f"{weights} is damaged: {size:,} bytes, but {rec.get('size'):,} were written; {_fix(weights)}"
+        )
     got = sha256_file(weights)
     if got != rec.get("sha256"):
-        raise CheckpointError(f"{weights} is damaged: its SHA-256 is {got}, but {rec.get('sha256')} was recorded "
-                              f"when it was written; {_fix(weights)}")
+        raise CheckpointError(
+            f"{weights} is damaged: its SHA-256 is {got}, but {rec.get('sha256')} was recorded "
+            f"when it was written; {_fix(weights)}"
+        )
     if mtime != rec.get("mtime_ns"):
         try:
             record_checksum(weights)  # same bytes, new mtime (copied or touched): remember it, skip hashing next time
@@ -443,10 +493,13 @@ def _fix(weights: Path) -> str:
     """What to do about a damaged converted model, cache entries named by their command."""
     folder = weights.parent if weights.name == WEIGHTS_NAME else weights
     if _in_cache(folder):
-        return (f"remove it with `m2d2-embed cache --clear {folder.name}` (the next load downloads and converts it "
-                "again)")
-    return ("convert the upstream checkpoint again (`m2d2-embed convert SRC DST`), or, if it came from the model "
-            f"cache, remove it with `m2d2-embed cache --clear {folder.name}`")
+        return (
+            f"remove it with `m2d2-embed cache --clear {folder.name}` (the next load downloads and converts it again)"
+        )
+    return (
+        "convert the upstream checkpoint again (`m2d2-embed convert SRC DST`), or, if it came from the model "
+        f"cache, remove it with `m2d2-embed cache --clear {folder.name}`"
+    )
 
 
 def save_model(state_dict: dict[str, torch.Tensor], config: ModelConfig, dst: str | os.PathLike) -> Path:
@@ -474,8 +527,9 @@ def save_model(state_dict: dict[str, torch.Tensor], config: ModelConfig, dst: st
 
 
 def _damaged(weights: Path, err: BaseException) -> CheckpointError:
-    return CheckpointError(f"{weights} is damaged or not a safetensors file ({describe_file(weights)}: {err}); "
-                           f"{_fix(weights)}")
+    return CheckpointError(
+        f"{weights} is damaged or not a safetensors file ({describe_file(weights)}: {err}); {_fix(weights)}"
+    )
 
 
 def _read_classifier(path: Path) -> tuple[dict[str, torch.Tensor], ClassifierConfig]:
@@ -493,22 +547,35 @@ def _read_classifier(path: Path) -> tuple[dict[str, torch.Tensor], ClassifierCon
     sd = {("linear." + k if k in ("weight", "bias") else k): v for k, v in sd.items()}
     w, b = sd.get("linear.weight"), sd.get("linear.bias")
     norm = "norm.running_mean" in sd and "norm.running_var" in sd
-    if w is None or b is None or w.ndim != 2 or set(sd) - {"linear.weight", "linear.bias", "norm.running_mean",
-                                                           "norm.running_var"}:
-        raise CheckpointError(f"{path} is not a classifier head (expected tensors 'linear.weight' [C, D] and "
-                              f"'linear.bias' [C], optionally 'norm.running_mean'/'norm.running_var' [D], found "
-                              f"{sorted(sd)}); delete it or fine-tune again")
+    if (
+        w is None
+        or b is None
+        or w.ndim != 2
+        or set(sd) - {"linear.weight", "linear.bias", "norm.running_mean", "norm.running_var"}
+    ):
+        raise CheckpointError(
+            f"{path} is not a classifier head (expected tensors 'linear.weight' [C, D] and "
+            f"'linear.bias' [C], optionally 'norm.running_mean'/'norm.running_var' [D], found "
+            f"{sorted(sd)}); delete it or fine-tune again"
+        )
     try:
         labels = json.loads(meta["labels"]) if "labels" in meta else None
         multi = bool(json.loads(meta.get("multi_label", "false")))
-        eps = float(json.loads(meta["classifier_config"]).get("norm_eps", 1e-5)) if "classifier_config" in meta \
-            else 1e-5
+        eps = (
+            float(json.loads(meta["classifier_config"]).get("norm_eps", 1e-5)) if "classifier_config" in meta else 1e-5
+        )
     except (ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} has unreadable metadata ({e}); export the classifier again") from e
     if labels is not None and len(labels) != w.shape[0]:
         raise CheckpointError(f"{path} names {len(labels)} labels for {w.shape[0]} outputs; export it again")
-    cfg = ClassifierConfig(in_features=int(w.shape[1]), num_classes=int(w.shape[0]), norm=norm, norm_eps=eps,
-                           labels=tuple(labels) if labels is not None else None, multi_label=multi)
+    cfg = ClassifierConfig(
+        in_features=int(w.shape[1]),
+        num_classes=int(w.shape[0]),
+        norm=norm,
+        norm_eps=eps,
+        labels=tuple(labels) if labels is not None else None,
+        multi_label=multi,
+    )
     return {f"classifier.{k}": v for k, v in sd.items()}, cfg
 
 
@@ -540,8 +607,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     elif cfg_file.exists():
         cfg = json.loads(cfg_file.read_text())
     else:
-        raise CheckpointError(f"{weights} has no m2d2_embed config (neither in its metadata nor a {CONFIG_NAME} beside "
-                              "it); it was not written by m2d2_embed. Convert the upstream .pth instead")
+        raise CheckpointError(
+            f"{weights} has no m2d2_embed config (neither in its metadata nor a {CONFIG_NAME} beside "
+            "it); it was not written by m2d2_embed. Convert the upstream .pth instead"
+        )
     if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
         raise CheckpointError(f"{weights} uses format version {cfg['format_version']}; upgrade m2d2_embed")
     verified = verify_checksum(weights) if weights.name == WEIGHTS_NAME else None
@@ -585,10 +654,12 @@ def check_finite(state_dict: dict[str, torch.Tensor], source: str | os.PathLike,
         src = Path(source)
         weights = src / WEIGHTS_NAME if src.is_dir() else src
         if fix is None:
-            fix = "the file is damaged: " + (_fix(weights) if weights.suffix == ".safetensors"
-                                             else "download or copy the checkpoint again")
-        raise CheckpointError(f"{source} holds NaN or infinite weights in {len(bad)} tensors ({', '.join(bad[:5])}); "
-                              f"{fix}")
+            fix = "the file is damaged: " + (
+                _fix(weights) if weights.suffix == ".safetensors" else "download or copy the checkpoint again"
+            )
+        raise CheckpointError(
+            f"{source} holds NaN or infinite weights in {len(bad)} tensors ({', '.join(bad[:5])}); {fix}"
+        )
 
 
 def read_any(path: str | os.PathLike, config: ModelConfig | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -161,9 +161,7 @@ def _verified(dest: Path, expected: str | None, *, warn: bool = True, record: bo
         return True
     source = "pinned" if expected is not None else f"recorded in {_sidecar(dest).name}"
     if warn:
-        log.warning(
-            "%s is corrupt (SHA-256 %s, expected %s, %s); downloading it again", dest, got, want, source
-        )
+        log.warning("%s is corrupt (SHA-256 %s, expected %s, %s); downloading it again", dest, got, want, source)
     return False
 
 
@@ -323,8 +321,7 @@ def _fetch(
             attempt += 1
             if attempt > retries:
                 raise DownloadError(
-                    f"could not download {url} after {attempt} attempts ({e}); "
-                    "check the network and try again"
+                    f"could not download {url} after {attempt} attempts ({e}); check the network and try again"
                 ) from e
             delay = backoff * 2 ** (attempt - 1)
             log.warning("download of %s failed (%s); retry %d/%d in %.1fs", url, e, attempt, retries, delay)
@@ -488,17 +485,13 @@ class HFSpec(NamedTuple):
 def parse_hf_spec(repo_spec: str) -> HFSpec:
     """Parse ``hf://owner/repo[/path/in/repo][@revision]``; raises ValueError if malformed."""
     if not repo_spec.startswith("hf://"):
-        raise ValueError(
-            f"not a Hugging Face spec: {repo_spec!r}; expected hf://owner/repo[/path][@revision]"
-        )
+        raise ValueError(f"not a Hugging Face spec: {repo_spec!r}; expected hf://owner/repo[/path][@revision]")
     body, at, revision = repo_spec[len("hf://") :].rpartition("@")
     if not at:
         body, revision = revision, ""
     parts = [p for p in body.split("/") if p]
     if len(parts) < 2 or (at and not revision) or any(p in (".", "..") for p in parts):
-        raise ValueError(
-            f"malformed Hugging Face spec {repo_spec!r}; expected hf://owner/repo[/path][@revision]"
-        )
+        raise ValueError(f"malformed Hugging Face spec {repo_spec!r}; expected hf://owner/repo[/path][@revision]")
     return HFSpec("/".join(parts[:2]), "/".join(parts[2:]) or None, revision or None)
 
 

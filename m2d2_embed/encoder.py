@@ -48,8 +48,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if FUSED_GELU and x.is_cuda and x.dtype in _HALF and type(self.fc1) is nn.Linear:
-            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(),
-                                        use_gelu=True)  # tanh-approximate GELU fused into the matmul
+            fused = torch._addmm_activation  # noqa: SLF001 (tanh-approximate GELU fused into the matmul)
+            h = fused(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
             return self.fc2(h.reshape(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm's nn.GELU
 
@@ -132,8 +132,13 @@ class Block(nn.Module):
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self._packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not self.training \
-                and not torch.is_grad_enabled():
+        if (
+            self._packed is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not self.training
+            and not torch.is_grad_enabled()
+        ):
             return self._forward_packed(x, key_mask)
         x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
@@ -160,8 +165,12 @@ class Block(nn.Module):
         block (``.to``) or loading a state dict packs again or drops the packing; after changing weights in place
         any other way, call this again."""
         lins = (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2)
-        if not all(type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-                   for m in lins) or not onednn_linear_available():
+        if (
+            not all(
+                type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in lins
+            )
+            or not onednn_linear_available()
+        ):
             self._packed = None
             return False
         with torch.no_grad():
@@ -224,7 +233,7 @@ class PatchEmbed(nn.Module):
         B, _, H, W = x.shape
         ph, pw = self.patch_size
         f, t = H // ph, W // pw
-        x = x[:, 0, :f * ph, :t * pw]  # frames past the last whole patch are ignored, as by the strided conv
+        x = x[:, 0, : f * ph, : t * pw]  # frames past the last whole patch are ignored, as by the strided conv
         x = x.reshape(B, f, ph, t, pw).permute(0, 1, 3, 2, 4).reshape(B, f * t, ph * pw)  # (B, f*t, ph*pw)
         w = self.proj.weight.reshape(self.proj.out_channels, ph * pw)
         return F.linear(x, w, self.proj.bias)  # (B, f*t, D), tokens in (frequency, time) order
@@ -247,7 +256,8 @@ class AudioEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + f * t, D))
         self.patch_embed = PatchEmbed(config.patch_size, D)
         self.blocks = nn.ModuleList(
-            Block(D, config.num_heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth))
+            Block(D, config.num_heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(D, eps=config.norm_eps)
 
     def patch_pos_embed(self, t: int) -> torch.Tensor:

@@ -31,9 +31,16 @@ HEAD_FILE = "audio_head.onnx"
 FORMAT_VERSION = 1
 
 
-def export_onnx(model: M2D2 | str | os.PathLike, out_dir: str | os.PathLike, *, heads: bool = True,
-                opset: int | None = None, overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
-                offline: bool | None = None) -> Path:
+def export_onnx(
+    model: M2D2 | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    heads: bool = True,
+    opset: int | None = None,
+    overwrite: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+) -> Path:
     """Write ``out_dir/encoder.onnx`` (and ``audio_head.onnx``) and ``out_dir/m2d2_export.json``; returns the JSON.
 
     ``encoder.onnx``: input ``lms`` float32 [batch, 1, n_mels, frames], the normalised log-mel of chunks of
@@ -56,19 +63,27 @@ def export_onnx(model: M2D2 | str | os.PathLike, out_dir: str | os.PathLike, *, 
         import onnx  # noqa: F401  (the exporter needs onnx and onnxscript; fail early with the extra's name)
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise ImportError("ONNX export needs the onnx extra: pip install 'm2d2-embed[onnx]' "
-                          f"(onnx, onnxscript); missing: {e.name}") from e
+        raise ImportError(
+            f"ONNX export needs the onnx extra: pip install 'm2d2-embed[onnx]' (onnx, onnxscript); missing: {e.name}"
+        ) from e
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 6):
-        raise RuntimeError(f"ONNX export needs PyTorch >= 2.6 (its torch.export-based exporter); this is "
-                           f"{torch.__version__}: upgrade torch to export")
+        raise RuntimeError(
+            f"ONNX export needs PyTorch >= 2.6 (its torch.export-based exporter); this is "
+            f"{torch.__version__}: upgrade torch to export"
+        )
     if not isinstance(model, M2D2):
         from .loader import load
 
         model = load(model, device="cpu", dtype=torch.float32, cache_dir=cache_dir, offline=offline)
-    if model.device.type != "cpu" or model.dtype != torch.float32 or not isinstance(model.encoder.pos_embed,
-                                                                                    torch.nn.Parameter):
-        raise ValueError(f"export needs a float32 CPU model, got {model.dtype} on {model.device}; load it with "
-                         "m2d2_embed.load(name, device='cpu', dtype='fp32') (int8 and compiled models do not export)")
+    if (
+        model.device.type != "cpu"
+        or model.dtype != torch.float32
+        or not isinstance(model.encoder.pos_embed, torch.nn.Parameter)
+    ):
+        raise ValueError(
+            f"export needs a float32 CPU model, got {model.dtype} on {model.device}; load it with "
+            "m2d2_embed.load(name, device='cpu', dtype='fp32') (int8 and compiled models do not export)"
+        )
     out = Path(out_dir)
     targets = [out / MANIFEST, out / ENCODER_FILE]
     head = model.audio_proj if heads else None
@@ -88,12 +103,18 @@ def export_onnx(model: M2D2 | str | os.PathLike, out_dir: str | os.PathLike, *, 
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         example = torch.zeros(2, 1, enc_cfg.input_size[0], T * pw)
-        _export(model.encoder, (example,), tmp / ENCODER_FILE, ["lms"], ["tokens"],
-                {"x": {0: batch, 3: pw * t}}, opset)
+        _export(model.encoder, (example,), tmp / ENCODER_FILE, ["lms"], ["tokens"], {"x": {0: batch, 3: pw * t}}, opset)
         if head is not None:
             n_tokens = torch.export.Dim("tokens", min=1, max=1 << 20)
-            _export(_HeadNoMask(head), (torch.zeros(2, F * T, model.embed_dim),), tmp / HEAD_FILE, ["tokens"],
-                    ["embedding"], {"tokens": {0: batch, 1: n_tokens}}, opset)
+            _export(
+                _HeadNoMask(head),
+                (torch.zeros(2, F * T, model.embed_dim),),
+                tmp / HEAD_FILE,
+                ["tokens"],
+                ["embedding"],
+                {"tokens": {0: batch, 1: n_tokens}},
+                opset,
+            )
         manifest = export_manifest(model, head is not None)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last: marks a whole export
@@ -117,12 +138,28 @@ class _HeadNoMask(torch.nn.Module):
         return self.head(tokens)
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic_shapes: dict, opset: int | None) -> None:
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic_shapes: dict,
+    opset: int | None,
+) -> None:
     kw: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
     with torch.no_grad():
-        program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    input_names=inputs, output_names=outputs, optimize=True, verbose=False, **kw)
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=inputs,
+            output_names=outputs,
+            optimize=True,
+            verbose=False,
+            **kw,
+        )
     # weights beside the graph (encoder.onnx.data): ONNX protobufs stop at 2 GiB, and one layout for every size
     program.save(str(path), external_data=True)
 
@@ -135,10 +172,14 @@ def export_manifest(model: M2D2, with_head: bool) -> dict[str, Any]:
     cfg = model.config
     (F, T), (ph, pw) = cfg.encoder.grid, cfg.encoder.patch_size
     m: dict[str, Any] = {
-        "format": "m2d2-embed-onnx", "format_version": FORMAT_VERSION, "model": model.name,
-        "weights_fingerprint": weights_fingerprint(model), "m2d2_embed": __version__, "torch": torch.__version__,
+        "format": "m2d2-embed-onnx",
+        "format_version": FORMAT_VERSION,
+        "model": model.name,
+        "weights_fingerprint": weights_fingerprint(model),
+        "m2d2_embed": __version__,
+        "torch": torch.__version__,
         "licence": "The weights are NTT's and keep the licence of the checkpoint they were converted from; "
-                   "exported files are not for redistribution (see the m2d2-embed README).",
+        "exported files are not for redistribution (see the m2d2-embed README).",
         "frontend": {
             **dataclasses.asdict(cfg.frontend),
             "window": "periodic Hann of win_length samples, centred frames with reflect padding of n_fft // 2",
@@ -151,25 +192,35 @@ def export_manifest(model: M2D2, with_head: bool) -> dict[str, Any]:
         "chunking": {
             "chunk_frames": cfg.encoder.chunk_frames,
             "rule": f"consecutive non-overlapping chunks of chunk_frames log-mel frames; each chunk is cut or "
-                    f"zero-padded (after normalisation) to {pw} * t frames, t = min({T}, ceil(width / {pw})); "
-                    f"frames past the last whole patch are ignored",
+            f"zero-padded (after normalisation) to {pw} * t frames, t = min({T}, ceil(width / {pw})); "
+            f"frames past the last whole patch are ignored",
         },
         "encoder": {
-            "file": ENCODER_FILE, "input": "lms", "output": "tokens",
-            "input_shape": ["batch", 1, cfg.encoder.input_size[0], f"{pw} * t"], "time_patches_max": T,
+            "file": ENCODER_FILE,
+            "input": "lms",
+            "output": "tokens",
+            "input_shape": ["batch", 1, cfg.encoder.input_size[0], f"{pw} * t"],
+            "time_patches_max": T,
             "output_shape": ["batch", f"{F} * t", cfg.encoder.embed_dim],
-            "patch_size": [ph, pw], "freq_patches": F, "embed_dim": cfg.encoder.embed_dim,
+            "patch_size": [ph, pw],
+            "freq_patches": F,
+            "embed_dim": cfg.encoder.embed_dim,
             "token_order": "frequency-major: token i is frequency patch i // t, time patch i % t",
             "frame_embeddings": f"tokens.reshape(batch, {F}, t, D).permute(0, 2, 1, 3).reshape(batch, t, {F} * D)"
-                                f"; one frame per {pw} log-mel frames ({pw * cfg.frontend.hop_length} samples); "
-                                "chunks joined in time",
+            f"; one frame per {pw} log-mel frames ({pw * cfg.frontend.hop_length} samples); "
+            "chunks joined in time",
         },
     }
     if with_head:
-        m["audio_head"] = {"file": HEAD_FILE, "kind": cfg.audio_head.kind, "input": "tokens",
-                           "output": "embedding", "input_shape": ["batch", "tokens", cfg.encoder.embed_dim],
-                           "output_shape": ["batch", cfg.audio_head.out_dim],
-                           "use": "all patch tokens of the whole clip, all chunks together (m2d2_embed does so up "
-                                  "to 300 s; beyond, it averages the head's outputs over 10-s chunks); "
-                                  "L2-normalise for similarities"}
+        m["audio_head"] = {
+            "file": HEAD_FILE,
+            "kind": cfg.audio_head.kind,
+            "input": "tokens",
+            "output": "embedding",
+            "input_shape": ["batch", "tokens", cfg.encoder.embed_dim],
+            "output_shape": ["batch", cfg.audio_head.out_dim],
+            "use": "all patch tokens of the whole clip, all chunks together (m2d2_embed does so up "
+            "to 300 s; beyond, it averages the head's outputs over 10-s chunks); "
+            "L2-normalise for similarities",
+        }
     return m

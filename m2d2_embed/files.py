@@ -65,6 +65,7 @@ class FileResult:
 # Collecting files
 # ---------------------------------------------------------------------------------------------------
 
+
 def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -76,8 +77,9 @@ def _match(rel: str, pattern: str | None) -> bool:
     return fnmatch.fnmatch(rel if "/" in pattern else name, pattern)
 
 
-def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | None = None,
-                  skipped: list[str] | None = None) -> list[str]:
+def collect_files(
+    inputs: PathInput, *, recursive: bool = False, glob: str | None = None, skipped: list[str] | None = None
+) -> list[str]:
     """Expand files, folders and quoted wildcards into a list of audio files, in order, without duplicates.
 
     Args:
@@ -130,8 +132,9 @@ def collect_files(inputs: PathInput, *, recursive: bool = False, glob: str | Non
     return out
 
 
-def _scan_dir(d: str, recursive: bool, pattern: str | None,
-              skipped: list[str] | None = None) -> list[tuple[str, str, bool]]:
+def _scan_dir(
+    d: str, recursive: bool, pattern: str | None, skipped: list[str] | None = None
+) -> list[tuple[str, str, bool]]:
     """Files of folder ``d`` (and, with ``recursive``, of its sub-folders, not following links to folders) that
     match: ``(path, path relative to d, is a symbolic link)``, sorted by relative path. One ``scandir`` per
     folder: no ``stat`` per file except for links (a 100,000-file folder lists in about a second less)."""
@@ -171,10 +174,15 @@ def _why_empty(d: str, recursive: bool, pattern: str | None) -> str:
     where = f"{d}" + (" (searched recursively)" if recursive else "")
     if pattern is not None:
         return f"no files match --glob {pattern!r} in {where}"
-    hint = "" if recursive or not any(os.path.isdir(os.path.join(d, e)) for e in entries) else \
-        "; it has sub-folders: add --recursive (recursive=True)"
-    return (f"no audio files ({', '.join(AUDIO_SUFFIXES[:5])}, ...) in {where}{hint}; "
-            "use --glob (glob=) to pick other names")
+    hint = (
+        ""
+        if recursive or not any(os.path.isdir(os.path.join(d, e)) for e in entries)
+        else "; it has sub-folders: add --recursive (recursive=True)"
+    )
+    return (
+        f"no audio files ({', '.join(AUDIO_SUFFIXES[:5])}, ...) in {where}{hint}; "
+        "use --glob (glob=) to pick other names"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,8 +201,10 @@ def probe_file(path: str) -> Probe:
         return 0.0, failure_reason(e).replace(f" audio file {path}:", ":"), None
     warning = None
     if info.promised is not None:
-        warning = (f"truncated file: its header promises {info.promised:.2f} s of audio but it holds "
-                   f"{info.duration:.2f} s; the {info.duration:.2f} s are embedded")
+        warning = (
+            f"truncated file: its header promises {info.promised:.2f} s of audio but it holds "
+            f"{info.duration:.2f} s; the {info.duration:.2f} s are embedded"
+        )
     return info.duration, None, warning
 
 
@@ -216,7 +226,7 @@ def _probe_all(paths: Sequence[str]) -> list[Probe]:
     procs = min(8, _cpu_count() - 1)
     if len(wav) >= PROBE_PROCESSES_FROM and procs > 1 and "fork" in multiprocessing.get_all_start_methods():
         size = -(-len(wav) // (4 * procs))
-        parts = [[paths[i] for i in wav[k:k + size]] for k in range(0, len(wav), size)]
+        parts = [[paths[i] for i in wav[k : k + size]] for k in range(0, len(wav), size)]
         try:
             with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
                 done = [r for part in pool.map(_probe_many, parts) for r in part]
@@ -254,8 +264,9 @@ class _AudioBatches(Dataset):
     the GPU without blocking.
     """
 
-    def __init__(self, paths: Sequence[str], batches: Sequence[Sequence[int]], sample_rate: int,
-                 min_samples: int) -> None:
+    def __init__(
+        self, paths: Sequence[str], batches: Sequence[Sequence[int]], sample_rate: int, min_samples: int
+    ) -> None:
         self.paths = list(paths)
         self.batches = [list(b) for b in batches]
         self.sample_rate = sample_rate
@@ -350,6 +361,7 @@ def default_num_workers() -> int:
 # Embedding
 # ---------------------------------------------------------------------------------------------------
 
+
 def output_dim(model: M2D2, level: str, reduce: str = "none") -> int:
     """Width of one embedding at ``level`` (see :meth:`M2D2.output_dim`)."""
     return model.output_dim(level, reduce)
@@ -369,16 +381,32 @@ def embedding_metadata(model: M2D2, level: str, reduce: str = "none", normalize:
     """What an output file records about how its embeddings were made (also the resume key of the CLI)."""
     from . import __version__
 
-    return {"model": model.name, "weights_fingerprint": weights_fingerprint(model), "level": level,
-            "normalize": bool(normalize), **model.describe(level, reduce), "sample_rate": model.sample_rate,
-            "compute_dtype": str(model.dtype).replace("torch.", ""),
-            "frame_hop_seconds": model.frame_hop_seconds, "timestamps_unit": "seconds (centre of each frame)",
-            "m2d2_embed_version": __version__}
+    return {
+        "model": model.name,
+        "weights_fingerprint": weights_fingerprint(model),
+        "level": level,
+        "normalize": bool(normalize),
+        **model.describe(level, reduce),
+        "sample_rate": model.sample_rate,
+        "compute_dtype": str(model.dtype).replace("torch.", ""),
+        "frame_hop_seconds": model.frame_hop_seconds,
+        "timestamps_unit": "seconds (centre of each frame)",
+        "m2d2_embed_version": __version__,
+    }
 
 
-def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip", *, reduce: str = "none",
-                         normalize: bool = False, batch_size: int | None = None, num_workers: int | None = None,
-                         progress: bool = True, strict: bool = False) -> Iterator[tuple[int, FileResult | FileFailure]]:
+def iter_file_embeddings(
+    model: M2D2,
+    paths: Sequence[str],
+    level: str = "clip",
+    *,
+    reduce: str = "none",
+    normalize: bool = False,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    strict: bool = False,
+) -> Iterator[tuple[int, FileResult | FileFailure]]:
     """Embed files and yield ``(index into paths, FileResult or FileFailure)`` as each file completes.
 
     Completion order is not input order: files are batched by length. See :func:`embed_files` for the
@@ -415,8 +443,11 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
         """A result as it goes out: never a non-finite embedding (a failure naming the file instead), and with
         the probe's warning (a truncated file) logged and attached."""
         if not np.isfinite(res.embedding).all():
-            return fail(i, "the model gave non-finite values (NaN or Inf) for this file; nothing was written for it. "
-                        "Check the weights (`m2d2-embed cache --verify`) and the dtype (--dtype fp32)")
+            return fail(
+                i,
+                "the model gave non-finite values (NaN or Inf) for this file; nothing was written for it. "
+                "Check the weights (`m2d2-embed cache --verify`) and the dtype (--dtype fp32)",
+            )
         if probes[i][2] is not None:
             log.warning("%s: %s", paths[i], probes[i][2])
             res.warning = probes[i][2]
@@ -442,8 +473,15 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
             # same steps run one after the other.
             ds = _AudioBatches(paths, batches, model.sample_rate, model.frontend.min_samples())
             workers = min(workers, len(batches) - 1)  # one batch: nothing to overlap, skip the worker start-up
-            loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-                                pin_memory=model.device.type == "cuda", prefetch_factor=2 if workers else None)
+            loader = DataLoader(
+                ds,
+                batch_size=None,
+                shuffle=False,
+                num_workers=workers,
+                collate_fn=_identity,
+                pin_memory=model.device.type == "cuda",
+                prefetch_factor=2 if workers else None,
+            )
             pending: _InFlight | None = None
             batches_in = iter(loader)  # the workers start decoding the first batches now
             if model.device.type == "cuda" and workers:
@@ -466,8 +504,7 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
                 done(len(pending.idx), pending.audio_seconds)
         for i in long_:
             try:
-                res = embed_long_file(model, paths[i], level, reduce=reduce, normalize=normalize,
-                                      batch_size=batch_size)
+                res = embed_long_file(model, paths[i], level, reduce=reduce, normalize=normalize, batch_size=batch_size)
             except (ValueError, OSError, RuntimeError) as e:
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
@@ -480,10 +517,20 @@ def iter_file_embeddings(model: M2D2, paths: Sequence[str], level: str = "clip",
         bar.close()
 
 
-def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, batch_size: int | None = None,
-                num_workers: int | None = None, progress: bool = True, strict: bool = False,
-                recursive: bool = False, glob: str | None = None, reduce: str = "none",
-                normalize: bool = False) -> EmbeddingSet:
+def embed_files(
+    model: M2D2,
+    paths_or_dir: PathInput,
+    level: str = "clip",
+    *,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    strict: bool = False,
+    recursive: bool = False,
+    glob: str | None = None,
+    reduce: str = "none",
+    normalize: bool = False,
+) -> EmbeddingSet:
     """Embed audio files or folders; decoding runs in DataLoader workers while the model works.
 
     Args:
@@ -511,17 +558,30 @@ def embed_files(model: M2D2, paths_or_dir: PathInput, level: str = "clip", *, ba
     files = collect_files(paths_or_dir, recursive=recursive, glob=glob)
     results: dict[int, FileResult] = {}
     failures: dict[int, FileFailure] = {}
-    for i, r in iter_file_embeddings(model, files, level, reduce=reduce, normalize=normalize,
-                                     batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                     strict=strict):
+    for i, r in iter_file_embeddings(
+        model,
+        files,
+        level,
+        reduce=reduce,
+        normalize=normalize,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        strict=strict,
+    ):
         (results if isinstance(r, FileResult) else failures)[i] = r  # type: ignore[index]
     ok = sorted(results)
-    return results_to_set([results[i] for i in ok], [failures[i] for i in sorted(failures)],
-                          embedding_metadata(model, level, reduce, normalize), level)
+    return results_to_set(
+        [results[i] for i in ok],
+        [failures[i] for i in sorted(failures)],
+        embedding_metadata(model, level, reduce, normalize),
+        level,
+    )
 
 
-def results_to_set(results: Sequence[FileResult], failures: Sequence[FileFailure], metadata: dict[str, Any],
-                   level: str) -> EmbeddingSet:
+def results_to_set(
+    results: Sequence[FileResult], failures: Sequence[FileFailure], metadata: dict[str, Any], level: str
+) -> EmbeddingSet:
     """Pack per-file results into an :class:`EmbeddingSet` (see :meth:`EmbeddingSet.from_results`)."""
     return EmbeddingSet.from_results(results, failures, metadata, level)
 
@@ -533,11 +593,18 @@ def finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
-def embed_long_file(model: M2D2, src: Any, level: str, *, reduce: str = "none", normalize: bool = False,
-                    batch_size: int | None = None, path: str | None = None) -> FileResult:
+def embed_long_file(
+    model: M2D2,
+    src: Any,
+    level: str,
+    *,
+    reduce: str = "none",
+    normalize: bool = False,
+    batch_size: int | None = None,
+    path: str | None = None,
+) -> FileResult:
     """One file (path, bytes or file object) of any length, decoded and embedded as it streams in."""
-    emb, total = model.embed_stream(stream_audio(src, model.sample_rate), level, reduce=reduce,
-                                    batch_size=batch_size)
+    emb, total = model.embed_stream(stream_audio(src, model.sample_rate), level, reduce=reduce, batch_size=batch_size)
     ts = model.frame_timestamps(total) if level in FRAME_LEVELS else None
     name = path if path is not None else os.fspath(src) if isinstance(src, (str, os.PathLike)) else "<bytes>"
     return FileResult(name, finish(emb, normalize), total / model.sample_rate, ts)
@@ -570,8 +637,14 @@ class _InFlight:
 
 
 @torch.inference_mode()
-def _launch(model: M2D2, groups: Sequence[tuple[list[int], torch.Tensor]], level: str, reduce: str,
-            normalize: bool, batch_size: int | None) -> _InFlight:
+def _launch(
+    model: M2D2,
+    groups: Sequence[tuple[list[int], torch.Tensor]],
+    level: str,
+    reduce: str,
+    normalize: bool,
+    batch_size: int | None,
+) -> _InFlight:
     """Queue the work of one batch of equal-length groups (file indices, waveforms [n, N]): encoder, pooling at
     ``level`` and normalisation on the model's device, then one copy of all embeddings to the host. On CUDA
     nothing here waits for the GPU: the copy goes into pinned memory without blocking and an event marks its end."""
@@ -583,8 +656,11 @@ def _launch(model: M2D2, groups: Sequence[tuple[list[int], torch.Tensor]], level
         idx += g_idx
         lengths += [n] * len(g_idx)
     shapes = [tuple(e.shape[1:]) for e in embs for _ in range(e.shape[0])]
-    flat = torch.cat([e.reshape(-1, e.shape[-1]) for e in embs]) if len(embs) > 1 else \
-        embs[0].reshape(-1, embs[0].shape[-1])
+    flat = (
+        torch.cat([e.reshape(-1, e.shape[-1]) for e in embs])
+        if len(embs) > 1
+        else embs[0].reshape(-1, embs[0].shape[-1])
+    )
     flat = nn.functional.normalize(flat.float(), dim=-1) if normalize else flat.float()
     event = None
     if flat.is_cuda:
@@ -599,8 +675,7 @@ def _launch(model: M2D2, groups: Sequence[tuple[list[int], torch.Tensor]], level
     return _InFlight(idx, shapes, lengths, host, event, model.sample_rate)
 
 
-def _collect_batch(model: M2D2, paths: Sequence[str], batch: _InFlight,
-                   level: str) -> Iterator[tuple[int, FileResult]]:
+def _collect_batch(model: M2D2, paths: Sequence[str], batch: _InFlight, level: str) -> Iterator[tuple[int, FileResult]]:
     """Wait for a launched batch and split its embeddings into per-file results."""
     if batch.event is not None:
         batch.event.synchronize()
@@ -616,5 +691,5 @@ def _collect_batch(model: M2D2, paths: Sequence[str], batch: _InFlight,
             if n not in timestamps:
                 timestamps[n] = model.frame_timestamps(n)
             ts = timestamps[n].copy()
-        yield i, FileResult(paths[i], flat[row:row + rows].reshape(shape), n / model.sample_rate, ts)
+        yield i, FileResult(paths[i], flat[row : row + rows].reshape(shape), n / model.sample_rate, ts)
         row += rows

@@ -22,7 +22,8 @@ class SemanticAudioHead(nn.Module):
         D = config.dim
         self.sem_token = nn.Parameter(torch.zeros(1, 1, D))
         self.sem_blocks = nn.ModuleList(
-            Block(D, config.num_heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth))
+            Block(D, config.num_heads, config.mlp_ratio, config.norm_eps) for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(D, eps=config.norm_eps)
 
     def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

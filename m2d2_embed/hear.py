@@ -38,8 +38,15 @@ class HearModel(nn.Module):
         timestamp_embedding_size: D of ``get_timestamp_embeddings`` (768 by default).
     """
 
-    def __init__(self, model: M2D2, *, timestamp_reduce: str = "mean", scene_reduce: str = "none",
-                 scene_embedding: str = "encoder", batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: M2D2,
+        *,
+        timestamp_reduce: str = "mean",
+        scene_reduce: str = "none",
+        scene_embedding: str = "encoder",
+        batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         for name, value in (("timestamp_reduce", timestamp_reduce), ("scene_reduce", scene_reduce)):
             if value not in ("none", "mean"):
@@ -62,9 +69,16 @@ class HearModel(nn.Module):
         return self.m2d2.device
 
 
-def load_model(model_file_path: str = "", *, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, timestamp_reduce: str = "mean", scene_reduce: str = "none",
-               scene_embedding: str = "encoder", batch_size: int | None = None) -> HearModel:
+def load_model(
+    model_file_path: str = "",
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    timestamp_reduce: str = "mean",
+    scene_reduce: str = "none",
+    scene_embedding: str = "encoder",
+    batch_size: int | None = None,
+) -> HearModel:
     """Load M2D2 for the HEAR API.
 
     Args:
@@ -81,8 +95,13 @@ def load_model(model_file_path: str = "", *, device: str | torch.device | None =
     from .loader import load
 
     model = load(os.fspath(model_file_path) or None, device=device, dtype=dtype)
-    return HearModel(model, timestamp_reduce=timestamp_reduce, scene_reduce=scene_reduce,
-                     scene_embedding=scene_embedding, batch_size=batch_size)
+    return HearModel(
+        model,
+        timestamp_reduce=timestamp_reduce,
+        scene_reduce=scene_reduce,
+        scene_embedding=scene_embedding,
+        batch_size=batch_size,
+    )
 
 
 def _check_audio(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
@@ -109,10 +128,10 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[tor
     m = model.m2d2
     if x.shape[0] == 0:
         T = m.num_frames_for(x.shape[1]) if x.shape[1] else 0
-        return (torch.zeros(0, T, model.timestamp_embedding_size, device=m.device),
-                torch.zeros(0, T, device=m.device))
-    emb = m.frame_embeddings(x, sample_rate=model.sample_rate, reduce=model.timestamp_reduce,
-                             batch_size=model.batch_size)
+        return (torch.zeros(0, T, model.timestamp_embedding_size, device=m.device), torch.zeros(0, T, device=m.device))
+    emb = m.frame_embeddings(
+        x, sample_rate=model.sample_rate, reduce=model.timestamp_reduce, batch_size=model.batch_size
+    )
     ts = torch.as_tensor(m.frame_timestamps(x.shape[1]) * 1000.0, dtype=torch.float32, device=emb.device)
     return emb, ts.expand(x.shape[0], -1).contiguous()
 

@@ -54,8 +54,15 @@ from .registry import LICENSE_SUMMARY, LICENSE_URL, MODELS, ModelInfo
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -91,9 +98,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         dtype = _DTYPES[key]
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_native_bf16():
         # measured on a 2-core Zen 3 (AVX2, no AVX512-BF16): the bf16 encoder ran at 0.32x float32 (issue 14)
-        warnings.warn(f"dtype={dtype} on a CPU without native bfloat16 (no AVX512-BF16/AMX) is emulated and was "
-                      f"measured at about 0.3x the speed of float32; use the default float32 (or dtype='int8' "
-                      f"for speed)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"dtype={dtype} on a CPU without native bfloat16 (no AVX512-BF16/AMX) is emulated and was "
+            f"measured at about 0.3x the speed of float32; use the default float32 (or dtype='int8' "
+            f"for speed)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return dtype
 
 
@@ -113,8 +124,9 @@ class _SkipRandomInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.device,
-                dtype: torch.dtype | str, compile: bool = False) -> M2D2:
+def build_model(
+    state_dict: dict[str, torch.Tensor], config, device: torch.device, dtype: torch.dtype | str, compile: bool = False
+) -> M2D2:
     """Rebuild an ``M2D2`` from our state dict without allocating random weights first."""
     with torch.device("meta"), _SkipRandomInit():
         model = M2D2(config)
@@ -127,13 +139,15 @@ def build_model(state_dict: dict[str, torch.Tensor], config, device: torch.devic
         log.warning("ignoring %d unexpected tensors: %s", len(unexpected), unexpected[:10])
     for k, v in model.state_dict().items():
         if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"tensor {k} has shape {tuple(state_dict[k].shape)}, "
-                                  f"the config expects {tuple(v.shape)}")
+            raise CheckpointError(
+                f"tensor {k} has shape {tuple(state_dict[k].shape)}, the config expects {tuple(v.shape)}"
+            )
     model.load_state_dict({k: state_dict[k] for k in expected}, strict=True, assign=True)
     if dtype == "int8":
         if compile:
-            raise ValueError("compile=True does not support dtype='int8' (dynamically quantized layers); "
-                             "use one or the other")
+            raise ValueError(
+                "compile=True does not support dtype='int8' (dynamically quantized layers); use one or the other"
+            )
         model.float()
         quantize_int8(model)
         return model.eval()
@@ -167,8 +181,10 @@ def quantize_int8(model: M2D2) -> None:
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:  # torch.ao.quantization is deprecated in favour of torchao
-        raise RuntimeError(f"dtype='int8' needs torch.ao.quantization.quantize_dynamic, which PyTorch "
-                           f"{torch.__version__} does not provide; use dtype='fp32'") from e
+        raise RuntimeError(
+            f"dtype='int8' needs torch.ao.quantization.quantize_dynamic, which PyTorch "
+            f"{torch.__version__} does not provide; use dtype='fp32'"
+        ) from e
     engines = torch.backends.quantized.supported_engines
     if not any(e in engines for e in ("x86", "fbgemm", "onednn", "qnnpack")):
         raise RuntimeError(f"dtype='int8' needs a quantized CPU engine; this PyTorch build has {engines}")
@@ -215,9 +231,15 @@ def compile_encoder(model: M2D2) -> None:
     log.info("audio encoder compiled with torch.compile (dynamic=False); the first batches pay the compilation")
 
 
-def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, cache_dir: str | os.PathLike | None = None,
-         offline: bool | None = None, compile: bool = False) -> M2D2:
+def load(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    compile: bool = False,
+) -> M2D2:
     """Load an M2D2 model.
 
     Args:
@@ -247,10 +269,14 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if compile and dev.type == "cpu":
-        warnings.warn("compile=True on the CPU does not pay: it replaces the fused oneDNN float32 path and ran at "
-                      "0.6-0.7x its speed on a 2-core Zen 4 (0.9-1.0x the plain eager encoder on an AVX2 Zen 3), "
-                      "after a warm-up of 1-5 minutes per batch size (benchmarks/README.md); leave compile=False "
-                      "on the CPU", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "compile=True on the CPU does not pay: it replaces the fused oneDNN float32 path and ran at "
+            "0.6-0.7x its speed on a 2-core Zen 4 (0.9-1.0x the plain eager encoder on an AVX2 Zen 3), "
+            "after a warm-up of 1-5 minutes per batch size (benchmarks/README.md); leave compile=False "
+            "on the CPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     target = registry.DEFAULT_MODEL if name_or_path is None else name_or_path
     path = _resolve(target, cache_dir=cache_dir, offline=offline)
     sd, cfg = read_any(path)
@@ -295,10 +321,12 @@ def _is_converted(d: Path) -> bool:
 
 
 def _offline_advice(name: str) -> str:
-    return (f"To work without this download, pass a local checkpoint instead (`--model PATH` on the command line, "
-            f"`m2d2_embed.load(PATH)` in Python: an upstream .pth or a converted folder), or run "
-            f"`m2d2-embed download {name}` on a machine that can reach the release and copy its cache folder "
-            f"(`m2d2-embed cache` prints it) here, pointing {dl.ENV_CACHE} at the copy")
+    return (
+        f"To work without this download, pass a local checkpoint instead (`--model PATH` on the command line, "
+        f"`m2d2_embed.load(PATH)` in Python: an upstream .pth or a converted folder), or run "
+        f"`m2d2-embed download {name}` on a machine that can reach the release and copy its cache folder "
+        f"(`m2d2-embed cache` prints it) here, pointing {dl.ENV_CACHE} at the copy"
+    )
 
 
 class _BadPayload(Exception):
@@ -310,8 +338,9 @@ def _pick_member(archive: Path) -> str:
         found = [n for n in zf.namelist() if n.endswith(_CHECKPOINT_SUFFIXES)]
     if len(found) != 1:
         listed = ", ".join(found[:10]) or "none"
-        raise _BadPayload(f"it holds {len(found)} checkpoint files ({listed}); expected exactly one .pth or "
-                          ".safetensors")
+        raise _BadPayload(
+            f"it holds {len(found)} checkpoint files ({listed}); expected exactly one .pth or .safetensors"
+        )
     return found[0]
 
 
@@ -337,17 +366,32 @@ def _discard(*paths: Path | None) -> None:
     for p in paths:
         if p is None:
             continue
-        for q in (p, p.with_name(p.name + ".sha256"), p.with_name(p.name + ".part"),
-                  p.with_name(p.name + ".converting")):
+        for q in (
+            p,
+            p.with_name(p.name + ".sha256"),
+            p.with_name(p.name + ".part"),
+            p.with_name(p.name + ".converting"),
+        ):
             if q.is_dir():
                 shutil.rmtree(q, ignore_errors=True)
             else:
                 q.unlink(missing_ok=True)
 
 
-def _download_and_convert(url: str, member: str | None, member_sha256: str | None, work: Path, dst: Path, *,
-                          config: ModelConfig | None, text_weights: str | None, progress: bool | None, hint: str,
-                          keep_source: bool, advice: str = "") -> None:
+def _download_and_convert(
+    url: str,
+    member: str | None,
+    member_sha256: str | None,
+    work: Path,
+    dst: Path,
+    *,
+    config: ModelConfig | None,
+    text_weights: str | None,
+    progress: bool | None,
+    hint: str,
+    keep_source: bool,
+    advice: str = "",
+) -> None:
     """Download a release zip (or a bare checkpoint) into ``work``, check it, convert it into ``dst``.
 
     A payload that is not a valid archive or checkpoint is deleted with everything derived from it. A pinned
@@ -369,11 +413,13 @@ def _download_and_convert(url: str, member: str | None, member_sha256: str | Non
                     except (zipfile.BadZipFile, DownloadError) as e:
                         raise _BadPayload(f"it is not a usable release archive ({e})") from e
                     if member_sha256 and (got := dl.sha256_file(ckpt)) != member_sha256:
-                        raise dl.ChecksumMismatch(f"SHA-256 mismatch for {inner} extracted from {url}: expected "
-                                                  f"{member_sha256}, got {got}")
+                        raise dl.ChecksumMismatch(
+                            f"SHA-256 mismatch for {inner} extracted from {url}: expected {member_sha256}, got {got}"
+                        )
                 else:
-                    ckpt = dl.download_url(url, archive, sha256=member_sha256, progress=progress, hint=hint,
-                                           record_hash=False)
+                    ckpt = dl.download_url(
+                        url, archive, sha256=member_sha256, progress=progress, hint=hint, record_hash=False
+                    )
                 _convert_into(ckpt, dst, config, text_weights)
             except dl.ChecksumMismatch:
                 raise
@@ -386,15 +432,19 @@ def _download_and_convert(url: str, member: str | None, member_sha256: str | Non
             if attempt == 1:
                 log.warning("%s; deleted it, downloading again once", e)
                 continue
-            raise dl.ChecksumMismatch(f"{e}, twice in a row. The downloads were deleted; the file on the server "
-                                      "differs from the one this version of m2d2-embed knows: report it, or "
-                                      "load a checkpoint you trust by path") from e
+            raise dl.ChecksumMismatch(
+                f"{e}, twice in a row. The downloads were deleted; the file on the server "
+                "differs from the one this version of m2d2-embed knows: report it, or "
+                "load a checkpoint you trust by path"
+            ) from e
         except _BadPayload as e:
             what = describe_file(archive if archive.is_file() else ckpt) if (archive.is_file() or ckpt) else "?"
             _discard(archive, ckpt, dst.with_name(dst.name + ".converting"))
             kind = "zip archive" if is_zip else "checkpoint"
-            raise dl.DownloadError(f"{url} did not give a valid {kind}: received {what}; {e}. It was deleted, "
-                                   "with everything derived from it; the next call downloads it again") from None
+            raise dl.DownloadError(
+                f"{url} did not give a valid {kind}: received {what}; {e}. It was deleted, "
+                "with everything derived from it; the next call downloads it again"
+            ) from None
         break
     if keep_source:
         dl.record_sha256(archive)  # recorded only now that the download proved usable
@@ -407,9 +457,14 @@ def _download_and_convert(url: str, member: str | None, member_sha256: str | Non
             pass
 
 
-def fetch_registry_model(info: ModelInfo, *, cache_dir: str | os.PathLike | None = None,
-                         offline: bool | None = None, progress: bool | None = None,
-                         keep_source: bool = False) -> Path:
+def fetch_registry_model(
+    info: ModelInfo,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    progress: bool | None = None,
+    keep_source: bool = False,
+) -> Path:
     """Converted weights of a registry model: from the cache, else downloaded, verified and converted.
 
     Raises:
@@ -422,8 +477,10 @@ def fetch_registry_model(info: ModelInfo, *, cache_dir: str | os.PathLike | None
         return dst
     hint = f"fetch it while online with `m2d2-embed download {info.name}`, or pass a local checkpoint path"
     if dl.is_offline(offline):
-        raise DownloadError(f"model {info.name!r} is not in the cache ({dst}) and offline mode is on "
-                            f"(offline=True, M2D2_EMBED_OFFLINE=1 or HF_HUB_OFFLINE=1). {_offline_advice(info.name)}")
+        raise DownloadError(
+            f"model {info.name!r} is not in the cache ({dst}) and offline mode is on "
+            f"(offline=True, M2D2_EMBED_OFFLINE=1 or HF_HUB_OFFLINE=1). {_offline_advice(info.name)}"
+        )
     root = dl.cache_dir(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     import filelock
@@ -431,16 +488,38 @@ def fetch_registry_model(info: ModelInfo, *, cache_dir: str | os.PathLike | None
     with filelock.FileLock(str(dst) + ".lock"):
         if _is_converted(dst):  # another process finished it while we waited
             return dst
-        log.warning("downloading %s (about %d MB) from %s\nLicence: %s (%s)", info.name, info.size_mb, info.url,
-                    LICENSE_SUMMARY, LICENSE_URL)
-        _download_and_convert(info.url, info.member, info.sha256, root / "downloads", dst, config=info.config,
-                              text_weights=info.text_weights, progress=progress, hint=hint, keep_source=keep_source,
-                              advice=_offline_advice(info.name))
+        log.warning(
+            "downloading %s (about %d MB) from %s\nLicence: %s (%s)",
+            info.name,
+            info.size_mb,
+            info.url,
+            LICENSE_SUMMARY,
+            LICENSE_URL,
+        )
+        _download_and_convert(
+            info.url,
+            info.member,
+            info.sha256,
+            root / "downloads",
+            dst,
+            config=info.config,
+            text_weights=info.text_weights,
+            progress=progress,
+            hint=hint,
+            keep_source=keep_source,
+            advice=_offline_advice(info.name),
+        )
     return dst
 
 
-def fetch_remote(spec: str, *, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
-                 progress: bool | None = None, keep_source: bool = False) -> Path:
+def fetch_remote(
+    spec: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    progress: bool | None = None,
+    keep_source: bool = False,
+) -> Path:
     """``hf://owner/repo[/path][@rev]`` or an ``http(s)://`` URL (zip, .pth or .safetensors) -> a local path."""
     if spec.startswith("hf://"):
         return dl.hf_download(spec, offline=offline, hint="download it once while online")
@@ -462,8 +541,18 @@ def fetch_remote(spec: str, *, cache_dir: str | os.PathLike | None = None, offli
     with filelock.FileLock(str(dst) + ".lock"):
         if _is_converted(dst):
             return dst
-        _download_and_convert(spec, None, None, root / "source", dst, config=None, text_weights=None,
-                              progress=progress, hint=hint, keep_source=keep_source)
+        _download_and_convert(
+            spec,
+            None,
+            None,
+            root / "source",
+            dst,
+            config=None,
+            text_weights=None,
+            progress=progress,
+            hint=hint,
+            keep_source=keep_source,
+        )
     return dst
 
 
@@ -478,25 +567,34 @@ def _fetch_safetensors(url: str, dest: Path, *, progress: bool | None, offline: 
     except CheckpointError:
         what = describe_file(path)
         _discard(path)
-        raise DownloadError(f"{url} did not give a valid m2d2_embed .safetensors file: received {what}. It was "
-                            "deleted; the next call downloads it again") from None
+        raise DownloadError(
+            f"{url} did not give a valid m2d2_embed .safetensors file: received {what}. It was "
+            "deleted; the next call downloads it again"
+        ) from None
     dl.record_sha256(path)
     return path
 
 
-def download_model(name_or_url: str, *, cache_dir: str | os.PathLike | None = None, progress: bool | None = None,
-                   keep_source: bool = False) -> Path:
+def download_model(
+    name_or_url: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    keep_source: bool = False,
+) -> Path:
     """Download (if needed), verify and convert a registry model or URL into the cache; return the converted path."""
     if name_or_url in MODELS:
-        return fetch_registry_model(MODELS[name_or_url], cache_dir=cache_dir, offline=False, progress=progress,
-                                    keep_source=keep_source)
+        return fetch_registry_model(
+            MODELS[name_or_url], cache_dir=cache_dir, offline=False, progress=progress, keep_source=keep_source
+        )
     if name_or_url.startswith(("http://", "https://", "hf://")):
         return fetch_remote(name_or_url, cache_dir=cache_dir, offline=False, progress=progress, keep_source=keep_source)
     raise ValueError(f"unknown model {name_or_url!r}; available: {', '.join(MODELS)}, or an http(s):// or hf:// URL")
 
 
-def fetch_text_weights(config: ModelConfig, *, offline: bool | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                     TextConfig]:
+def fetch_text_weights(
+    config: ModelConfig, *, offline: bool | None = None
+) -> tuple[dict[str, torch.Tensor], TextConfig]:
     """(state dict ``text_encoder.*``, TextConfig) of a text encoder kept outside the checkpoint, e.g. GTE-base
     from the Hub (``config.text_weights``), fetched through ``huggingface_hub`` and its cache. The config comes
     from the tensor shapes; the pooling from ``config.text``."""
@@ -511,7 +609,7 @@ def fetch_text_weights(config: ModelConfig, *, offline: bool | None = None) -> t
     for k, v in sd.items():
         for prefix in ("bert.", "model."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         if k.startswith(("embeddings.", "encoder.", "pooler.")):
             out["text_encoder." + k] = v
     if "text_encoder.embeddings.word_embeddings.weight" not in out:
@@ -528,6 +626,7 @@ def fetch_text_weights(config: ModelConfig, *, offline: bool | None = None) -> t
 # The cache: list, summarise, verify, clear
 # ---------------------------------------------------------------------------------------------------
 
+
 def _dir_bytes(p: Path) -> int:
     if p.is_file():
         return p.stat().st_size
@@ -542,11 +641,23 @@ def list_models(cache_dir: str | os.PathLike | None = None) -> list[dict[str, An
     out = []
     for info in MODELS.values():
         dst = converted_path(info, cache_dir)
-        out.append({"name": info.name, "best_for": info.best_for, "frame_ms": info.frame_ms, "dims": info.dims,
-                    "sample_rate": info.config.frontend.sample_rate if info.config else None,
-                    "size_mb": info.size_mb, "cached": _is_converted(dst), "path": dst,
-                    "description": info.description, "kind": info.kind, "url": info.url, "license": LICENSE_SUMMARY,
-                    "default": info.name == registry.DEFAULT_MODEL})
+        out.append(
+            {
+                "name": info.name,
+                "best_for": info.best_for,
+                "frame_ms": info.frame_ms,
+                "dims": info.dims,
+                "sample_rate": info.config.frontend.sample_rate if info.config else None,
+                "size_mb": info.size_mb,
+                "cached": _is_converted(dst),
+                "path": dst,
+                "description": info.description,
+                "kind": info.kind,
+                "url": info.url,
+                "license": LICENSE_SUMMARY,
+                "default": info.name == registry.DEFAULT_MODEL,
+            }
+        )
     return out
 
 
@@ -558,16 +669,25 @@ def cache_summary(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
         for p in sorted(root.iterdir()):
             if p.suffix != ".lock":
                 entries.append({"name": p.name, "bytes": _dir_bytes(p)})
-    return {"path": root, "total_bytes": sum(e["bytes"] for e in entries), "entries": entries,
-            "clear_hint": "remove one entry with `m2d2-embed cache --clear NAME`, or all with `m2d2-embed cache "
-                          f"--clear` (or by hand: rm -r {root})"}
+    return {
+        "path": root,
+        "total_bytes": sum(e["bytes"] for e in entries),
+        "entries": entries,
+        "clear_hint": "remove one entry with `m2d2-embed cache --clear NAME`, or all with `m2d2-embed cache "
+        f"--clear` (or by hand: rm -r {root})",
+    }
 
 
 def _ours(p: Path) -> bool:
     """Whether a cache folder item was made by this package (so --clear may remove it)."""
     n = p.name
-    return (n in MODELS or n == "downloads" or n.startswith("url-") or n.endswith((".lock", ".converting"))
-            or _is_converted(p))
+    return (
+        n in MODELS
+        or n == "downloads"
+        or n.startswith("url-")
+        or n.endswith((".lock", ".converting"))
+        or _is_converted(p)
+    )
 
 
 def clear_cache(name: str | None = None, cache_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -599,8 +719,12 @@ def clear_cache(name: str | None = None, cache_dir: str | os.PathLike | None = N
         if info is not None:  # its downloaded archive and extracted checkpoint, if kept
             archive = PurePosixPath(unquote(urlparse(info.url).path)).name
             downloads = root / "downloads"
-            targets += [downloads / archive, downloads / (archive + ".sha256"), downloads / (archive + ".part"),
-                        downloads / archive.removesuffix(".zip")]
+            targets += [
+                downloads / archive,
+                downloads / (archive + ".sha256"),
+                downloads / (archive + ".part"),
+                downloads / archive.removesuffix(".zip"),
+            ]
     removed = []
     for p in targets:
         if p.is_dir():
@@ -642,7 +766,8 @@ def verify_cache(cache_dir: str | os.PathLike | None = None) -> list[dict[str, A
         except (CheckpointError, OSError) as e:
             row.update(ok=False, status=str(e))
         except SafetensorError as e:
-            row.update(ok=False, status=f"{weights} is unreadable ({e}); remove it with "
-                                        f"`m2d2-embed cache --clear {p.name}`")
+            row.update(
+                ok=False, status=f"{weights} is unreadable ({e}); remove it with `m2d2-embed cache --clear {p.name}`"
+            )
         rows.append(row)
     return rows

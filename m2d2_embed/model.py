@@ -166,8 +166,9 @@ class M2D2(nn.Module):
         return np.asarray(centres, dtype=np.float64) * hop_s  # centred STFT: frame k is centred at k * hop
 
     # -- public API: audio -> embeddings, tags ---------------------------------------------------------------
-    def frame_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none",
-                         batch_size: int | None = None) -> Any:
+    def frame_embeddings(
+        self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none", batch_size: int | None = None
+    ) -> Any:
         """Frame-level embeddings, one per time step (``frame_hop_seconds``: 160 ms for 16x16 patches).
 
         Args:
@@ -181,16 +182,24 @@ class M2D2(nn.Module):
         """
         return self._embed(audio, sample_rate, "frame", reduce=reduce, batch_size=batch_size)
 
-    def clip_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none",
-                        batch_size: int | None = None) -> Any:
+    def clip_embeddings(
+        self, audio: AudioInput, sample_rate: int | None = None, *, reduce: str = "none", batch_size: int | None = None
+    ) -> Any:
         """Clip-level embeddings: the mean over time of the frame embeddings.
 
         Returns [B, 3840] ([B, 768] with ``reduce="mean"``), or [D] for a 1-D input.
         """
         return self._embed(audio, sample_rate, "clip", reduce=reduce, batch_size=batch_size)
 
-    def clap_audio_embeddings(self, audio: AudioInput, sample_rate: int | None = None, *, normalize: bool = False,
-                              long_audio: str = "auto", batch_size: int | None = None) -> Any:
+    def clap_audio_embeddings(
+        self,
+        audio: AudioInput,
+        sample_rate: int | None = None,
+        *,
+        normalize: bool = False,
+        long_audio: str = "auto",
+        batch_size: int | None = None,
+    ) -> Any:
         """Audio embeddings in the shared audio-text space, [B, 768] ([768] for a 1-D input).
 
         Args:
@@ -200,11 +209,19 @@ class M2D2(nn.Module):
                 chunk embeddings are averaged (bounded memory, an approximation); ``"auto"`` (default): full up
                 to 300 s, chunks beyond.
         """
-        return self._embed(audio, sample_rate, "clap", long_audio=long_audio, normalize=normalize,
-                           batch_size=batch_size)
+        return self._embed(
+            audio, sample_rate, "clap", long_audio=long_audio, normalize=normalize, batch_size=batch_size
+        )
 
-    def tag(self, audio: AudioInput, sample_rate: int | None = None, *, scores: str = "sigmoid",
-            top_k: int | None = None, batch_size: int | None = None) -> Any:
+    def tag(
+        self,
+        audio: AudioInput,
+        sample_rate: int | None = None,
+        *,
+        scores: str = "sigmoid",
+        top_k: int | None = None,
+        batch_size: int | None = None,
+    ) -> Any:
         """Clip-level class scores of a fine-tuned model (audio tagging), exactly as upstream's ``forward``: the
         classifier on the time-averaged features.
 
@@ -225,8 +242,14 @@ class M2D2(nn.Module):
         best = [[(labels[j], float(r[j])) for j in r.argsort(descending=True)[:top_k].tolist()] for r in rows]
         return best if torch.as_tensor(out).ndim == 2 else best[0]
 
-    def frame_tags(self, audio: AudioInput, sample_rate: int | None = None, *, scores: str = "sigmoid",
-                   batch_size: int | None = None) -> Any:
+    def frame_tags(
+        self,
+        audio: AudioInput,
+        sample_rate: int | None = None,
+        *,
+        scores: str = "sigmoid",
+        batch_size: int | None = None,
+    ) -> Any:
         """Per-frame class scores (sound event detection), exactly as upstream's ``forward_frames``: the classifier
         on each frame's features, aligned with :meth:`frame_timestamps`.
 
@@ -243,14 +266,28 @@ class M2D2(nn.Module):
 
         return embed_files(self, paths_or_dir, level, **kwargs)
 
-    def _embed(self, audio: AudioInput, sample_rate: int | None, level: str, *, reduce: str = "none",
-               long_audio: str = "auto", scores: str = "default", normalize: bool = False,
-               batch_size: int | None = None) -> Any:
+    def _embed(
+        self,
+        audio: AudioInput,
+        sample_rate: int | None,
+        level: str,
+        *,
+        reduce: str = "none",
+        long_audio: str = "auto",
+        scores: str = "default",
+        normalize: bool = False,
+        batch_size: int | None = None,
+    ) -> Any:
         """The one path of every array-API method: check, prepare, embed (streaming long files), shape."""
         self.check_level(level, reduce, long_audio=long_audio, scores=scores)
         opts = {"reduce": reduce, "long_audio": long_audio, "scores": scores, "batch_size": batch_size}
-        paths = [audio] if is_path(audio) else audio if isinstance(audio, (list, tuple)) and audio and all(
-            is_path(a) for a in audio) else None
+        paths = (
+            [audio]
+            if is_path(audio)
+            else audio
+            if isinstance(audio, (list, tuple)) and audio and all(is_path(a) for a in audio)
+            else None
+        )
         if paths is not None and any(probe(p).duration > STREAM_SECONDS for p in paths):
             out: Any = self._embed_paths(paths, level, opts)  # long files never decoded whole
             kind, batched = "path", not is_path(audio)
@@ -259,8 +296,11 @@ class M2D2(nn.Module):
             out = self.embed_waves(prep.waves, level, **opts)
             kind, batched = prep.kind, prep.batched
         if normalize:
-            out = nn.functional.normalize(out, dim=-1) if isinstance(out, torch.Tensor) else [
-                nn.functional.normalize(o, dim=-1) for o in out]
+            out = (
+                nn.functional.normalize(out, dim=-1)
+                if isinstance(out, torch.Tensor)
+                else [nn.functional.normalize(o, dim=-1) for o in out]
+            )
         return _shape(out, kind, batched)
 
     def _embed_paths(self, paths: Sequence[str | os.PathLike], level: str, opts: dict[str, Any]) -> Any:
@@ -276,8 +316,9 @@ class M2D2(nn.Module):
 
     # -- CLAP text side and zero-shot ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def clap_text_embeddings(self, texts: str | Sequence[str], *, normalize: bool = False,
-                             batch_size: int = 64, max_length: int = 512) -> torch.Tensor:
+    def clap_text_embeddings(
+        self, texts: str | Sequence[str], *, normalize: bool = False, batch_size: int = 64, max_length: int = 512
+    ) -> torch.Tensor:
         """Text embeddings in the shared audio-text space: [N, 768] for a list, [768] for one string.
 
         Returns a float32 tensor on the model's device. Texts longer than ``max_length`` WordPiece tokens are
@@ -286,8 +327,10 @@ class M2D2(nn.Module):
         from .text import Tokenizer, check_texts
 
         if self.text_encoder is None:
-            raise ValueError(f"model {self.name!r} has no text encoder; text embeddings need an M2D-CLAP model "
-                             "such as 'm2d2-clap-2025'")
+            raise ValueError(
+                f"model {self.name!r} has no text encoder; text embeddings need an M2D-CLAP model "
+                "such as 'm2d2-clap-2025'"
+            )
         items, single = check_texts(texts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -295,16 +338,24 @@ class M2D2(nn.Module):
             self._tokenizer = Tokenizer()
         outs = []
         for k in range(0, len(items), batch_size):
-            ids, mask = self._tokenizer.encode(items[k:k + batch_size], max_length=max_length)
+            ids, mask = self._tokenizer.encode(items[k : k + batch_size], max_length=max_length)
             outs.append(self.text_encoder(ids.to(self.device), mask.to(self.device)).float())
         out = torch.cat(outs)
         if normalize:
             out = nn.functional.normalize(out, dim=-1)
         return out[0] if single else out
 
-    def zero_shot(self, audio: AudioInput, labels: Sequence[str], sample_rate: int | None = None, *,
-                  template: str = DEFAULT_TEMPLATE, scores: str = "softmax", temperature: float = 0.01,
-                  batch_size: int | None = None) -> Any:
+    def zero_shot(
+        self,
+        audio: AudioInput,
+        labels: Sequence[str],
+        sample_rate: int | None = None,
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        scores: str = "softmax",
+        temperature: float = 0.01,
+        batch_size: int | None = None,
+    ) -> Any:
         """Score audio against text labels.
 
         Args:
@@ -319,26 +370,46 @@ class M2D2(nn.Module):
         prompts = _prompts(labels, template)  # checked before any audio work
         _check_scoring(scores, temperature)
         audio_emb = self.clap_audio_embeddings(audio, sample_rate, batch_size=batch_size)
-        out = self.zero_shot_scores(torch.as_tensor(audio_emb, device=self.device), prompts, template="{label}",
-                                    scores=scores, temperature=temperature)
+        out = self.zero_shot_scores(
+            torch.as_tensor(audio_emb, device=self.device),
+            prompts,
+            template="{label}",
+            scores=scores,
+            temperature=temperature,
+        )
         return out if isinstance(audio_emb, torch.Tensor) else out.cpu().numpy()
 
     @torch.inference_mode()
-    def zero_shot_scores(self, audio_embeddings: Any, labels: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
-                         scores: str = "softmax", temperature: float = 0.01) -> torch.Tensor:
+    def zero_shot_scores(
+        self,
+        audio_embeddings: Any,
+        labels: Sequence[str],
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        scores: str = "softmax",
+        temperature: float = 0.01,
+    ) -> torch.Tensor:
         """Zero-shot scores of CLAP audio embeddings already computed ([N, 768] or [768], any norm) against
         ``labels``: [N, L] (or [L]) float32 on the model's device. See :meth:`zero_shot` for the arguments."""
         prompts = _prompts(labels, template)
         _check_scoring(scores, temperature)
         text = self.clap_text_embeddings(prompts, normalize=True)
-        a = torch.as_tensor(np.asarray(audio_embeddings) if not isinstance(audio_embeddings, torch.Tensor)
-                            else audio_embeddings).to(self.device, torch.float32)
+        a = torch.as_tensor(
+            np.asarray(audio_embeddings) if not isinstance(audio_embeddings, torch.Tensor) else audio_embeddings
+        ).to(self.device, torch.float32)
         sim = nn.functional.normalize(a, dim=-1) @ text.T
         return (sim / temperature).softmax(-1) if scores == "softmax" else sim
 
     # -- engine API ------------------------------------------------------------------------------------------------
-    def check_level(self, level: str, reduce: str = "none", *, long_audio: str = "auto", scores: str = "default",
-                    normalize: bool = False) -> None:
+    def check_level(
+        self,
+        level: str,
+        reduce: str = "none",
+        *,
+        long_audio: str = "auto",
+        scores: str = "default",
+        normalize: bool = False,
+    ) -> None:
         """Raise a clear ValueError if this model cannot produce ``level`` with these options."""
         if normalize and level in ("tags", "frame_tags"):
             raise ValueError(f"normalize=True does not apply to class scores (level {level!r})")
@@ -358,8 +429,10 @@ class M2D2(nn.Module):
     def describe(self, level: str, reduce: str = "none") -> dict[str, Any]:
         """What outputs at ``level`` are, for the metadata of saved outputs: ``dim``, the ``reduce`` that applies
         ("none" where it does not), and the class ``labels`` for tags levels."""
-        info: dict[str, Any] = {"dim": self.output_dim(level, reduce),
-                                "reduce": reduce if level in ("clip", "frame") else "none"}
+        info: dict[str, Any] = {
+            "dim": self.output_dim(level, reduce),
+            "reduce": reduce if level in ("clip", "frame") else "none",
+        }
         if level in ("tags", "frame_tags"):
             info["labels"] = self.labels
         return info
@@ -390,12 +463,21 @@ class M2D2(nn.Module):
             plan = self._plan_frames(lms.shape[-1])
             n_chunks.append(len(plan))
             for c, (start, t) in enumerate(plan):
-                jobs.setdefault(t, []).append((g, c, _pad_to(lms[..., start:start + t * pw], t * pw)))
+                jobs.setdefault(t, []).append((g, c, _pad_to(lms[..., start : start + t * pw], t * pw)))
         return self._encode_chunks(jobs, n_chunks, batch_size)
 
     @torch.inference_mode()
-    def pool(self, tokens: torch.Tensor, level: str, *, reduce: str = "none", num_samples: int | None = None,
-             long_audio: str = "auto", scores: str = "default", batch_size: int | None = None) -> torch.Tensor:
+    def pool(
+        self,
+        tokens: torch.Tensor,
+        level: str,
+        *,
+        reduce: str = "none",
+        num_samples: int | None = None,
+        long_audio: str = "auto",
+        scores: str = "default",
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
         """The one level dispatch: patch tokens [b, f, T, D] of ``b`` equal-length clips -> outputs at ``level``.
 
         ``frame``: [b, T, D] (D = f x 768 stacked, or 768 with ``reduce="mean"``); ``clip``: [b, D], the mean over
@@ -427,14 +509,21 @@ class M2D2(nn.Module):
         bs = opts.get("batch_size")
         pool_opts = {k: v for k, v in opts.items() if k != "batch_size"}
         out = self._map_clips(
-            waves, lambda tok, n: [self.pool(tok, lv, num_samples=n, batch_size=bs, **pool_opts) for lv in levels],
-            bs)
+            waves, lambda tok, n: [self.pool(tok, lv, num_samples=n, batch_size=bs, **pool_opts) for lv in levels], bs
+        )
         return out[0] if isinstance(level, str) else dict(zip(levels, out))
 
     @torch.inference_mode()
-    def embed_stream(self, blocks: Iterable[np.ndarray], level: str, *, reduce: str = "none",
-                     scores: str = "default", long_audio: str = "chunks",
-                     batch_size: int | None = None) -> tuple[torch.Tensor, int]:
+    def embed_stream(
+        self,
+        blocks: Iterable[np.ndarray],
+        level: str,
+        *,
+        reduce: str = "none",
+        scores: str = "default",
+        long_audio: str = "chunks",
+        batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """Outputs of one clip that arrives as mono float32 blocks at the model's rate (``audio.stream_audio``),
         embedded while it streams in: memory stays bounded whatever the length (at frame levels the output
         itself grows). Returns (the output at ``level`` without the batch axis, the clip's length in samples).
@@ -458,12 +547,12 @@ class M2D2(nn.Module):
         def add(a: int, end: int | None, chunks: list[tuple[int, int]]) -> None:
             nonlocal count
             s = next_chunk * U * hop  # centre of the first frame of this step
-            seg = torch.from_numpy(np.ascontiguousarray(buf[a - buf_start:None if end is None else end - buf_start]))
-            lms = self.frontend(seg.to(self.device)[None])[..., (s - a) // hop:]  # (1, 1, n_mels, F)
+            seg = torch.from_numpy(np.ascontiguousarray(buf[a - buf_start : None if end is None else end - buf_start]))
+            lms = self.frontend(seg.to(self.device)[None])[..., (s - a) // hop :]  # (1, 1, n_mels, F)
             pw = self.config.encoder.patch_size[1]
             jobs: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
             for c, (start, t) in enumerate(chunks):
-                jobs.setdefault(t, []).append((c, 0, _pad_to(lms[..., start:start + t * pw], t * pw)))
+                jobs.setdefault(t, []).append((c, 0, _pad_to(lms[..., start : start + t * pw], t * pw)))
             toks = self._encode_chunks(jobs, [1] * len(chunks), batch_size)  # per chunk [1, f, t, D]
             if level in FRAME_LEVELS:
                 parts.extend(self.pool(tok, level, reduce=reduce, scores=scores)[0].cpu() for tok in toks)
@@ -486,7 +575,7 @@ class M2D2(nn.Module):
                 add(max(0, s - margin), end, [(c * U, t_full) for c in range(step)])
                 next_chunk += step
                 keep_from = next_chunk * U * hop - margin
-                buf, buf_start = buf[keep_from - buf_start:].copy(), keep_from
+                buf, buf_start = buf[keep_from - buf_start :].copy(), keep_from
         min_samples = self.frontend.min_samples()
         if total < min_samples:
             raise ValueError(f"the audio is too short: {total} samples, the model needs at least {min_samples}")
@@ -504,17 +593,21 @@ class M2D2(nn.Module):
     # -- heads -------------------------------------------------------------------------------------------------------
     def _require_head(self) -> nn.Module:
         if self.audio_proj is None:
-            raise ValueError(f"model {self.name!r} has no CLAP audio head (an audio-only M2D/M2D-AS checkpoint); "
-                             "use an M2D-CLAP model such as 'm2d2-clap-2025' for text-aligned embeddings")
+            raise ValueError(
+                f"model {self.name!r} has no CLAP audio head (an audio-only M2D/M2D-AS checkpoint); "
+                "use an M2D-CLAP model such as 'm2d2-clap-2025' for text-aligned embeddings"
+            )
         return self.audio_proj
 
     def _require_classifier(self):
         if self.config.classifier is None:
             from .registry import tagging_models
 
-            raise ValueError(f"model {self.name!r} has no classifier head, so it cannot tag; use a model fine-tuned "
-                             f"on AudioSet ({', '.join(tagging_models())}) or one you fine-tuned with "
-                             "`m2d2_embed.train finetune`")
+            raise ValueError(
+                f"model {self.name!r} has no classifier head, so it cannot tag; use a model fine-tuned "
+                f"on AudioSet ({', '.join(tagging_models())}) or one you fine-tuned with "
+                "`m2d2_embed.train finetune`"
+            )
         return self.config.classifier
 
     def _tag_reduce(self) -> str:
@@ -522,16 +615,20 @@ class M2D2(nn.Module):
         its input is one token wide (768), stacked (3840) otherwise."""
         return "mean" if self._require_classifier().in_features == self.embed_dim else "none"
 
-    def _clap(self, tokens: torch.Tensor, num_samples: int | None, long_audio: str,
-              batch_size: int | None) -> torch.Tensor:
+    def _clap(
+        self, tokens: torch.Tensor, num_samples: int | None, long_audio: str, batch_size: int | None
+    ) -> torch.Tensor:
         """CLAP audio embeddings of equal-length clips: tokens [b, f, T, D] -> [b, D]."""
         head = self._require_head()
         b, f, T, D = tokens.shape
         seconds = (num_samples or 0) / self.sample_rate
         chunks = long_audio == "chunks" or (long_audio == "auto" and seconds > FULL_ATTENTION_MAX_SECONDS)
         if long_audio == "auto" and chunks:
-            log.info("a clip is %.0f s long: the CLAP head runs per 10-s chunk and averages them "
-                     "(long_audio='full' attends over the whole clip, with memory growing as length^2)", seconds)
+            log.info(
+                "a clip is %.0f s long: the CLAP head runs per 10-s chunk and averages them "
+                "(long_audio='full' attends over the whole clip, with memory growing as length^2)",
+                seconds,
+            )
         if not chunks:
             return self._run_head(head, tokens.reshape(b, f * T, D), batch_size)  # token order is irrelevant
         parts = tokens.split(self.config.encoder.grid[1], dim=2)  # 10-s chunks
@@ -540,7 +637,7 @@ class M2D2(nn.Module):
     def _run_head(self, head: nn.Module, seqs: torch.Tensor, batch_size: int | None) -> torch.Tensor:
         """Head over token sets [n, N, D] -> [n, D] float32, at most ``batch_size`` sets per call."""
         max_b = self.max_batch(batch_size)
-        return torch.cat([head(seqs[k:k + max_b].to(self.dtype)).float() for k in range(0, seqs.shape[0], max_b)])
+        return torch.cat([head(seqs[k : k + max_b].to(self.dtype)).float() for k in range(0, seqs.shape[0], max_b)])
 
     # -- performance: batching, memory, compilation ----------------------------------------------------------------
     # Everything below changes how fast outputs come, never what they are: clips are grouped by length so that
@@ -555,8 +652,12 @@ class M2D2(nn.Module):
             return batch_size
         return 256 if self.device.type == "cuda" else 32
 
-    def _map_clips(self, waves: Sequence[torch.Tensor], fn: Callable[[torch.Tensor, int], list[torch.Tensor]],
-                   batch_size: int | None) -> list[Any]:
+    def _map_clips(
+        self,
+        waves: Sequence[torch.Tensor],
+        fn: Callable[[torch.Tensor, int], list[torch.Tensor]],
+        batch_size: int | None,
+    ) -> list[Any]:
         """Encode clips group by group and apply ``fn(tokens [b, f, T, D], num_samples) -> [outputs [b, ...]]`` to
         each group of equal-length clips. Returns, per output of ``fn``, the results in input order: one tensor
         [n, ...] when every clip's result has the same shape, else a list of per-clip tensors.
@@ -605,8 +706,9 @@ class M2D2(nn.Module):
                 results.append(per_clip)
         return results
 
-    def _encode_chunks(self, jobs: dict[int, list[tuple[int, int, torch.Tensor]]], n_chunks: list[int],
-                       batch_size: int | None) -> list[torch.Tensor]:
+    def _encode_chunks(
+        self, jobs: dict[int, list[tuple[int, int, torch.Tensor]]], n_chunks: list[int], batch_size: int | None
+    ) -> list[torch.Tensor]:
         """Log-mel chunks grouped by time patches ``t`` -> ``(group, chunk index, [b, 1, n_mels, t*pw])`` through
         the encoder, one width at a time; returns per group the tokens [b, f, T, D] with its chunks joined."""
         f, D = self.freq_patches, self.embed_dim
@@ -635,7 +737,7 @@ class M2D2(nn.Module):
         encode = self.encoder if compiled or not self.compiled else self.encoder.forward  # forward: eager
         outs, i = [], 0
         while i < batch.shape[0]:
-            x = batch[i:i + max_b].to(self.dtype)
+            x = batch[i : i + max_b].to(self.dtype)
             n = x.shape[0]
             if compiled:
                 n, size = _bucket(n, max_b, 16 if x.is_cuda else None)  # CPU: unpadded, n may shrink
@@ -677,6 +779,7 @@ def _bucket(n: int, max_b: int, floor: int | None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _pad_to(chunk: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad a log-mel chunk [..., w] to ``width`` frames (0 in the normalised domain, as the reference)."""
@@ -721,13 +824,17 @@ def _prompts(labels: Sequence[str], template: str) -> list[str]:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise ValueError(f"template {template!r} is not a valid format string ({e}); write it like "
-                         "'the sound of {label}' (use {{ and }} for literal braces)") from e
+        raise ValueError(
+            f"template {template!r} is not a valid format string ({e}); write it like "
+            "'the sound of {label}' (use {{ and }} for literal braces)"
+        ) from e
     if fields != {"label"}:
         other = sorted(fields - {"label"})
-        raise ValueError("template must contain the placeholder {label} and no other"
-                         + (f" (found {', '.join('{' + f + '}' for f in other)})" if other else "")
-                         + f"; got {template!r}, e.g. '{DEFAULT_TEMPLATE}'")
+        raise ValueError(
+            "template must contain the placeholder {label} and no other"
+            + (f" (found {', '.join('{' + f + '}' for f in other)})" if other else "")
+            + f"; got {template!r}, e.g. '{DEFAULT_TEMPLATE}'"
+        )
     return [template.format(label=str(lab)) for lab in labels]
 
 
@@ -738,8 +845,9 @@ def _check_scoring(scores: str, temperature: float) -> None:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def detect_events(frame_scores: Any, timestamps: Any, labels: Sequence[str], threshold: float,
-                  hop_seconds: float) -> list[dict[str, Any]]:
+def detect_events(
+    frame_scores: Any, timestamps: Any, labels: Sequence[str], threshold: float, hop_seconds: float
+) -> list[dict[str, Any]]:
     """Sound events from per-frame scores: runs of consecutive frames whose score for a class is at least
     ``threshold`` become one event each.
 
@@ -755,16 +863,23 @@ def detect_events(frame_scores: Any, timestamps: Any, labels: Sequence[str], thr
     s = np.asarray(frame_scores, dtype=np.float64)
     ts = np.asarray(timestamps, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != ts.shape[0] or s.shape[1] != len(labels):
-        raise ValueError(f"frame_scores {s.shape}, timestamps {ts.shape} and {len(labels)} labels do not match; "
-                         "expected [T, C], [T] and C labels")
+        raise ValueError(
+            f"frame_scores {s.shape}, timestamps {ts.shape} and {len(labels)} labels do not match; "
+            "expected [T, C], [T] and C labels"
+        )
     events = []
     active = s >= threshold
     for c in np.flatnonzero(active.any(0)):
         on = np.flatnonzero(np.diff(np.concatenate([[0], active[:, c].astype(np.int8), [0]])) != 0).reshape(-1, 2)
         for a, b in on:  # frames a .. b-1
-            events.append({"onset": max(0.0, float(ts[a] - hop_seconds / 2)),
-                           "offset": float(ts[b - 1] + hop_seconds / 2),
-                           "label": labels[c], "score": float(s[a:b, c].max())})
+            events.append(
+                {
+                    "onset": max(0.0, float(ts[a] - hop_seconds / 2)),
+                    "offset": float(ts[b - 1] + hop_seconds / 2),
+                    "label": labels[c],
+                    "score": float(s[a:b, c].max()),
+                }
+            )
     return sorted(events, key=lambda e: (e["onset"], e["label"]))
 
 

@@ -56,8 +56,17 @@ COMPLETE = "complete.json"  # marks a worker's shard directory whose files have 
 FORMAT_VERSION = 1
 SHARD_PREFIX = "part-"
 # settings that must match to add to (resume) an output directory
-RESUME_KEYS = ("model", "weights_fingerprint", "level", "reduce", "normalize", "dim", "sample_rate",
-               "compute_dtype", "format")
+RESUME_KEYS = (
+    "model",
+    "weights_fingerprint",
+    "level",
+    "reduce",
+    "normalize",
+    "dim",
+    "sample_rate",
+    "compute_dtype",
+    "format",
+)
 
 
 @dataclass(frozen=True)
@@ -103,8 +112,10 @@ class EmbeddingSet:
         return len(self.paths)
 
     def __repr__(self) -> str:
-        return (f"EmbeddingSet(level={self.level!r}, files={len(self)}, dim={self.dim}, "
-                f"failures={len(self.failures)}, model={self.metadata.get('model')!r})")
+        return (
+            f"EmbeddingSet(level={self.level!r}, files={len(self)}, dim={self.dim}, "
+            f"failures={len(self.failures)}, model={self.metadata.get('model')!r})"
+        )
 
     @property
     def dim(self) -> int:
@@ -116,8 +127,9 @@ class EmbeddingSet:
         return int(self.embeddings[0].shape[-1]) if self.embeddings else 0
 
     @classmethod
-    def from_results(cls, results: Sequence[Any], failures: Sequence[FileFailure], metadata: Mapping[str, Any],
-                     level: str) -> EmbeddingSet:
+    def from_results(
+        cls, results: Sequence[Any], failures: Sequence[FileFailure], metadata: Mapping[str, Any], level: str
+    ) -> EmbeddingSet:
         """Pack per-file results (each with ``path``, ``embedding``, ``duration`` and, for the levels with a time
         axis, ``timestamps``: :class:`m2d2_embed.files.FileResult`) into one set, in their order."""
         dim = int(metadata["dim"])
@@ -128,9 +140,16 @@ class EmbeddingSet:
             embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
             timestamps = None
         warnings = [FileFailure(r.path, r.warning, "warning") for r in results if getattr(r, "warning", None)]
-        return cls([r.path for r in results], embeddings, level, timestamps,
-                   np.asarray([r.duration for r in results], dtype=np.float64), list(failures), dict(metadata),
-                   warnings)
+        return cls(
+            [r.path for r in results],
+            embeddings,
+            level,
+            timestamps,
+            np.asarray([r.duration for r in results], dtype=np.float64),
+            list(failures),
+            dict(metadata),
+            warnings,
+        )
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Write to one file, atomically (``format`` defaults to the suffix: npz, npy or parquet).
@@ -145,6 +164,7 @@ class EmbeddingSet:
 # ---------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------
+
 
 def format_for(path: str | os.PathLike, default: str | None = None) -> str:
     """The format implied by a path's suffix (``.npz``, ``.npy``, ``.parquet``), else ``default``."""
@@ -170,8 +190,10 @@ def output_format(output: str | os.PathLike, format: str | None = None) -> str |
             raise ValueError(f"--format {format} does not match the output suffix {path.suffix!r}")
         return suffix
     if suffix and not (path.is_dir() or spec.endswith(("/", os.sep))):
-        raise ValueError(f"output {spec} has the suffix {path.suffix!r}, which is not an output format; use "
-                         f"{', '.join('.' + f for f in FORMATS)} for a file, or a name ending in / for a directory")
+        raise ValueError(
+            f"output {spec} has the suffix {path.suffix!r}, which is not an output format; use "
+            f"{', '.join('.' + f for f in FORMATS)} for a file, or a name ending in / for a directory"
+        )
     return None
 
 
@@ -195,8 +217,10 @@ def require_pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError("Parquet output needs pyarrow: pip install 'm2d2-embed[parquet]' (or pip install pyarrow); "
-                          "npz and npy outputs work without it") from e
+        raise ImportError(
+            "Parquet output needs pyarrow: pip install 'm2d2-embed[parquet]' (or pip install pyarrow); "
+            "npz and npy outputs work without it"
+        ) from e
     return pa, pq
 
 
@@ -253,8 +277,13 @@ def _meta(es: EmbeddingSet) -> dict[str, Any]:
 # Arrow columns (Parquet files here, Ray's tables in integrations/ray.py)
 # ---------------------------------------------------------------------------------------------------
 
-def embedding_columns(level: str, dim: int, embeddings: np.ndarray | Sequence[np.ndarray | None],
-                      timestamps: Sequence[np.ndarray | None] | None = None) -> tuple[pa.Array, pa.Array]:
+
+def embedding_columns(
+    level: str,
+    dim: int,
+    embeddings: np.ndarray | Sequence[np.ndarray | None],
+    timestamps: Sequence[np.ndarray | None] | None = None,
+) -> tuple[pa.Array, pa.Array]:
     """The ``embedding`` and ``timestamps`` Arrow columns of one level.
 
     Args:
@@ -294,11 +323,18 @@ def embedding_columns(level: str, dim: int, embeddings: np.ndarray | Sequence[np
     return emb, pa.ListArray.from_arrays(offsets, pa.array(ts_flat, type=pa.float64()), mask=missing)
 
 
-def arrow_table(paths: Sequence[str], level: str, dim: int, embeddings: np.ndarray | Sequence[np.ndarray | None],
-                *, timestamps: Sequence[np.ndarray | None] | None = None,
-                durations: Sequence[float | None] | np.ndarray | None = None,
-                errors: Sequence[str | None] | None = None, metadata: Mapping[str, Any] | None = None,
-                extra: Mapping[str, Any] | None = None) -> pa.Table:
+def arrow_table(
+    paths: Sequence[str],
+    level: str,
+    dim: int,
+    embeddings: np.ndarray | Sequence[np.ndarray | None],
+    *,
+    timestamps: Sequence[np.ndarray | None] | None = None,
+    durations: Sequence[float | None] | np.ndarray | None = None,
+    errors: Sequence[str | None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> pa.Table:
     """One Arrow table in the package's Parquet schema (see the module docstring): ``path``, ``model``,
     ``level``, ``dim``, ``embedding``, ``timestamps``, ``duration`` (s), ``error``, then the ``extra`` columns;
     ``metadata`` goes in the schema metadata under ``m2d2_embed``. Rows with an error have a null embedding."""
@@ -312,8 +348,10 @@ def arrow_table(paths: Sequence[str], level: str, dim: int, embeddings: np.ndarr
         "dim": pa.array([dim] * n, type=pa.int32()),
         "embedding": emb,
         "timestamps": ts,
-        "duration": pa.array([None] * n if durations is None else durations if isinstance(durations, np.ndarray)
-                             else list(durations), type=pa.float64()),
+        "duration": pa.array(
+            [None] * n if durations is None else durations if isinstance(durations, np.ndarray) else list(durations),
+            type=pa.float64(),
+        ),
         "error": pa.array(list(errors) if errors is not None else [None] * n, type=pa.string()),
         **(extra or {}),
     }
@@ -324,11 +362,15 @@ def arrow_table(paths: Sequence[str], level: str, dim: int, embeddings: np.ndarr
 # The format table: one writer and reader per format
 # ---------------------------------------------------------------------------------------------------
 
+
 def _write_npz(es: EmbeddingSet, path: Path) -> None:
     flat, lengths, ts = _flat(es)
     key = "texts" if es.level == "text" else "paths"
-    arrays: dict[str, np.ndarray] = {key: np.asarray(es.paths, dtype=str) if es.paths else np.zeros(0, "<U1"),
-                                     "embeddings": flat, "metadata": np.asarray(json.dumps(_meta(es)))}
+    arrays: dict[str, np.ndarray] = {
+        key: np.asarray(es.paths, dtype=str) if es.paths else np.zeros(0, "<U1"),
+        "embeddings": flat,
+        "metadata": np.asarray(json.dumps(_meta(es))),
+    }
     if es.level != "text":
         arrays["durations"] = np.asarray(es.durations, dtype=np.float64)
     if lengths is not None:
@@ -363,8 +405,15 @@ def _write_parquet(es: EmbeddingSet, path: Path) -> None:
     _, pq = require_pyarrow()
     flat, _, _ = _flat(es)
     embeddings = list(es.embeddings) if es.level in FRAME_LEVELS else flat
-    table = arrow_table(es.paths, es.level, es.dim, embeddings, timestamps=es.timestamps,
-                        durations=np.asarray(es.durations, dtype=np.float64), metadata=_meta(es))
+    table = arrow_table(
+        es.paths,
+        es.level,
+        es.dim,
+        embeddings,
+        timestamps=es.timestamps,
+        durations=np.asarray(es.durations, dtype=np.float64),
+        metadata=_meta(es),
+    )
     atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
 
 
@@ -382,8 +431,7 @@ def _read_npz(p: Path) -> EmbeddingSet:
 def _read_npy(p: Path) -> EmbeddingSet:
     side_p = sidecar_path(p)
     if not side_p.exists():
-        raise FileNotFoundError(f"{p} has no {side_p.name} sidecar (paths and metadata); was it written by "
-                                "m2d2_embed?")
+        raise FileNotFoundError(f"{p} has no {side_p.name} sidecar (paths and metadata); was it written by m2d2_embed?")
     side = json.loads(side_p.read_text())
     paths = list(side.get("paths", side.get("texts", [])))
     durations = np.asarray(side.get("durations", [np.nan] * len(paths)), dtype=np.float64)
@@ -392,8 +440,14 @@ def _read_npy(p: Path) -> EmbeddingSet:
     return _assemble(paths, np.load(p, allow_pickle=False), durations, lengths, ts, side.get("metadata", {}))
 
 
-def _assemble(paths: list[str], flat: np.ndarray, durations: np.ndarray, lengths: np.ndarray | None,
-              ts: np.ndarray | None, meta: dict[str, Any]) -> EmbeddingSet:
+def _assemble(
+    paths: list[str],
+    flat: np.ndarray,
+    durations: np.ndarray,
+    lengths: np.ndarray | None,
+    ts: np.ndarray | None,
+    meta: dict[str, Any],
+) -> EmbeddingSet:
     level = meta.get("level", "frame" if lengths is not None else "clip")
     if lengths is not None:
         embeddings: np.ndarray | list[np.ndarray] = _split(flat, lengths)
@@ -489,6 +543,7 @@ def _split_sidecar(es: EmbeddingSet, entries: list[FileFailure], embedded: set[s
 # Readers
 # ---------------------------------------------------------------------------------------------------
 
+
 def read_embeddings(path: str | os.PathLike) -> EmbeddingSet:
     """Read any output of ``m2d2-embed embed`` or ``EmbeddingSet.save`` back into numpy.
 
@@ -532,8 +587,9 @@ def _read_parquet_files(files: Sequence[Path]) -> EmbeddingSet:
             if k in cols and table.num_rows:
                 meta[k] = table.column(k)[0].as_py()
     emb = table.column("embedding").combine_chunks()
-    level = meta.get("level") or ("frame" if pa.types.is_list(emb.type) and
-                                  pa.types.is_fixed_size_list(emb.type.value_type) else "clip")
+    level = meta.get("level") or (
+        "frame" if pa.types.is_list(emb.type) and pa.types.is_fixed_size_list(emb.type.value_type) else "clip"
+    )
     dim = int(meta.get("dim") or 0)
     if level in FRAME_LEVELS:
         lengths = np.asarray(emb.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -549,8 +605,11 @@ def _read_parquet_files(files: Sequence[Path]) -> EmbeddingSet:
         values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         embeddings = values.reshape(len(paths), dim if dim else -1) if len(paths) else np.zeros((0, dim), np.float32)
         timestamps = None
-    durations = (np.asarray(table.column("duration").to_pylist(), dtype=np.float64) if "duration" in cols
-                 else np.full(len(paths), np.nan))
+    durations = (
+        np.asarray(table.column("duration").to_pylist(), dtype=np.float64)
+        if "duration" in cols
+        else np.full(len(paths), np.nan)
+    )
     meta.setdefault("level", level)
     meta.setdefault("dim", dim)
     return EmbeddingSet(paths, embeddings, level, timestamps, durations, failures, meta)
@@ -578,8 +637,11 @@ def _read_dir(d: Path) -> EmbeddingSet:
     for i, p in enumerate(es.paths):
         first.setdefault(p, i)
     if len(first) < len(es.paths):
-        log.warning("%s holds %d path(s) more than once (written by concurrent runs of an older version?); "
-                    "each is read once", d, len(es.paths) - len(first))
+        log.warning(
+            "%s holds %d path(s) more than once (written by concurrent runs of an older version?); each is read once",
+            d,
+            len(es.paths) - len(first),
+        )
     es = subset(es, sorted(first.values(), key=lambda i: es.paths[i]))
     _split_sidecar(es, read_failures(d / FAILURES) + es.failures, set(first))
     return es
@@ -610,14 +672,21 @@ def subset(es: EmbeddingSet, index: Sequence[int]) -> EmbeddingSet:
     else:
         embeddings = [es.embeddings[i] for i in idx]
     ts = [es.timestamps[i] for i in idx] if es.timestamps is not None else None
-    return EmbeddingSet([es.paths[i] for i in idx], embeddings, es.level, ts,
-                        np.asarray(es.durations)[idx] if len(idx) else np.zeros(0), list(es.failures),
-                        dict(es.metadata))
+    return EmbeddingSet(
+        [es.paths[i] for i in idx],
+        embeddings,
+        es.level,
+        ts,
+        np.asarray(es.durations)[idx] if len(idx) else np.zeros(0),
+        list(es.failures),
+        dict(es.metadata),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # The resumable output directory
 # ---------------------------------------------------------------------------------------------------
+
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -664,15 +733,21 @@ class OutputDir:
         manifest = self.manifest if manifest is None else manifest
         if manifest is None:
             return
-        diffs = [f"{k}: {manifest.get(k)!r} there, {settings[k]!r} now" for k in RESUME_KEYS
-                 if k in settings and manifest.get(k) != settings[k]]
+        diffs = [
+            f"{k}: {manifest.get(k)!r} there, {settings[k]!r} now"
+            for k in RESUME_KEYS
+            if k in settings and manifest.get(k) != settings[k]
+        ]
         if diffs:
-            raise ValueError(f"output directory {self.root} holds embeddings made with other settings "
-                             f"({'; '.join(diffs)}); use another directory, the same settings to resume, or "
-                             "--overwrite to start over")
+            raise ValueError(
+                f"output directory {self.root} holds embeddings made with other settings "
+                f"({'; '.join(diffs)}); use another directory, the same settings to resume, or "
+                "--overwrite to start over"
+            )
 
-    def open(self, settings: Mapping[str, Any] | None = None, *, overwrite: bool = False,
-             lock: bool = True) -> OutputDir:
+    def open(
+        self, settings: Mapping[str, Any] | None = None, *, overwrite: bool = False, lock: bool = True
+    ) -> OutputDir:
         """Check the directory and take its lock (create it if needed); usable as a context manager.
 
         Raises:
@@ -681,14 +756,20 @@ class OutputDir:
         """
         root = self.root
         if not root.parent.is_dir():
-            raise FileNotFoundError(f"the parent of the output directory {root} does not exist ({root.parent}); "
-                                    f"create it first (mkdir -p {root.parent})")
+            raise FileNotFoundError(
+                f"the parent of the output directory {root} does not exist ({root.parent}); "
+                f"create it first (mkdir -p {root.parent})"
+            )
         if root.exists() and not root.is_dir():
-            raise ValueError(f"output {root} exists and is not a directory; give a file name ending in .npz, .npy "
-                             "or .parquet for a file output")
+            raise ValueError(
+                f"output {root} exists and is not a directory; give a file name ending in .npz, .npy "
+                "or .parquet for a file output"
+            )
         if root.is_dir() and self.read_manifest() is None and not self._only_ours():
-            raise ValueError(f"output directory {root} exists and is not an m2d2-embed output (no {MANIFEST}); "
-                             "choose a new or empty directory")
+            raise ValueError(
+                f"output directory {root} exists and is not an m2d2-embed output (no {MANIFEST}); "
+                "choose a new or empty directory"
+            )
         self._created = not root.exists()
         root.mkdir(exist_ok=True)
         if lock:
@@ -697,9 +778,11 @@ class OutputDir:
                 self._lock.acquire()
             except filelock.Timeout:
                 self._lock = None
-                raise OutputInUseError(f"another m2d2-embed run is writing to {root} (it holds {root / LOCK}); "
-                                       "wait for it to finish, then run this command again to add what is "
-                                       "missing, or give another output") from None
+                raise OutputInUseError(
+                    f"another m2d2-embed run is writing to {root} (it holds {root / LOCK}); "
+                    "wait for it to finish, then run this command again to add what is "
+                    "missing, or give another output"
+                ) from None
         try:
             if overwrite:
                 self.clear()
@@ -726,8 +809,13 @@ class OutputDir:
         self.close()
 
     def _ours(self) -> list[Path]:
-        return [p for p in self.root.iterdir() if p.name in (MANIFEST, FAILURES, STAGING, COMPLETE)
-                or p.name.startswith(SHARD_PREFIX) or (p.name.startswith(".") and ".tmp" in p.name)]
+        return [
+            p
+            for p in self.root.iterdir()
+            if p.name in (MANIFEST, FAILURES, STAGING, COMPLETE)
+            or p.name.startswith(SHARD_PREFIX)
+            or (p.name.startswith(".") and ".tmp" in p.name)
+        ]
 
     def _only_ours(self) -> bool:
         names = {p.name for p in self.root.iterdir()}
@@ -744,8 +832,11 @@ class OutputDir:
         for p in self.root.iterdir():
             if p.name.startswith(".") and ".tmp" in p.name:
                 p.unlink(missing_ok=True)
-            elif p.name.startswith(SHARD_PREFIX) and p.suffix == f".{self.fmt}" and \
-                    not all(f.exists() for f in self.format.files(p)):
+            elif (
+                p.name.startswith(SHARD_PREFIX)
+                and p.suffix == f".{self.fmt}"
+                and not all(f.exists() for f in self.format.files(p))
+            ):
                 p.unlink(missing_ok=True)
 
     def start(self, metadata: Mapping[str, Any]) -> None:
@@ -769,8 +860,11 @@ class OutputDir:
         return {resume_key(p) for p in self.done_paths()}
 
     def next_part(self) -> Path:
-        nums = [int(p.name[len(SHARD_PREFIX):].split(".")[0]) for p in self.root.glob(f"{SHARD_PREFIX}*")
-                if p.name[len(SHARD_PREFIX):].split(".")[0].isdigit()]
+        nums = [
+            int(p.name[len(SHARD_PREFIX) :].split(".")[0])
+            for p in self.root.glob(f"{SHARD_PREFIX}*")
+            if p.name[len(SHARD_PREFIX) :].split(".")[0].isdigit()
+        ]
         return self.root / f"{SHARD_PREFIX}{max(nums, default=-1) + 1:05d}.{self.fmt}"
 
     def add_part(self, es: EmbeddingSet) -> Path:
@@ -782,8 +876,9 @@ class OutputDir:
     def write_failures(self, failures: Sequence[FileFailure]) -> Path:
         """Replace ``failures.jsonl`` with ``failures`` less those embedded since; returns its path."""
         done = self.done_keys() if failures else set()
-        write_failures([f for f in failures if f.kind == "warning" or resume_key(f.path) not in done],
-                       self.root / FAILURES)
+        write_failures(
+            [f for f in failures if f.kind == "warning" or resume_key(f.path) not in done], self.root / FAILURES
+        )
         return self.root / FAILURES
 
 
@@ -795,8 +890,16 @@ class ResultWriter:
     input list, FileResult or FileFailure)``. With ``keep`` (always for a file output) the results stay in
     memory too: :meth:`results` returns them in input order."""
 
-    def __init__(self, dest: OutputDir | str | os.PathLike | None, fmt: str, metadata: Mapping[str, Any],
-                 level: str, *, part_size: int = 1000, keep: bool = False) -> None:
+    def __init__(
+        self,
+        dest: OutputDir | str | os.PathLike | None,
+        fmt: str,
+        metadata: Mapping[str, Any],
+        level: str,
+        *,
+        part_size: int = 1000,
+        keep: bool = False,
+    ) -> None:
         self.dir = dest if isinstance(dest, OutputDir) else None
         self.path = None if self.dir is not None or dest is None else Path(dest)
         self.format, self.metadata, self.level = get_format(fmt), dict(metadata), level
@@ -843,8 +946,9 @@ class ResultWriter:
         if self.path is None:
             return None
         if complete:
-            self.format.write(EmbeddingSet.from_results(self.results(), self.failures, self.metadata, self.level),
-                              self.path)
+            self.format.write(
+                EmbeddingSet.from_results(self.results(), self.failures, self.metadata, self.level), self.path
+            )
         write_failures(self.failures + self.warnings, failures_path(self.path))
         return failures_path(self.path)
 
@@ -858,6 +962,7 @@ class ResultWriter:
 # OUT.shards/IIIII-of-NNNNN/), with complete.json written once all its files are done. Merging moves the parts
 # of complete shards into OUT (a directory output grows as shards finish; files already there are never
 # duplicated) or, for a file output, writes OUT from all n shards once every one is complete.
+
 
 def staging_dir(out: str | os.PathLike, is_file: bool) -> Path:
     """Where the unmerged shards of an output live."""
@@ -903,8 +1008,10 @@ class MergeReport:
             if self.waiting:
                 return f"{out} waits for shard(s) {', '.join(self.waiting)} to complete"
             return f"nothing to merge into {out}"
-        s = (f"merged shard(s) {', '.join(self.merged)} into {out}: {self.added} files added"
-             f"{f', {self.failed} failed' if self.failed else ''}")
+        s = (
+            f"merged shard(s) {', '.join(self.merged)} into {out}: {self.added} files added"
+            f"{f', {self.failed} failed' if self.failed else ''}"
+        )
         return s + (f"; waiting for {', '.join(self.waiting)}" if self.waiting else "")
 
 
@@ -925,8 +1032,10 @@ def merge_shards(out: str | os.PathLike, n: int | None = None) -> MergeReport:
         if n is None:
             ns = sorted({k for _, k, _ in shards})
             if fmt is not None and len(ns) > 1:
-                raise ValueError(f"{root} holds shards of splits into {' and '.join(map(str, ns))}; finish one "
-                                 "split and delete the other's shard directories")
+                raise ValueError(
+                    f"{root} holds shards of splits into {' and '.join(map(str, ns))}; finish one "
+                    "split and delete the other's shard directories"
+                )
             n = ns[0] if ns else None
         if fmt is not None:
             _merge_file(out, shards, n, report)

@@ -145,11 +145,7 @@ class BertEmbeddings(nn.Module):
             )
         pos = torch.arange(L, device=input_ids.device)  # no position_ids buffer (not in the checkpoint)
         # token type 0 everywhere (single sentences)
-        x = (
-            self.word_embeddings(input_ids)
-            + self.token_type_embeddings.weight[0]
-            + self.position_embeddings(pos)
-        )
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0] + self.position_embeddings(pos)
         return self.LayerNorm(x)  # (N, L, D)
 
 
@@ -164,8 +160,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         N, L, D = x.shape
         q, k, v = (
-            m(x).view(N, L, self.n_head, D // self.n_head).transpose(1, 2)
-            for m in (self.query, self.key, self.value)
+            m(x).view(N, L, self.n_head, D // self.n_head).transpose(1, 2) for m in (self.query, self.key, self.value)
         )  # (N, nh, L, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (N, 1, 1, L), additive
         return y.transpose(1, 2).reshape(N, L, D)
@@ -249,9 +244,7 @@ class BertTextEncoder(nn.Module):
         if config.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown text pooling {config.pooling!r}; use 'cls' or 'mean'")
         if config.hidden_size % config.num_heads:
-            raise ValueError(
-                f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}"
-            )
+            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
@@ -268,9 +261,7 @@ class BertTextEncoder(nn.Module):
         # additive mask, 0 on tokens and a large negative value on padding: (N, 1, 1, L).
         # Unlike a boolean mask, an all-padding row cannot turn into NaN.
         keep = attention_mask[:, None, None, :].to(torch.bool)
-        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
-            ~keep, torch.finfo(x.dtype).min
-        )
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         return self.encoder(x, mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -115,8 +115,7 @@ def redirect_to(location: str, status: int = 302) -> Callable[[BaseHTTPRequestHa
     return route
 
 
-def fake_hub(server: FakeServer, files: dict[str, bytes], repo: str = "ntt/m2d2-test",
-             commit: str = COMMIT) -> None:
+def fake_hub(server: FakeServer, files: dict[str, bytes], repo: str = "ntt/m2d2-test", commit: str = COMMIT) -> None:
     """Just enough of the Hub API for ``hf_hub_download`` and ``snapshot_download``."""
 
     def send_json(h: BaseHTTPRequestHandler, obj: object) -> None:

@@ -57,8 +57,12 @@ def release(tmp_path_factory):
         zpath.parent.mkdir()
         with zipfile.ZipFile(zpath, "w") as zf:
             zf.write(pth, f"{UPSTREAM_2025}/checkpoint-30.pth")
-        out[seed] = {"zip": zpath.read_bytes(), "sha": hashlib.sha256(pth.read_bytes()).hexdigest(),
-                     "expected": model.clip_embeddings(WAVE, sample_rate=16000), "pth": pth}
+        out[seed] = {
+            "zip": zpath.read_bytes(),
+            "sha": hashlib.sha256(pth.read_bytes()).hexdigest(),
+            "expected": model.clip_embeddings(WAVE, sample_rate=16000),
+            "pth": pth,
+        }
     return out
 
 
@@ -93,20 +97,25 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 180) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "M2D2_EMBED"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 # --------------------------------------------------------------------------- bad payloads never stick
 
 
-@pytest.mark.parametrize(("bad", "looks_like"), [
-    (HTML, "an HTML page"),
-    (None, "a zip archive"),  # a truncated archive, served whole (its Content-Length matches what is sent)
-    (b"", "empty (0 bytes)"),
-])
-def test_bad_payload_is_deleted_and_the_fixed_server_then_loads(monkeypatch, server, release, tmp_path, bad,
-                                                                 looks_like):
+@pytest.mark.parametrize(
+    ("bad", "looks_like"),
+    [
+        (HTML, "an HTML page"),
+        (None, "a zip archive"),  # a truncated archive, served whole (its Content-Length matches what is sent)
+        (b"", "empty (0 bytes)"),
+    ],
+)
+def test_bad_payload_is_deleted_and_the_fixed_server_then_loads(
+    monkeypatch, server, release, tmp_path, bad, looks_like
+):
     good = release[0]["zip"]
     bad = good[: len(good) // 2] if bad is None else bad
     route = Switch(bad, good)
@@ -155,8 +164,10 @@ def test_hash_is_recorded_only_after_conversion(monkeypatch, server, release, tm
     register(monkeypatch, server, Switch(release[0]["zip"]))
     download_model("tiny-test", cache_dir=tmp_path, keep_source=True, progress=False)
     archive = tmp_path / "downloads" / f"{UPSTREAM_2025}.zip"
-    assert archive.with_name(archive.name + ".sha256").read_text().split()[0] == hashlib.sha256(
-        release[0]["zip"]).hexdigest()
+    assert (
+        archive.with_name(archive.name + ".sha256").read_text().split()[0]
+        == hashlib.sha256(release[0]["zip"]).hexdigest()
+    )
     assert (tmp_path / "tiny-test" / CHECKSUM_NAME).is_file()
 
 
@@ -194,7 +205,7 @@ def _nan_in_place(weights: Path) -> None:
     header_len = int.from_bytes(weights.read_bytes()[:8], "little")
     import json
 
-    header = json.loads(weights.read_bytes()[8:8 + header_len])
+    header = json.loads(weights.read_bytes()[8 : 8 + header_len])
     start = 8 + header_len + header["encoder.patch_embed.proj.weight"]["data_offsets"][0]
     with open(weights, "r+b") as f:
         f.seek(start)
@@ -284,8 +295,13 @@ def test_refused_pth_never_suggests_turning_safety_off(tmp_path, kind):
         read_pth(path)
     msg = str(e.value)
     assert str(path) in msg and "weights_only" not in msg and "will likely succeed" not in msg
-    expected = {"legacy-object": "Python objects", "zip-object": "Python objects", "plain-pickle": "Python objects",
-                "html": "an HTML page", "empty": "empty (0 bytes)"}[kind]
+    expected = {
+        "legacy-object": "Python objects",
+        "zip-object": "Python objects",
+        "plain-pickle": "Python objects",
+        "html": "an HTML page",
+        "empty": "empty (0 bytes)",
+    }[kind]
     assert expected in msg
 
 
@@ -302,19 +318,35 @@ def test_refused_pth_in_the_cli_is_one_clear_line(tmp_path):
 
 def test_default_model_download_failure_says_how_to_work_without_it(monkeypatch, server, tmp_path):
     info = registry.MODELS[registry.DEFAULT_MODEL]
-    monkeypatch.setitem(registry.MODELS, info.name, registry.ModelInfo(
-        info.name, server.url("/gone.zip"), info.member, info.sha256, 1, "", "clap", config=info.config))
+    monkeypatch.setitem(
+        registry.MODELS,
+        info.name,
+        registry.ModelInfo(
+            info.name, server.url("/gone.zip"), info.member, info.sha256, 1, "", "clap", config=info.config
+        ),
+    )
     with pytest.raises(DownloadError) as e:
         m2d2.load(device="cpu", cache_dir=tmp_path)
     msg = str(e.value)
-    for part in ("404", "--model PATH", "m2d2_embed.load(PATH)", f"m2d2-embed download {info.name}",
-                 "M2D2_EMBED_CACHE", "m2d2-embed cache"):
+    for part in (
+        "404",
+        "--model PATH",
+        "m2d2_embed.load(PATH)",
+        f"m2d2-embed download {info.name}",
+        "M2D2_EMBED_CACHE",
+        "m2d2-embed cache",
+    ):
         assert part in msg, part
 
 
 def test_default_model_offline_in_the_cli_says_how_to_work_without_it(tmp_path):
-    proc = run_cli("embed", str(_wav(tmp_path)), "-o", str(tmp_path / "out.npz"),
-                   env_extra={"M2D2_EMBED_CACHE": str(tmp_path / "empty"), "M2D2_EMBED_OFFLINE": "1"})
+    proc = run_cli(
+        "embed",
+        str(_wav(tmp_path)),
+        "-o",
+        str(tmp_path / "out.npz"),
+        env_extra={"M2D2_EMBED_CACHE": str(tmp_path / "empty"), "M2D2_EMBED_OFFLINE": "1"},
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     for part in ("--model PATH", "m2d2_embed.load(PATH)", "m2d2-embed download m2d2-clap-2025", "M2D2_EMBED_CACHE"):
         assert part in proc.stderr, (part, proc.stderr)

@@ -77,15 +77,18 @@ def test_chunked_long_audio_mode_averages_the_head_per_chunk(model):
     assert len(parts) == model.num_chunks(len(x)) == len(model.plan(len(x)))
 
 
-@pytest.mark.parametrize(("call", "exc", "match"), [
-    (lambda m: m.clap_text_embeddings([]), ValueError, "at least one"),
-    (lambda m: m.clap_text_embeddings(["ok", 3]), TypeError, r"texts\[1\]"),
-    (lambda m: m.zero_shot(tone(300), [], sample_rate=SR), ValueError, "labels is empty"),
-    (lambda m: m.zero_shot(tone(300), "dog", sample_rate=SR), TypeError, "list of strings"),
-    (lambda m: m.zero_shot(tone(300), ["dog"], sample_rate=SR, template="dogs"), ValueError, "{label}"),
-    (lambda m: m.zero_shot(tone(300), ["dog"], sample_rate=SR, scores="sigmoid"), ValueError, "scores must be"),
-    (lambda m: m.clap_audio_embeddings(tone(300), sample_rate=SR, long_audio="all"), ValueError, "long_audio"),
-])
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda m: m.clap_text_embeddings([]), ValueError, "at least one"),
+        (lambda m: m.clap_text_embeddings(["ok", 3]), TypeError, r"texts\[1\]"),
+        (lambda m: m.zero_shot(tone(300), [], sample_rate=SR), ValueError, "labels is empty"),
+        (lambda m: m.zero_shot(tone(300), "dog", sample_rate=SR), TypeError, "list of strings"),
+        (lambda m: m.zero_shot(tone(300), ["dog"], sample_rate=SR, template="dogs"), ValueError, "{label}"),
+        (lambda m: m.zero_shot(tone(300), ["dog"], sample_rate=SR, scores="sigmoid"), ValueError, "scores must be"),
+        (lambda m: m.clap_audio_embeddings(tone(300), sample_rate=SR, long_audio="all"), ValueError, "long_audio"),
+    ],
+)
 def test_bad_text_side_inputs_get_clear_errors(model, call, exc, match):
     with pytest.raises(exc, match=match):
         call(model)

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,9 @@ def model(tiny_model_dir):
 
 def test_embed_folder_to_npz_with_failures_sidecar(folder, tiny_model_dir, model, tmp_path):
     out = tmp_path / "emb.npz"
-    r = run("embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--num-workers", "1",
-            "--batch-size", "2")
+    r = run(
+        "embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--num-workers", "1", "--batch-size", "2"
+    )
     assert r.returncode == 1, r.stderr  # some files failed
     assert "4 files embedded, 0 skipped (already done), 4 failed" in r.stdout
     assert "audio-s/s" in r.stdout
@@ -60,8 +62,9 @@ def test_embed_folder_to_npz_with_failures_sidecar(folder, tiny_model_dir, model
     # an existing output is refused without --overwrite, before the model loads
     r = run("embed", str(folder), "-o", str(out), "--model", "no-such-model")
     assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
-    r = run("embed", *good_paths(folder), "-o", str(out), "--model", str(tiny_model_dir), "--overwrite",
-            "--level", "frame")
+    r = run(
+        "embed", *good_paths(folder), "-o", str(out), "--model", str(tiny_model_dir), "--overwrite", "--level", "frame"
+    )
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "emb.failures.jsonl").exists()  # the stale sidecar is gone
     es = m2d2.read_embeddings(out)
@@ -100,11 +103,24 @@ def test_directory_output_resumes_after_an_interruption(folder, tiny_model_dir, 
     for i in range(40):
         sf.write(many / f"clip{i:02d}.wav", make_signal(0.3 + 0.01 * i, 16000, 1, i % 5), 16000)
     out = tmp_path / "out"
-    args = ["embed", str(many), "-o", str(out), "--model", str(tiny_model_dir), "--shard-size", "1",
-            "--batch-size", "1", "--num-workers", "0"]
+    args = [
+        "embed",
+        str(many),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "1",
+        "--num-workers",
+        "0",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "m2d2_embed", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m2d2_embed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("part-*.npz")) and proc.poll() is None:
         time.sleep(0.01)
@@ -135,8 +151,18 @@ def test_interrupted_directory_output_keeps_finished_shards(folder, tiny_model_d
             yield item
 
     out = tmp_path / "out"
-    args = ["embed", *good_paths(folder), "-o", str(out), "--model", str(tiny_model_dir), "--num-workers", "0",
-            "--shard-size", "1"]
+    args = [
+        "embed",
+        *good_paths(folder),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--num-workers",
+        "0",
+        "--shard-size",
+        "1",
+    ]
     monkeypatch.setattr(files, "iter_file_embeddings", stop_after_two)
     assert cli.main(args) == 130
     assert "2 of 4 files are saved" in capsys.readouterr().err
@@ -157,8 +183,9 @@ def test_interrupted_directory_output_keeps_finished_shards(folder, tiny_model_d
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    assert cli.main(["embed", *good_paths(folder), "-o", str(other), "--model", str(tiny_model_dir),
-                     "--overwrite"]) == 2
+    assert (
+        cli.main(["embed", *good_paths(folder), "-o", str(other), "--model", str(tiny_model_dir), "--overwrite"]) == 2
+    )
     assert "not an m2d2-embed output" in capsys.readouterr().err
 
 
@@ -167,8 +194,22 @@ def test_directory_output_in_other_formats(folder, tiny_model_dir, tmp_path, fmt
     if fmt == "parquet":
         pytest.importorskip("pyarrow")
     out = tmp_path / "d"
-    argv = ["embed", *good_paths(folder), "-o", str(out), "--model", str(tiny_model_dir), "--format", fmt,
-            "--level", "frame", "--shard-size", "3", "--num-workers", "0"]
+    argv = [
+        "embed",
+        *good_paths(folder),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--format",
+        fmt,
+        "--level",
+        "frame",
+        "--shard-size",
+        "3",
+        "--num-workers",
+        "0",
+    ]
     assert cli.main(argv) == 0
     es = m2d2.read_embeddings(out)
     assert es.paths == good_paths(folder) and es.level == "frame"
@@ -187,21 +228,36 @@ def test_strict_stops_at_the_first_failure(folder, tiny_model_dir, tmp_path, cap
 
 def test_zero_shot_prints_a_table_and_json(folder, tiny_model_dir, model):
     wavs = good_paths(folder)[:2]
-    r = run("zero-shot", *wavs, "--labels", "dog,rain", "--labels", "speech", "--top-k", "2",
-            "--model", str(tiny_model_dir))
+    r = run(
+        "zero-shot", *wavs, "--labels", "dog,rain", "--labels", "speech", "--top-k", "2", "--model", str(tiny_model_dir)
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["file", "top-1", "top-2"] and len(lines) == 4
     assert Path(wavs[0]).name in lines[2]
-    assert cli.main(["zero-shot", *wavs, str(folder / "corrupt.wav"), "--labels", "dog,rain,speech", "--json",
-                     "--model", str(tiny_model_dir), "--num-workers", "0"]) == 1
+    assert (
+        cli.main(
+            [
+                "zero-shot",
+                *wavs,
+                str(folder / "corrupt.wav"),
+                "--labels",
+                "dog,rain,speech",
+                "--json",
+                "--model",
+                str(tiny_model_dir),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 1
+    )
     # JSON scores equal the Python API
     r = run("zero-shot", *wavs, "--labels", "dog,rain,speech", "--json", "--model", str(tiny_model_dir))
     res = json.loads(r.stdout)
     got = np.array([[row["scores"][lab] for lab in ["dog", "rain", "speech"]] for row in res["results"]])
     a = model.clap_audio_embeddings(wavs, normalize=True)
-    t = model.clap_text_embeddings([f"{lab} can be heard" for lab in ["dog", "rain", "speech"]],
-                                   normalize=True).numpy()
+    t = model.clap_text_embeddings([f"{lab} can be heard" for lab in ["dog", "rain", "speech"]], normalize=True).numpy()
     z = (a @ t.T) / 0.01
     want = np.exp(z - z.max(1, keepdims=True))
     np.testing.assert_allclose(got, want / want.sum(1, keepdims=True), atol=1e-4)
@@ -241,11 +297,19 @@ def test_convert_download_list_cache(tmp_path, monkeypatch, capsys):
         return tmp_path / "cache" / name
 
     monkeypatch.setattr(hub, "download_model", fake_download)
-    assert cli.main(["download", "m2d2-clap-2025", "--cache-dir", str(tmp_path / "cache"), "--keep-source",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["download", "m2d2-clap-2025", "--cache-dir", str(tmp_path / "cache"), "--keep-source", "--no-progress"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(tmp_path / "cache" / "m2d2-clap-2025")
-    assert calls == {"name": "m2d2-clap-2025", "cache_dir": str(tmp_path / "cache"), "progress": False,
-                     "keep_source": True}
+    assert calls == {
+        "name": "m2d2-clap-2025",
+        "cache_dir": str(tmp_path / "cache"),
+        "progress": False,
+        "keep_source": True,
+    }
 
     assert cli.main(["list", "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
@@ -268,8 +332,9 @@ def test_help_and_version():
     assert cli.main([]) == 2
 
 
-def test_compile_reaches_load_for_embed_and_zero_shot_and_is_refused_with_int8(folder, tiny_model_dir, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_compile_reaches_load_for_embed_and_zero_shot_and_is_refused_with_int8(
+    folder, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     from m2d2_embed import loader
 
     real, seen = loader.load, []

@@ -24,8 +24,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 
 
 def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, cwd=cwd,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,24 @@ def test_a_second_run_on_the_same_output_directory_is_refused_and_nothing_is_dup
     for i in range(30):
         sf.write(many / f"clip{i:02d}.wav", make_signal(0.3 + 0.01 * i, 16000, 1, i % 5), 16000)
     out = tmp_path / "out"
-    args = ["embed", str(many), "-o", str(out), "--model", str(tiny_model_dir), "--shard-size", "1",
-            "--batch-size", "1", "--num-workers", "0", "--no-progress"]
-    first = subprocess.Popen([sys.executable, "-m", "m2d2_embed", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV)
+    args = [
+        "embed",
+        str(many),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "m2d2_embed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
     deadline = time.time() + 90
     while time.time() < deadline and not list(out.glob("part-*.npz")) and first.poll() is None:
         time.sleep(0.01)
@@ -66,8 +81,15 @@ def test_a_second_run_on_the_same_output_directory_is_refused_and_nothing_is_dup
 
 def test_read_embeddings_returns_each_path_of_a_directory_once(tmp_path):
     def part(paths: list[str], value: float) -> outputs.EmbeddingSet:
-        return outputs.EmbeddingSet(paths, np.full((len(paths), 4), value, np.float32), "clip", None,
-                                    np.ones(len(paths)), [], {"model": "m", "dim": 4})
+        return outputs.EmbeddingSet(
+            paths,
+            np.full((len(paths), 4), value, np.float32),
+            "clip",
+            None,
+            np.ones(len(paths)),
+            [],
+            {"model": "m", "dim": 4},
+        )
 
     d = outputs.OutputDir(tmp_path / "out", "npz")
     with d.open():
@@ -125,22 +147,41 @@ def test_unsupported_files_in_a_folder_are_counted_and_listed_with_verbose(folde
 
 
 def test_one_file_embedded_is_said_in_the_singular(folder, tiny_model_dir, tmp_path):
-    r = run("embed", good_paths(folder)[0], "-o", str(tmp_path / "one.npz"), "--model", str(tiny_model_dir),
-            "--num-workers", "0", "--no-progress")
+    r = run(
+        "embed",
+        good_paths(folder)[0],
+        "-o",
+        str(tmp_path / "one.npz"),
+        "--model",
+        str(tiny_model_dir),
+        "--num-workers",
+        "0",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     assert "1 file embedded," in r.stdout and "1 files" not in r.stdout
 
 
 def test_list_into_a_closed_pipe_exits_quietly(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "m2d2_embed", "list", "--cache-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m2d2_embed", "list", "--cache-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     proc.stdout.close()  # the reader is gone before anything is written, as `| head -1` after its line
     _, err = proc.communicate(timeout=60)
     assert b"Broken pipe" not in err and b"Traceback" not in err and b"Exception" not in err, err
     assert proc.returncode == 141
     # and as a user types it
-    r = subprocess.run(f"{sys.executable} -m m2d2_embed list --cache-dir {tmp_path} | head -1", shell=True,
-                       capture_output=True, text=True, env=ENV, timeout=60)
+    r = subprocess.run(
+        f"{sys.executable} -m m2d2_embed list --cache-dir {tmp_path} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert r.stdout.startswith("name") and r.stderr == ""
 
 
@@ -154,7 +195,7 @@ def test_train_help_names_the_command_as_typed():
 
 def test_readme_says_to_install_cpu_torch_before_the_set_up_commands():
     readme = (ROOT / "README.md").read_text()
-    setup = readme[readme.index("## Set up"):readme.index("\n## ", readme.index("## Set up") + 1)]
+    setup = readme[readme.index("## Set up") : readme.index("\n## ", readme.index("## Set up") + 1)]
     note = setup.index("CPU build of PyTorch")
     assert note < setup.index("pip install . && m2d2-embed embed") and note < setup.index('pip install -e ".[test]"')
 
@@ -166,7 +207,7 @@ def test_a_truncated_wav_is_embedded_with_a_warning_in_the_sidecar(tiny_model_di
     whole = src / "whole.wav"
     sf.write(whole, make_signal(5.0, 16000, 1, 1), 16000, subtype="PCM_16")
     cut = src / "cut.wav"  # the header still promises 5 s; 0.69 s of samples are left
-    cut.write_bytes(whole.read_bytes()[:44 + 2 * int(0.69 * 16000)])
+    cut.write_bytes(whole.read_bytes()[: 44 + 2 * int(0.69 * 16000)])
     out = tmp_path / output
     r = run("embed", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--num-workers", "0", "--no-progress")
     assert r.returncode == 0, r.stderr  # a warning, not a failure

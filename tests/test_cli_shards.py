@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,22 @@ def folder(tmp_path_factory) -> Path:
 def single(folder, tiny_model_dir, tmp_path_factory) -> m2d2.EmbeddingSet:
     """The output of one worker (directory output), the reference for the sharded runs."""
     out = tmp_path_factory.mktemp("single") / "out"
-    assert cli.main(["embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--num-workers", "0",
-                     "--no-progress"]) == 1  # the broken files fail
+    assert (
+        cli.main(
+            [
+                "embed",
+                str(folder),
+                "-o",
+                str(out),
+                "--model",
+                str(tiny_model_dir),
+                "--num-workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )  # the broken files fail
     return m2d2.read_embeddings(out)
 
 
@@ -47,8 +62,18 @@ def assert_same(es: m2d2.EmbeddingSet, ref: m2d2.EmbeddingSet) -> None:
 
 
 def embed_args(folder: Path, out: Path, model_dir: Path, *extra: str) -> list[str]:
-    return ["embed", str(folder), "-o", str(out), "--model", str(model_dir), "--num-workers", "0", "--no-progress",
-            *extra]
+    return [
+        "embed",
+        str(folder),
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_two_cpu_devices_give_the_embeddings_of_one_worker(folder, tiny_model_dir, single, tmp_path):
@@ -59,8 +84,13 @@ def test_two_cpu_devices_give_the_embeddings_of_one_worker(folder, tiny_model_di
     assert "merged shard(s) 0/2, 1/2" in r.stdout
     es = m2d2.read_embeddings(out)
     assert_same(es, single)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "failures.jsonl", "manifest.json", "part-00000.npz",
-                                                      "part-00001.npz"]  # shards merged and gone
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "failures.jsonl",
+        "manifest.json",
+        "part-00000.npz",
+        "part-00001.npz",
+    ]  # shards merged and gone
     # run again: every file is done already; nothing is embedded or duplicated
     r = run("embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--devices", "cpu,cpu")
     assert r.returncode == 1, r.stderr  # the broken files are tried again
@@ -68,8 +98,9 @@ def test_two_cpu_devices_give_the_embeddings_of_one_worker(folder, tiny_model_di
     assert m2d2.read_embeddings(out).paths == single.paths
 
 
-def test_shards_split_the_sorted_list_round_robin_and_merge_as_each_completes(folder, tiny_model_dir, single,
-                                                                               tmp_path, capsys):
+def test_shards_split_the_sorted_list_round_robin_and_merge_as_each_completes(
+    folder, tiny_model_dir, single, tmp_path, capsys
+):
     out = tmp_path / "out"
     everything = sorted(files.collect_files(folder))
     assert cli.main(embed_args(folder, out, tiny_model_dir, "--shard", "1/2")) == 1
@@ -91,8 +122,7 @@ def test_frame_level_parquet_shards_with_no_merge_then_the_merge_command(folder,
     for i in range(3):
         assert cli.main(embed_args(folder, out, tiny_model_dir, *argv, "--shard", f"{i}/3", "--no-merge")) == 1
     assert m2d2.read_embeddings(out).paths == []  # nothing merged yet
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000-of-00003", "00001-of-00003",
-                                                                  "00002-of-00003"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000-of-00003", "00001-of-00003", "00002-of-00003"]
     capsys.readouterr()
     assert cli.main(["merge", str(out)]) == 0
     assert "merged shard(s) 0/3, 1/3, 2/3" in capsys.readouterr().out
@@ -123,8 +153,9 @@ def test_a_file_output_is_written_once_all_shards_are_complete(folder, tiny_mode
     assert "exists" in capsys.readouterr().err
 
 
-def test_an_interrupted_shard_resumes_and_nothing_is_duplicated(folder, tiny_model_dir, single, tmp_path,
-                                                                 monkeypatch, capsys):
+def test_an_interrupted_shard_resumes_and_nothing_is_duplicated(
+    folder, tiny_model_dir, single, tmp_path, monkeypatch, capsys
+):
     real = files.iter_file_embeddings
 
     def stop_after_one_embedded(*a, **kw):  # the first item is the 0-byte file failing

@@ -27,8 +27,9 @@ LABELS = ("dog", "rain", "speech", "music")
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory) -> Path:
-    cfg = dataclasses.replace(tiny_config(), classifier=ClassifierConfig(in_features=64, num_classes=4,
-                                                                         labels=LABELS))
+    cfg = dataclasses.replace(tiny_config(), classifier=ClassifierConfig(in_features=64, num_classes=4, labels=LABELS))
     return save_tiny(tmp_path_factory.mktemp("tagger") / "tiny-tagger", cfg)
 
 
@@ -93,8 +93,11 @@ def test_tag_frames_gives_the_events_of_detect_events(folder, tagger_dir, tagger
     res = json.loads(capsys.readouterr().out)
     got = res["results"][0]["events"]
     assert [e["label"] for e in got] == [e["label"] for e in want]
-    np.testing.assert_allclose([[e["onset"], e["offset"], e["score"]] for e in got],
-                               [[e["onset"], e["offset"], e["score"]] for e in want], atol=1e-4)
+    np.testing.assert_allclose(
+        [[e["onset"], e["offset"], e["score"]] for e in got],
+        [[e["onset"], e["offset"], e["score"]] for e in want],
+        atol=1e-4,
+    )
     assert cli.main(["tag", wav, "--frames", "--threshold", str(threshold), *common(tagger_dir)]) == 0
     table = capsys.readouterr().out
     assert wav in table and f"{want[0]['onset']:8.2f} {want[0]['offset']:8.2f}" in table
@@ -110,8 +113,7 @@ def test_tag_output_is_written_in_the_formats_of_embed(folder, tagger_dir, tagge
     assert es.level == ("frame_tags" if frames else "tags") and es.paths == wavs
     assert es.metadata["labels"] == list(LABELS) and es.dim == len(LABELS)
     for got, wav in zip(es.embeddings, wavs):
-        np.testing.assert_allclose(got, np.asarray(tagger.frame_tags(wav) if frames else tagger.tag(wav)),
-                                   atol=1e-4)
+        np.testing.assert_allclose(got, np.asarray(tagger.frame_tags(wav) if frames else tagger.tag(wav)), atol=1e-4)
     if frames:
         assert len(es.timestamps[0]) == len(es.embeddings[0])
         assert cli.main(argv) == 0  # a directory resumes: nothing left to do

@@ -33,6 +33,7 @@ def plain_copy(model):
 
 # -- fused float32 path -----------------------------------------------------------------------------------------
 
+
 @needs_onednn
 def test_cpu_fp32_load_uses_the_fused_path_and_matches_the_plain_one(tiny):
     assert all(b.packed for b in tiny.encoder.blocks) and all(b.packed for b in tiny.audio_proj.sem_blocks)
@@ -73,6 +74,7 @@ def test_fused_path_is_not_used_with_autograd_or_in_training(tiny):
 
 # -- int8 --------------------------------------------------------------------------------------------------------
 
+
 def test_int8_uses_full_range_activations_only_with_vnni(tiny_model_dir, monkeypatch):
     for full in (True, False):
         monkeypatch.setattr(loader, "cpu_int8_full_range", lambda full=full: full)
@@ -96,8 +98,12 @@ def test_full_range_int8_linear_is_closer_to_fp32_than_7_bit():
 
         spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
         seven = quantize_dynamic(torch.nn.Sequential(lin), spec, dtype=torch.qint8)
-        full = quantize_dynamic(torch.nn.Sequential(lin), spec, dtype=torch.qint8,
-                                mapping={torch.nn.Linear: loader._full_range_int8_linear()})
+        full = quantize_dynamic(
+            torch.nn.Sequential(lin),
+            spec,
+            dtype=torch.qint8,
+            mapping={torch.nn.Linear: loader._full_range_int8_linear()},
+        )
     with torch.no_grad():
         ref = lin(x)
         err7, err8 = (seven(x) - ref).abs().mean(), (full(x) - ref).abs().mean()
@@ -105,6 +111,7 @@ def test_full_range_int8_linear_is_closer_to_fp32_than_7_bit():
 
 
 # -- precision and compile warnings -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ["bf16", torch.bfloat16, "fp16"])
 def test_half_precision_on_a_cpu_without_native_bf16_warns(monkeypatch, dtype):
@@ -130,6 +137,7 @@ def test_compile_on_cpu_warns_and_skips_the_fused_path(tiny_model_dir):
 
 
 # -- compiled micro-batches -----------------------------------------------------------------------------------------
+
 
 def test_bucket_splits_on_cpu_and_pads_on_cuda():
     assert _bucket(6, 32, None) == (4, 4)  # 6 chunks: 4 + 2, never padded to 8

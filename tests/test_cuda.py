@@ -13,8 +13,13 @@ import m2d2_embed as m2d2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CASES = ["len0p5s", "len3p3s", "len10s", "len10p01s", "len25p7s", "batch3"]
 # tests/data/README.md: (max abs diff, max abs diff / max abs golden), fp32 with TF32 off
-TOL = {"encode_stacked": (1e-4, 2.5e-5), "frames": (5e-5, 1.5e-5), "scene": (5e-5, 1.5e-5),
-       "clap_audio": (5e-5, 1.5e-5), "text.emb": (5e-5, 1.5e-5)}
+TOL = {
+    "encode_stacked": (1e-4, 2.5e-5),
+    "frames": (5e-5, 1.5e-5),
+    "scene": (5e-5, 1.5e-5),
+    "clap_audio": (5e-5, 1.5e-5),
+    "text.emb": (5e-5, 1.5e-5),
+}
 
 
 @pytest.fixture
@@ -27,8 +32,10 @@ def no_tf32():
 
 @pytest.fixture(scope="module")
 def cuda_models(parity_checkpoint):
-    return (m2d2.load(parity_checkpoint, device="cuda", dtype="fp32"),
-            m2d2.load(parity_checkpoint, device="cuda", dtype="bf16"))
+    return (
+        m2d2.load(parity_checkpoint, device="cuda", dtype="fp32"),
+        m2d2.load(parity_checkpoint, device="cuda", dtype="bf16"),
+    )
 
 
 def to_np(x) -> np.ndarray:
@@ -76,8 +83,12 @@ def test_bf16_agrees_with_fp32_on_cuda(cuda_models, golden, no_tf32):
     fp32, bf16 = cuda_models
     for case in CASES:
         wav = torch.from_numpy(golden[f"{case}.wav"]).cuda()
-        for method, kw in [("frame_embeddings", {}), ("frame_embeddings", {"reduce": "mean"}),
-                           ("clip_embeddings", {}), ("clap_audio_embeddings", {})]:
+        for method, kw in [
+            ("frame_embeddings", {}),
+            ("frame_embeddings", {"reduce": "mean"}),
+            ("clip_embeddings", {}),
+            ("clap_audio_embeddings", {}),
+        ]:
             c = min_cosine(getattr(bf16, method)(wav, 16000, **kw), getattr(fp32, method)(wav, 16000, **kw))
             assert c >= 0.999, f"{case} {method} {kw}: min cosine {c:.5f}"
     caps = [str(c) for c in golden["text.captions"]]
@@ -103,8 +114,10 @@ def test_compiled_path_padding_leaves_real_rows_unchanged(device):
     # the compiled path pads full-chunk micro-batches to a bucket size and runs other widths eagerly;
     # exercised here with the eager encoder standing in for the compiled one
     model = tiny_model().to(device)
-    waves = [torch.randn(n, generator=torch.Generator().manual_seed(n)).mul(0.1).to(device)
-             for n in (160000, 160000, 411200, 52800, 320000)]
+    waves = [
+        torch.randn(n, generator=torch.Generator().manual_seed(n)).mul(0.1).to(device)
+        for n in (160000, 160000, 411200, 52800, 320000)
+    ]
     plain = model.frame_embeddings(waves, 16000, batch_size=8)
     model.compiled = True
     padded = model.frame_embeddings(waves, 16000, batch_size=8)
@@ -116,8 +129,9 @@ def test_compiled_path_padding_leaves_real_rows_unchanged(device):
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("workers", [0, 2])
-def test_embed_files_on_cuda_equals_the_in_memory_path_with_pinned_async_batches(tiny_model_dir, tmp_path, no_tf32,
-                                                                                  monkeypatch, workers):
+def test_embed_files_on_cuda_equals_the_in_memory_path_with_pinned_async_batches(
+    tiny_model_dir, tmp_path, no_tf32, monkeypatch, workers
+):
     import soundfile as sf
     from audio_files import signal
 
@@ -139,8 +153,11 @@ def test_embed_files_on_cuda_equals_the_in_memory_path_with_pinned_async_batches
         return fl
 
     monkeypatch.setattr(files, "_launch", spy)
-    refs = {"clip": model.clip_embeddings(waves, 16000), "frame": model.frame_embeddings(waves, 16000),
-            "clap": model.clap_audio_embeddings(waves, 16000)}
+    refs = {
+        "clip": model.clip_embeddings(waves, 16000),
+        "frame": model.frame_embeddings(waves, 16000),
+        "clap": model.clap_audio_embeddings(waves, 16000),
+    }
     for level, ref in refs.items():
         es = model.embed_files(tmp_path, level=level, batch_size=3, num_workers=workers, progress=False)
         assert es.paths == good and [f.path for f in es.failures] == [str(tmp_path / "9_corrupt.wav")]

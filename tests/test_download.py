@@ -71,9 +71,7 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("M2D2_EMBED_CACHE", str(tmp_path / "env"))
     assert cache_dir() == tmp_path / "env"
     assert cache_dir(tmp_path / "arg") == tmp_path / "arg"
-    assert not any(
-        p.exists() for p in (tmp_path / "home", tmp_path / "xdg", tmp_path / "env", tmp_path / "arg")
-    )
+    assert not any(p.exists() for p in (tmp_path / "home", tmp_path / "xdg", tmp_path / "env", tmp_path / "arg"))
 
 
 def test_is_offline_explicit_argument_wins_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,9 +168,7 @@ def test_cut_connection_without_range_support_restarts_from_zero(server: FakeSer
     assert (tmp_path / "w.bin.sha256").read_text().split()[0] == PAYLOAD_SHA
 
 
-def test_part_file_from_earlier_run_is_resumed_when_hash_is_pinned(
-    server: FakeServer, tmp_path: Path
-) -> None:
+def test_part_file_from_earlier_run_is_resumed_when_hash_is_pinned(server: FakeServer, tmp_path: Path) -> None:
     server.routes["/w.bin"] = Blob(PAYLOAD)
     (tmp_path / "w.bin.part").write_bytes(PAYLOAD[:1000])
     download_url(server.url("/w.bin"), tmp_path / "w.bin", sha256=PAYLOAD_SHA, **FAST)
@@ -276,9 +272,7 @@ def test_two_processes_share_one_download(server: FakeServer, tmp_path: Path) ->
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     dest = tmp_path / "w.bin"
-    procs = [
-        ctx.Process(target=_download_in_child, args=(server.url("/w.bin"), str(dest), barrier)) for _ in "ab"
-    ]
+    procs = [ctx.Process(target=_download_in_child, args=(server.url("/w.bin"), str(dest), barrier)) for _ in "ab"]
     for p in procs:
         p.start()
     for p in procs:

@@ -52,6 +52,7 @@ def reference(model, path: str, level: str, long_audio: str = "auto") -> np.ndar
 # collect_files
 # ---------------------------------------------------------------------------------------------------
 
+
 def test_collect_takes_audio_suffixes_sorted_and_skips_hidden_and_other_files(folder):
     got = collect_files(folder)
     names = [Path(p).name for p in got]
@@ -87,6 +88,7 @@ def test_collect_explains_why_nothing_was_found(folder, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # embed_files
 # ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("level", ["clip", "frame", "clap"])
 def test_embed_files_equals_the_per_file_methods(model, folder, level):
@@ -125,8 +127,9 @@ def test_opus_and_mp3_files_are_read(model, tmp_path):
 
 
 def test_workers_and_small_batches_keep_input_order_and_values(model, folder):
-    order = [str(folder / n) for n in ["tone_1s_f32.wav", "chirp_12s.ogg", "corrupt.wav", "tone_0p5s.wav",
-                                       "noise_3p3s.flac"]]
+    order = [
+        str(folder / n) for n in ["tone_1s_f32.wav", "chirp_12s.ogg", "corrupt.wav", "tone_0p5s.wav", "noise_3p3s.flac"]
+    ]
     ref = model.embed_files(order, num_workers=0, progress=False)
     es = model.embed_files(order, num_workers=2, batch_size=1, progress=False)
     assert es.paths == [p for p in order if "corrupt" not in p]
@@ -135,8 +138,9 @@ def test_workers_and_small_batches_keep_input_order_and_values(model, folder):
 
 
 def test_normalize_and_reduce(model, folder):
-    es = model.embed_files(folder / "tone_0p5s.wav", level="frame", reduce="mean", normalize=True,
-                           num_workers=0, progress=False)
+    es = model.embed_files(
+        folder / "tone_0p5s.wav", level="frame", reduce="mean", normalize=True, num_workers=0, progress=False
+    )
     assert es.embeddings[0].shape[1] == 64
     np.testing.assert_allclose(np.linalg.norm(es.embeddings[0], axis=1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="level must be"):
@@ -190,6 +194,7 @@ def test_one_hour_file_embeds_in_bounded_memory(tiny_model_dir, tmp_path):
 # Output formats
 # ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["npz", "npy", "parquet"])
 @pytest.mark.parametrize("level", ["clip", "frame"])
 def test_every_format_reads_back_the_same(model, folder, tmp_path, fmt, level):
@@ -215,8 +220,15 @@ def test_every_format_reads_back_the_same(model, folder, tmp_path, fmt, level):
 def test_parquet_schema_and_error_rows(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    es = EmbeddingSet(["a.wav", "b.wav"], [np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)], "frame",
-                      [np.arange(3.0), np.arange(2.0)], np.array([1.0, 0.5]), [], {"model": "m", "dim": 4})
+    es = EmbeddingSet(
+        ["a.wav", "b.wav"],
+        [np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)],
+        "frame",
+        [np.arange(3.0), np.arange(2.0)],
+        np.array([1.0, 0.5]),
+        [],
+        {"model": "m", "dim": 4},
+    )
     es.save(tmp_path / "f.parquet")
     schema = pq.read_schema(tmp_path / "f.parquet")
     assert schema.names == ["path", "model", "level", "dim", "embedding", "timestamps", "duration", "error"]
@@ -224,8 +236,9 @@ def test_parquet_schema_and_error_rows(tmp_path):
     # a folder of Parquet files without a manifest (as a distributed writer leaves it), with an error row
     d = tmp_path / "ray_out"
     d.mkdir()
-    clip = EmbeddingSet(["c.wav"], np.ones((1, 4), np.float32), "clip", None, np.array([2.0]), [],
-                        {"model": "m", "dim": 4})
+    clip = EmbeddingSet(
+        ["c.wav"], np.ones((1, 4), np.float32), "clip", None, np.array([2.0]), [], {"model": "m", "dim": 4}
+    )
     clip.save(d / "0.parquet")
     t = pq.read_table(d / "0.parquet")
     assert t.schema.field("embedding").type == pa.list_(pa.float32(), 4)
@@ -243,11 +256,16 @@ def test_parquet_schema_and_error_rows(tmp_path):
 
 # name -> (seconds, rate, channels, subtype, seed); the 44.1 kHz 1-s file resamples to the length of the 16 kHz ones
 MIXED = {
-    "a_1s.wav": (1.0, 16000, 1, "PCM_16", 1), "b_1s.wav": (1.0, 16000, 1, "PCM_16", 2),
-    "c_1s_44k.flac": (1.0, 44100, 2, "PCM_16", 3), "d_2s.wav": (2.0, 16000, 1, "PCM_16", 4),
-    "e_2s.wav": (2.0, 16000, 1, "FLOAT", 5), "f_3p3s.flac": (3.3, 22050, 1, "PCM_24", 6),
-    "g_10s.wav": (10.0, 16000, 1, "PCM_16", 7), "h_10s.wav": (10.0, 16000, 1, "PCM_16", 8),
-    "i_12p5s.wav": (12.5, 16000, 1, "PCM_16", 9), "j_0p7s.wav": (0.7, 48000, 1, "FLOAT", 10),
+    "a_1s.wav": (1.0, 16000, 1, "PCM_16", 1),
+    "b_1s.wav": (1.0, 16000, 1, "PCM_16", 2),
+    "c_1s_44k.flac": (1.0, 44100, 2, "PCM_16", 3),
+    "d_2s.wav": (2.0, 16000, 1, "PCM_16", 4),
+    "e_2s.wav": (2.0, 16000, 1, "FLOAT", 5),
+    "f_3p3s.flac": (3.3, 22050, 1, "PCM_24", 6),
+    "g_10s.wav": (10.0, 16000, 1, "PCM_16", 7),
+    "h_10s.wav": (10.0, 16000, 1, "PCM_16", 8),
+    "i_12p5s.wav": (12.5, 16000, 1, "PCM_16", 9),
+    "j_0p7s.wav": (0.7, 48000, 1, "FLOAT", 10),
 }
 
 
@@ -305,8 +323,9 @@ def test_pipeline_with_normalize_and_reduce(model, mixed, level, reduce):
     root, _, good = mixed
     waves = [m2d2.load_audio(p) for p in good]
     want = in_memory(model, waves, level, reduce, normalize=True)
-    es = model.embed_files(root, level=level, reduce=reduce, normalize=True, batch_size=4, num_workers=2,
-                           progress=False)
+    es = model.embed_files(
+        root, level=level, reduce=reduce, normalize=True, batch_size=4, num_workers=2, progress=False
+    )
     assert es.paths == good
     for got, ref in zip(es.embeddings, want):
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
@@ -316,26 +335,36 @@ def test_pipeline_with_normalize_and_reduce(model, mixed, level, reduce):
 def test_workers_return_each_batch_stacked_by_length(model, mixed):
     _, paths, _ = mixed
     names = [Path(p).name for p in paths]
-    batch = [names.index(n) for n in ["g_10s.wav", "h_10s.wav", "a_1s.wav", "c_1s_44k.flac", "l_nan.wav",
-                                       "b_1s.wav"]]
+    batch = [names.index(n) for n in ["g_10s.wav", "h_10s.wav", "a_1s.wav", "c_1s_44k.flac", "l_nan.wav", "b_1s.wav"]]
     ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples())
     groups, failures = next(iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity)))
     assert [(i, names[i]) for i, _ in failures] == [(batch[4], "l_nan.wav")]
     # one tensor per distinct length (and sample type), not one per file: 16-bit mono 16-kHz files travel as
     # int16, the resampled stereo FLAC as float32
     by_kind = {(x.shape[-1], x.dtype): idx for idx, x in groups}
-    assert by_kind == {(160000, torch.int16): batch[:2], (16000, torch.int16): [batch[2], batch[5]],
-                       (16000, torch.float32): [batch[3]]}
+    assert by_kind == {
+        (160000, torch.int16): batch[:2],
+        (16000, torch.int16): [batch[2], batch[5]],
+        (16000, torch.float32): [batch[3]],
+    }
     for idx, x in groups:
         assert x.shape[0] == len(idx)
         for i, row in zip(idx, files._as_float(x, torch.device("cpu"))):
             np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))  # bit for bit
 
 
-@pytest.mark.parametrize("channels,sr,subtype,fmt", [(1, 16000, "PCM_16", "WAV"), (2, 16000, "PCM_16", "WAV"),
-                                                     (1, 44100, "PCM_16", "WAV"), (1, 16000, "PCM_16", "FLAC"),
-                                                     (1, 16000, "FLOAT", "WAV"), (1, 16000, "PCM_24", "FLAC"),
-                                                     (1, 22050, "VORBIS", "OGG")])
+@pytest.mark.parametrize(
+    "channels,sr,subtype,fmt",
+    [
+        (1, 16000, "PCM_16", "WAV"),
+        (2, 16000, "PCM_16", "WAV"),
+        (1, 44100, "PCM_16", "WAV"),
+        (1, 16000, "PCM_16", "FLAC"),
+        (1, 16000, "FLOAT", "WAV"),
+        (1, 16000, "PCM_24", "FLAC"),
+        (1, 22050, "VORBIS", "OGG"),
+    ],
+)
 def test_fast_16_bit_reads_give_the_samples_of_load_audio(tmp_path, channels, sr, subtype, fmt):
     path = tmp_path / f"x.{fmt.lower()}"
     x = signal(1.3, sr, channels, 3)
@@ -384,8 +413,9 @@ def test_strict_yields_the_finished_batches_then_raises_at_a_decoding_failure(mo
     paths = [p for p in paths if "corrupt" not in p]  # a header failure would raise before any batch
     got = []
     with pytest.raises(AudioFileError, match="l_nan.wav") as e:
-        for _, r in files.iter_file_embeddings(model, paths, "clip", batch_size=3, num_workers=2, progress=False,
-                                               strict=True):
+        for _, r in files.iter_file_embeddings(
+            model, paths, "clip", batch_size=3, num_workers=2, progress=False, strict=True
+        ):
             got.append(Path(r.path).name)
     assert "NaN" in e.value.reason
     # longest first, 3 chunks a batch: [12.5 s, 10 s], [10 s, 3.3 s, 2 s], then [2 s, NaN, ...] raises; the two
@@ -393,8 +423,10 @@ def test_strict_yields_the_finished_batches_then_raises_at_a_decoding_failure(mo
     assert sorted(got) == ["d_2s.wav", "f_3p3s.flac", "g_10s.wav", "h_10s.wav", "i_12p5s.wav"]
 
 
-@pytest.mark.parametrize("subtype,channels,rate", [("PCM_16", 1, 16000), ("PCM_24", 2, 44100), ("FLOAT", 1, 22050),
-                                                   ("PCM_U8", 1, 8000), ("DOUBLE", 3, 48000)])
+@pytest.mark.parametrize(
+    "subtype,channels,rate",
+    [("PCM_16", 1, 16000), ("PCM_24", 2, 44100), ("FLOAT", 1, 22050), ("PCM_U8", 1, 8000), ("DOUBLE", 3, 48000)],
+)
 def test_wav_header_probe_agrees_with_libsndfile(tmp_path, subtype, channels, rate):
     n = 12345  # odd frame counts make odd data sizes (8-bit mono), so the pad byte rule is exercised too
     p = tmp_path / "a.wav"

@@ -36,8 +36,13 @@ DATA = Path(__file__).parent / "data"
 
 GEOMETRIES = ["m2d2_clap_2025_20ms", "m2d_40ms", "m2d_s_608", "m2d_as_32k", "evar_as_ft", "evar_as_ft_3840"]
 HEADS = ["evar_as_ft", "evar_as_ft_3840"]
-TOL = {"frames": (5e-5, 1.5e-5), "stacked": (1e-4, 2.5e-5), "scene": (5e-5, 1.5e-5), "clap_audio": (5e-5, 1.5e-5),
-       "logits": (2e-4, None)}
+TOL = {
+    "frames": (5e-5, 1.5e-5),
+    "stacked": (1e-4, 2.5e-5),
+    "scene": (5e-5, 1.5e-5),
+    "clap_audio": (5e-5, 1.5e-5),
+    "logits": (2e-4, None),
+}
 CLAP_CASES = ("len0p5s", "len10p01s")  # short, and a full chunk plus one frame: the head sees both chunks
 HEAR_MAX_STEP_MS = 50.0  # the HEAR validator's limit on the timestamp interval
 
@@ -81,8 +86,9 @@ def _wav(make_golden_module, meta: dict, variant: str, case: str) -> np.ndarray:
 
 
 def _by_variant(params):
-    return pytest.mark.parametrize(("geometry", "case"), params, indirect=["geometry"],
-                                   ids=[f"{v}-{c}" for v, c in params])
+    return pytest.mark.parametrize(
+        ("geometry", "case"), params, indirect=["geometry"], ids=[f"{v}-{c}" for v, c in params]
+    )
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -131,12 +137,17 @@ def test_frame_embeddings_match_reference(geometry, case, make_golden_module):
     p768 = g["proj.P768"]
     if f > 1:
         assert_close(stacked[:, T - 1], g[f"{case}.stacked_last"], f"{variant}/{case}.stacked_last", "stacked")
-        assert_close(make_golden_module.project_stacked(stacked, p768), g[f"{case}.stacked_proj"],
-                     f"{variant}/{case}.stacked_proj", "stacked")
+        assert_close(
+            make_golden_module.project_stacked(stacked, p768),
+            g[f"{case}.stacked_proj"],
+            f"{variant}/{case}.stacked_proj",
+            "stacked",
+        )
     frames = stacked.reshape(B, T, f, 768).astype(np.float64).mean(2)
     assert_close(frames[:, g[f"{case}.sel"]], g[f"{case}.frames_sel"], f"{variant}/{case}.frames_sel", "frames")
-    assert_close(make_golden_module.project(frames, p768), g[f"{case}.frames_proj"], f"{variant}/{case}.frames_proj",
-                 "frames")
+    assert_close(
+        make_golden_module.project(frames, p768), g[f"{case}.frames_proj"], f"{variant}/{case}.frames_proj", "frames"
+    )
     assert_close(stacked.astype(np.float64).mean(1), g[f"{case}.scene"], f"{variant}/{case}.scene", "scene")
 
 
@@ -154,8 +165,12 @@ def test_public_reductions_match_reference(geometry, make_golden_module):
     assert isinstance(one, torch.Tensor) and one.shape == frames.shape[1:]
     for case in [c for c in meta["cases"] if f"{c}.clap_audio" in g and c in CLAP_CASES]:
         wav = _wav(make_golden_module, meta, variant, case)
-        assert_close(model.clap_audio_embeddings(wav, sample_rate=sr), g[f"{case}.clap_audio"],
-                     f"{variant}/{case}.clap_audio", "clap_audio")
+        assert_close(
+            model.clap_audio_embeddings(wav, sample_rate=sr),
+            g[f"{case}.clap_audio"],
+            f"{variant}/{case}.clap_audio",
+            "clap_audio",
+        )
 
 
 # -- time axis ---------------------------------------------------------------------------------------------------
@@ -190,7 +205,7 @@ def test_centre_timestamps_step_by_the_frame_hop(geometry):
     gaps = np.diff(ts)
     spc = g["steps_per_chunk"]
     edge = np.zeros_like(gaps, dtype=bool)
-    edge[spc - 1::spc] = True
+    edge[spc - 1 :: spc] = True
     np.testing.assert_allclose(gaps[~edge], hop_s, atol=1e-9)
     np.testing.assert_allclose(gaps[edge], hop_s + unused * g["hop"] / g["sample_rate"], atol=1e-9)
     assert ts[0] == pytest.approx((g["patch_size"][1] - 1) / 2 * g["hop"] / g["sample_rate"])
@@ -241,10 +256,18 @@ def test_reference_logits_are_the_evar_head_on_our_features(geometry, geometry_c
         feats = model.frame_embeddings(wav, sample_rate=16000, reduce=reduce).astype(np.float64)
         assert_close(head(feats.mean(1)), g[f"{case}.logits"], f"{variant}/{case}.head(forward)", "logits")
         frame_logits = head(feats)
-        assert_close(frame_logits[:, g[f"{case}.sel"]], g[f"{case}.frame_logits_sel"],
-                     f"{variant}/{case}.head(forward_frames)", "logits")
-        assert_close(make_golden_module.project(frame_logits, g["proj.P527"]), g[f"{case}.frame_logits_proj"],
-                     f"{variant}/{case}.head(forward_frames)_proj", "logits")
+        assert_close(
+            frame_logits[:, g[f"{case}.sel"]],
+            g[f"{case}.frame_logits_sel"],
+            f"{variant}/{case}.head(forward_frames)",
+            "logits",
+        )
+        assert_close(
+            make_golden_module.project(frame_logits, g["proj.P527"]),
+            g[f"{case}.frame_logits_proj"],
+            f"{variant}/{case}.head(forward_frames)_proj",
+            "logits",
+        )
 
 
 @_by_variant(HEAD_PARAMS)
@@ -268,8 +291,9 @@ def test_frame_tags_logits_match_reference_forward_frames(geometry, case, make_g
     c = meta["cases"][case]
     logits = model.frame_tags(wav, sample_rate=16000, scores="logits")
     assert logits.shape == (c["batch"], c["T"], meta["reference"]["head"]["num_classes"])
-    assert_close(logits[:, g[f"{case}.sel"]], g[f"{case}.frame_logits_sel"], f"{variant}/{case}.frame_logits_sel",
-                 "logits")
+    assert_close(
+        logits[:, g[f"{case}.sel"]], g[f"{case}.frame_logits_sel"], f"{variant}/{case}.frame_logits_sel", "logits"
+    )
     proj = make_golden_module.project(logits, g["proj.P527"])
     assert_close(proj, g[f"{case}.frame_logits_proj"], f"{variant}/{case}.frame_logits_proj", "logits")
     # aligned with frame_timestamps

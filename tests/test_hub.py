@@ -55,14 +55,22 @@ def release(tmp_path_factory):
 
 def register(monkeypatch, server, release, sha=None, name="tiny-test"):
     server.routes[f"/v0.5.0/{UPSTREAM_2025}.zip"] = Blob(release["zip"])
-    info = registry.ModelInfo(name, server.url(f"/v0.5.0/{UPSTREAM_2025}.zip"), f"{UPSTREAM_2025}/checkpoint-30.pth",
-                              sha or release["sha"], 1, "tiny test model", "clap")
+    info = registry.ModelInfo(
+        name,
+        server.url(f"/v0.5.0/{UPSTREAM_2025}.zip"),
+        f"{UPSTREAM_2025}/checkpoint-30.pth",
+        sha or release["sha"],
+        1,
+        "tiny test model",
+        "clap",
+    )
     monkeypatch.setitem(registry.MODELS, name, info)
     return info
 
 
-def test_registry_name_downloads_verifies_converts_and_then_loads_offline(monkeypatch, server, release, tmp_path,
-                                                                          caplog):
+def test_registry_name_downloads_verifies_converts_and_then_loads_offline(
+    monkeypatch, server, release, tmp_path, caplog
+):
     info = register(monkeypatch, server, release)
     with caplog.at_level(logging.WARNING, logger="m2d2_embed.loader"):
         model = m2d2.load("tiny-test", device="cpu", cache_dir=tmp_path)
@@ -148,8 +156,9 @@ def _env(**extra):
 def test_two_processes_loading_the_same_url_download_once(server, release, tmp_path):
     server.routes["/m.zip"] = Blob(release["zip"], chunk_delay=0.02)
     cmd = [sys.executable, "-c", LOAD_SCRIPT, server.url("/m.zip"), str(tmp_path / "cache")]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -159,15 +168,23 @@ def test_two_processes_loading_the_same_url_download_once(server, release, tmp_p
 
 def test_hf_repo_with_our_format_loads_through_huggingface_hub(server, tmp_path):
     src = save_tiny(tmp_path / "tiny", seed=3)
-    files = {"model.safetensors": (src / "model.safetensors").read_bytes(),
-             "config.json": (src / "config.json").read_bytes()}
+    files = {
+        "model.safetensors": (src / "model.safetensors").read_bytes(),
+        "config.json": (src / "config.json").read_bytes(),
+    }
     fake_hub(server, files, repo="ntt/m2d2-tiny")
     expected = m2d2.load(src, device="cpu").clip_embeddings(WAVE, sample_rate=16000)
-    env = _env(HF_ENDPOINT=server.url(""), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_XET="1")
+    env = _env(
+        HF_ENDPOINT=server.url(""),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_XET="1",
+    )
     for spec in ("hf://ntt/m2d2-tiny", "hf://ntt/m2d2-tiny/model.safetensors@main"):
-        proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, spec], env=env, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD_SCRIPT, spec], env=env, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         np.testing.assert_allclose(json.loads(proc.stdout.strip().splitlines()[-1]), expected, atol=1e-6)
 
@@ -204,11 +221,17 @@ def test_2024_model_fetches_its_gte_text_encoder_from_the_hub(server, tmp_path):
     sd = {k: v for k, v in gte.state_dict().items() if not k.startswith("pooler.")}
     save_file(sd, str(tmp_path / "gte.safetensors"))
     fake_hub(server, {"model.safetensors": (tmp_path / "gte.safetensors").read_bytes()}, repo="thenlper/gte-base")
-    env = _env(HF_ENDPOINT=server.url(""), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_XET="1")
+    env = _env(
+        HF_ENDPOINT=server.url(""),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_XET="1",
+    )
     args = [server.url("/v0.3.0/m2d_clap.zip"), f"{folder}/checkpoint-300.pth", str(tmp_path / "cache")]
-    proc = subprocess.run([sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     got = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
     ids, mask = Tokenizer().encode(["a dog barks", "rain"])
@@ -218,8 +241,9 @@ def test_2024_model_fetches_its_gte_text_encoder_from_the_hub(server, tmp_path):
     # offline afterwards: the converted audio side and the Hub-cached text side are both local
     env["HF_HUB_OFFLINE"] = "1"
     env["M2D2_EMBED_OFFLINE"] = "1"
-    again = subprocess.run([sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-c", GTE_SCRIPT, *args], env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0, again.stderr
 
 
@@ -231,7 +255,8 @@ def test_cli_download_fetches_converts_and_prints_the_path(server, release, tmp_
     assert cli.main(["download", server.url("/m.zip"), "--cache-dir", str(cache), "--no-progress"]) == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out / "model.safetensors").is_file() and out.is_relative_to(cache)
-    np.testing.assert_allclose(m2d2.load(out, device="cpu").clip_embeddings(WAVE, sample_rate=16000),
-                               release["expected"], atol=1e-6)
+    np.testing.assert_allclose(
+        m2d2.load(out, device="cpu").clip_embeddings(WAVE, sample_rate=16000), release["expected"], atol=1e-6
+    )
     assert cli.main(["download", server.url("/missing.zip"), "--cache-dir", str(cache), "--no-progress"]) != 0
     assert "404" in capsys.readouterr().err

@@ -62,8 +62,11 @@ def test_other_sample_rates_are_resampled(model):
 def test_integer_pcm_is_scaled_by_full_scale(model):
     x = tone(1.0)
     pcm16 = np.round(x * 32767).astype(np.int16)
-    np.testing.assert_allclose(model.clip_embeddings(pcm16, sample_rate=16000),
-                               model.clip_embeddings(pcm16.astype(np.float32) / 32768, sample_rate=16000), atol=1e-6)
+    np.testing.assert_allclose(
+        model.clip_embeddings(pcm16, sample_rate=16000),
+        model.clip_embeddings(pcm16.astype(np.float32) / 32768, sample_rate=16000),
+        atol=1e-6,
+    )
 
 
 def test_tensor_input_gives_tensor_on_model_device(model):
@@ -71,22 +74,25 @@ def test_tensor_input_gives_tensor_on_model_device(model):
     assert isinstance(out, torch.Tensor) and out.device == model.device
 
 
-@pytest.mark.parametrize(("audio", "kwargs", "exc", "match"), [
-    (np.zeros(0, np.float32), {"sample_rate": 16000}, ValueError, "empty"),
-    (np.zeros(100, np.float32), {"sample_rate": 16000}, ValueError, "too short"),
-    (np.array([0.0, np.nan] * 200, np.float32), {"sample_rate": 16000}, ValueError, "NaN or Inf"),
-    (np.array([0.0, np.inf] * 200, np.float32), {"sample_rate": 16000}, ValueError, "NaN or Inf"),
-    (np.zeros((2, 2, 16000), np.float32), {"sample_rate": 16000}, ValueError, "expected \\[samples\\]"),
-    (np.zeros(16000, np.float32), {}, ValueError, "sample_rate= is required"),
-    (np.zeros(16000, np.float32), {"sample_rate": 0}, ValueError, "not a plausible audio sample rate"),
-    (np.zeros(16000, np.complex64), {"sample_rate": 16000}, TypeError, "not supported"),
-    (np.zeros(16000, bool), {"sample_rate": 16000}, TypeError, "not supported"),
-    ([], {"sample_rate": 16000}, ValueError, "empty list"),
-    ([np.zeros((2, 16000), np.float32)], {"sample_rate": 16000}, ValueError, "1-D waveforms"),
-    ("/no/such/file.wav", {}, FileNotFoundError, "not found"),
-    (12345, {"sample_rate": 16000}, TypeError, "unsupported audio input"),
-    (np.zeros((0, 16000), np.float32), {"sample_rate": 16000}, ValueError, "empty"),
-])
+@pytest.mark.parametrize(
+    ("audio", "kwargs", "exc", "match"),
+    [
+        (np.zeros(0, np.float32), {"sample_rate": 16000}, ValueError, "empty"),
+        (np.zeros(100, np.float32), {"sample_rate": 16000}, ValueError, "too short"),
+        (np.array([0.0, np.nan] * 200, np.float32), {"sample_rate": 16000}, ValueError, "NaN or Inf"),
+        (np.array([0.0, np.inf] * 200, np.float32), {"sample_rate": 16000}, ValueError, "NaN or Inf"),
+        (np.zeros((2, 2, 16000), np.float32), {"sample_rate": 16000}, ValueError, "expected \\[samples\\]"),
+        (np.zeros(16000, np.float32), {}, ValueError, "sample_rate= is required"),
+        (np.zeros(16000, np.float32), {"sample_rate": 0}, ValueError, "not a plausible audio sample rate"),
+        (np.zeros(16000, np.complex64), {"sample_rate": 16000}, TypeError, "not supported"),
+        (np.zeros(16000, bool), {"sample_rate": 16000}, TypeError, "not supported"),
+        ([], {"sample_rate": 16000}, ValueError, "empty list"),
+        ([np.zeros((2, 16000), np.float32)], {"sample_rate": 16000}, ValueError, "1-D waveforms"),
+        ("/no/such/file.wav", {}, FileNotFoundError, "not found"),
+        (12345, {"sample_rate": 16000}, TypeError, "unsupported audio input"),
+        (np.zeros((0, 16000), np.float32), {"sample_rate": 16000}, ValueError, "empty"),
+    ],
+)
 def test_bad_audio_gets_a_clear_error(model, audio, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         model.clip_embeddings(audio, **kwargs)
@@ -143,19 +149,22 @@ def test_similarity_is_cosine():
     a = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
     b = np.array([[3.0, 0.0], [1.0, 1.0]], np.float32)
     s = m2d2.similarity(a, b)
-    np.testing.assert_allclose(s, [[1.0, 2 ** -0.5], [0.0, 2 ** -0.5]], atol=1e-6)
+    np.testing.assert_allclose(s, [[1.0, 2**-0.5], [0.0, 2**-0.5]], atol=1e-6)
     assert isinstance(m2d2.similarity(torch.from_numpy(a), b), torch.Tensor)
     with pytest.raises(ValueError, match="widths differ"):
         m2d2.similarity(a, np.zeros((2, 3)))
 
 
-@pytest.mark.parametrize(("rate", "exc", "match"), [
-    (True, TypeError, "integer number of samples per second"),  # was taken as 1 Hz: hours of audio
-    (16000.0, TypeError, "integer number of samples per second"),
-    (2, ValueError, "not a plausible audio sample rate"),
-    (999, ValueError, "not a plausible"),
-    (1_000_000, ValueError, "not a plausible"),
-])
+@pytest.mark.parametrize(
+    ("rate", "exc", "match"),
+    [
+        (True, TypeError, "integer number of samples per second"),  # was taken as 1 Hz: hours of audio
+        (16000.0, TypeError, "integer number of samples per second"),
+        (2, ValueError, "not a plausible audio sample rate"),
+        (999, ValueError, "not a plausible"),
+        (1_000_000, ValueError, "not a plausible"),
+    ],
+)
 def test_implausible_sample_rates_are_refused_before_any_work(model, rate, exc, match):
     with pytest.raises(exc, match=match):
         model.clip_embeddings(tone(2.0), sample_rate=rate)
@@ -168,8 +177,7 @@ def test_ambiguous_integer_audio_is_refused_not_silenced(model, dtype):
     with pytest.raises(TypeError, match="ambiguous.*int16"):
         model.clip_embeddings(pcm, sample_rate=16000)
     ok = model.clip_embeddings(pcm.astype(np.int16), sample_rate=16000)  # the advice works
-    np.testing.assert_allclose(ok, model.clip_embeddings(pcm.astype(np.int16) / 32768.0, sample_rate=16000),
-                               atol=1e-5)
+    np.testing.assert_allclose(ok, model.clip_embeddings(pcm.astype(np.int16) / 32768.0, sample_rate=16000), atol=1e-5)
 
 
 def test_soundfile_layout_stereo_is_named_not_called_too_short(model):
@@ -185,12 +193,15 @@ def test_a_bad_item_of_a_list_is_named_by_index(model):
         model.clip_embeddings([tone(1.0), tone(0.001)], sample_rate=16000)
 
 
-@pytest.mark.parametrize(("kwargs", "exc", "match"), [
-    ({"labels": None}, TypeError, "labels must be a list of strings"),
-    ({"labels": ["dog"], "template": "a {label} and a {thing}"}, ValueError, r"no other \(found \{thing\}\)"),
-    ({"labels": ["dog"], "template": "a {0}"}, ValueError, r"placeholder \{label\}"),
-    ({"labels": ["dog"], "template": "a {label"}, ValueError, "not a valid format string"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"labels": None}, TypeError, "labels must be a list of strings"),
+        ({"labels": ["dog"], "template": "a {label} and a {thing}"}, ValueError, r"no other \(found \{thing\}\)"),
+        ({"labels": ["dog"], "template": "a {0}"}, ValueError, r"placeholder \{label\}"),
+        ({"labels": ["dog"], "template": "a {label"}, ValueError, "not a valid format string"),
+    ],
+)
 def test_zero_shot_labels_and_template_errors_say_what_is_allowed(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         model.zero_shot(tone(1.0), sample_rate=16000, **kwargs)

@@ -14,8 +14,10 @@ CASES = ["len3p3s", "len10p01s"]  # one short chunk; a full chunk plus a one-fra
 
 @pytest.fixture(scope="module")
 def fp32_and_int8(parity_checkpoint):
-    return (m2d2.load(parity_checkpoint, device="cpu", dtype="fp32"),
-            m2d2.load(parity_checkpoint, device="cpu", dtype="int8"))
+    return (
+        m2d2.load(parity_checkpoint, device="cpu", dtype="fp32"),
+        m2d2.load(parity_checkpoint, device="cpu", dtype="int8"),
+    )
 
 
 def min_cosine(a, b) -> float:

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-NAMES = ["01_quickstart.ipynb", "02_zero_shot_and_search.ipynb", "03_downstream_classifier.ipynb",
-         "04_tagging_and_events.ipynb"]
+NAMES = [
+    "01_quickstart.ipynb",
+    "02_zero_shot_and_search.ipynb",
+    "03_downstream_classifier.ipynb",
+    "04_tagging_and_events.ipynb",
+]
 
 
 def test_the_notebooks_exist_without_outputs():
@@ -56,8 +60,9 @@ def test_notebook_executes(name, request, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(root / "notebooks" / name, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors

@@ -25,8 +25,15 @@ META = {"model": "m", "dim": 4, "level": "clip", "format": "npz", "weights_finge
 
 
 def test_every_format_of_the_table_writes_and_reads_back(tmp_path):
-    es = outputs.EmbeddingSet(["a.wav", "b.wav"], np.arange(8, dtype=np.float32).reshape(2, 4), "clip", None,
-                              np.array([1.0, 2.0]), [], {"model": "m", "dim": 4})
+    es = outputs.EmbeddingSet(
+        ["a.wav", "b.wav"],
+        np.arange(8, dtype=np.float32).reshape(2, 4),
+        "clip",
+        None,
+        np.array([1.0, 2.0]),
+        [],
+        {"model": "m", "dim": 4},
+    )
     names = [name for name in outputs.FORMATS if name != "parquet" or _has_pyarrow()]
     for name in names:
         form = outputs.get_format(name)
@@ -61,8 +68,16 @@ def test_output_format_tells_files_from_directories(tmp_path):
 
 def test_arrow_columns_make_null_rows_for_failed_files():
     pytest.importorskip("pyarrow")
-    t = outputs.arrow_table(["a", "b"], "frame", 2, [np.ones((3, 2)), None], timestamps=[np.arange(3.0), None],
-                            durations=[1.5, None], errors=[None, "cannot decode"], metadata={"model": "m"})
+    t = outputs.arrow_table(
+        ["a", "b"],
+        "frame",
+        2,
+        [np.ones((3, 2)), None],
+        timestamps=[np.arange(3.0), None],
+        durations=[1.5, None],
+        errors=[None, "cannot decode"],
+        metadata={"model": "m"},
+    )
     rows = t.to_pylist()
     assert rows[0]["embedding"] == [[1.0, 1.0]] * 3 and rows[0]["timestamps"] == [0.0, 1.0, 2.0]
     assert rows[1]["embedding"] is None and rows[1]["error"] == "cannot decode" and rows[1]["duration"] is None
@@ -88,9 +103,11 @@ def test_result_writer_stores_parts_as_work_completes_and_resume_keys_are_canoni
 
 def test_the_lock_of_an_output_directory_is_held_against_other_processes(tmp_path):
     d = outputs.OutputDir(tmp_path / "out", "npz")
-    code = ("import sys; from m2d2_embed import outputs\n"
-            "try:\n    outputs.OutputDir(sys.argv[1]).open().close()\n"
-            "except outputs.OutputInUseError as e:\n    print(e); sys.exit(3)\n")
+    code = (
+        "import sys; from m2d2_embed import outputs\n"
+        "try:\n    outputs.OutputDir(sys.argv[1]).open().close()\n"
+        "except outputs.OutputInUseError as e:\n    print(e); sys.exit(3)\n"
+    )
     with d.open():
         r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
         assert r.returncode == 3 and "another m2d2-embed run is writing to" in r.stdout

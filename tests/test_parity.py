@@ -12,8 +12,14 @@ import torch
 import m2d2_embed as m2d2
 
 CASES = ["len0p1s", "len0p5s", "len1s", "len3p3s", "len10s", "len10p01s", "len25p7s", "batch3"]
-TOL = {"lms": (5e-4, 2.5e-4), "encode_stacked": (1e-4, 2.5e-5), "encode_flat": (1e-4, 2.5e-5),
-       "frames": (5e-5, 1.5e-5), "scene": (5e-5, 1.5e-5), "clap_audio": (5e-5, 1.5e-5)}
+TOL = {
+    "lms": (5e-4, 2.5e-4),
+    "encode_stacked": (1e-4, 2.5e-5),
+    "encode_flat": (1e-4, 2.5e-5),
+    "frames": (5e-5, 1.5e-5),
+    "scene": (5e-5, 1.5e-5),
+    "clap_audio": (5e-5, 1.5e-5),
+}
 
 
 def assert_close(got, want: np.ndarray, key: str) -> None:
@@ -41,18 +47,21 @@ def test_log_mel_matches_reference(model, golden, case):
 @pytest.mark.parametrize("case", CASES)
 def test_frame_level_embeddings_match_reference(model, golden, case):
     wav = golden[f"{case}.wav"]
-    assert_close(model.frame_embeddings(wav, sample_rate=16000), golden[f"{case}.encode_stacked"],
-                 f"{case}.encode_stacked")
-    assert_close(model.frame_embeddings(wav, sample_rate=16000, reduce="mean"), golden[f"{case}.frames"],
-                 f"{case}.frames")
+    assert_close(
+        model.frame_embeddings(wav, sample_rate=16000), golden[f"{case}.encode_stacked"], f"{case}.encode_stacked"
+    )
+    assert_close(
+        model.frame_embeddings(wav, sample_rate=16000, reduce="mean"), golden[f"{case}.frames"], f"{case}.frames"
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_clip_and_clap_embeddings_match_reference(model, golden, case):
     wav = golden[f"{case}.wav"]
     assert_close(model.clip_embeddings(wav, sample_rate=16000), golden[f"{case}.scene"], f"{case}.scene")
-    assert_close(model.clap_audio_embeddings(wav, sample_rate=16000), golden[f"{case}.clap_audio"],
-                 f"{case}.clap_audio")
+    assert_close(
+        model.clap_audio_embeddings(wav, sample_rate=16000), golden[f"{case}.clap_audio"], f"{case}.clap_audio"
+    )
 
 
 @pytest.mark.parametrize("case", ["len3p3s", "len10p01s"])

@@ -48,8 +48,10 @@ def reference(model, folder) -> dict[str, m2d2.EmbeddingSet]:
 
 
 def test_import_m2d2_embed_never_imports_ray():
-    code = ("import sys, m2d2_embed, m2d2_embed.cli, m2d2_embed.integrations.ray; "
-            "assert 'ray' not in sys.modules, 'ray was imported'")
+    code = (
+        "import sys, m2d2_embed, m2d2_embed.cli, m2d2_embed.integrations.ray; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -63,8 +65,9 @@ def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path):
         integration.embed_dataset(tmp_path, tmp_path / "out")
 
 
-def test_embedder_takes_bytes_paths_or_decoded_audio_and_keeps_bad_files_as_error_rows(tiny_model_dir, folder,
-                                                                                         reference):
+def test_embedder_takes_bytes_paths_or_decoded_audio_and_keeps_bad_files_as_error_rows(
+    tiny_model_dir, folder, reference
+):
     import soundfile as sf
 
     pa = pytest.importorskip("pyarrow")
@@ -76,8 +79,13 @@ def test_embedder_takes_bytes_paths_or_decoded_audio_and_keeps_bad_files_as_erro
     from_paths = emb(pa.table({"path": paths}))
     good = good_paths(folder)
     decoded = [sf.read(p, dtype="float32", always_2d=True) for p in good]
-    from_arrays = emb({"path": np.array(good, dtype=object), "amplitude": [d.T for d, _ in decoded],
-                       "sample_rate": np.array([sr for _, sr in decoded])})
+    from_arrays = emb(
+        {
+            "path": np.array(good, dtype=object),
+            "amplitude": [d.T for d, _ in decoded],
+            "sample_rate": np.array([sr for _, sr in decoded]),
+        }
+    )
     for table, expected in ((from_bytes, paths), (from_paths, paths), (from_arrays, good)):
         assert table.column("path").to_pylist() == expected  # one row per input, in input order
         rows = {r["path"]: r for r in table.to_pylist()}
@@ -103,8 +111,9 @@ def test_embedder_streams_long_files_with_the_same_result(tiny_model_dir, folder
     monkeypatch.setattr(files, "STREAM_SECONDS", 2.0)  # the 3.3 s and 12 s files now take the streaming path
     emb = M2D2Embedder(str(tiny_model_dir), level="frame", extra_levels=("clip",), device="cpu")
     good = good_paths(folder)
-    table = emb({"path": np.array(good, dtype=object),
-                 "bytes": np.array([Path(p).read_bytes() for p in good], dtype=object)})
+    table = emb(
+        {"path": np.array(good, dtype=object), "bytes": np.array([Path(p).read_bytes() for p in good], dtype=object)}
+    )
     rows = {r["path"]: r for r in table.to_pylist()}
     for p, e in zip(reference["clip"].paths, reference["clip"].embeddings):
         np.testing.assert_allclose(np.asarray(rows[p]["clip_embedding"], np.float32), e, atol=2e-5)
@@ -112,16 +121,23 @@ def test_embedder_streams_long_files_with_the_same_result(tiny_model_dir, folder
         np.testing.assert_allclose(np.asarray(rows[p]["embedding"], np.float32), e, atol=2e-5)
 
 
-def test_embed_dataset_writes_parquet_equal_to_embed_files(ray_cluster, tiny_model_dir, folder, reference,
-                                                          tmp_path):
+def test_embed_dataset_writes_parquet_equal_to_embed_files(ray_cluster, tiny_model_dir, folder, reference, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from m2d2_embed.integrations.ray import embed_dataset
 
     out = tmp_path / "emb"
-    uri = embed_dataset(folder, out, model=str(tiny_model_dir), level="clip", extra_levels=["clap"], concurrency=1,
-                        batch_size=3, num_gpus_per_actor=0)
+    uri = embed_dataset(
+        folder,
+        out,
+        model=str(tiny_model_dir),
+        level="clip",
+        extra_levels=["clap"],
+        concurrency=1,
+        batch_size=3,
+        num_gpus_per_actor=0,
+    )
     assert uri == str(out)
     es = m2d2.read_embeddings(out)
     ref = reference["clip"]
@@ -144,8 +160,10 @@ def test_map_embeddings_on_a_dataset_of_paths_at_frame_level(ray_cluster, tiny_m
 
     good = good_paths(folder)
     ds = ray_cluster.data.from_items([{"path": p} for p in good])
-    rows = {r["path"]: r for r in map_embeddings(ds, str(tiny_model_dir), level="frame", concurrency=1,
-                                                 num_gpus_per_actor=0).take_all()}
+    rows = {
+        r["path"]: r
+        for r in map_embeddings(ds, str(tiny_model_dir), level="frame", concurrency=1, num_gpus_per_actor=0).take_all()
+    }
     ref = reference["frame"]
     for p, e, t in zip(ref.paths, ref.embeddings, ref.timestamps):
         np.testing.assert_allclose(np.stack(rows[p]["embedding"]), e, atol=2e-5)

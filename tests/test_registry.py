@@ -52,8 +52,9 @@ def test_every_published_weight_has_a_name_config_and_upstream_url():
 
 def test_release_urls_match_upstream_readme():
     """The two URLs that were wrong (v0.3.0 instead of v0.1.0) and every other table URL come from the README."""
-    proc = subprocess.run(["git", "--git-dir", str(UPSTREAM_README), "show", "HEAD:README.md"], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["git", "--git-dir", str(UPSTREAM_README), "show", "HEAD:README.md"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip("upstream mirror not available")
     table_rows = "\n".join(line for line in proc.stdout.splitlines() if line.startswith("| ["))
@@ -67,15 +68,22 @@ def test_release_urls_match_upstream_readme():
 
 def test_list_models_rows_and_cli_table(tmp_path):
     rows = {r["name"]: r for r in list_models(tmp_path)}
-    assert rows["m2d2-clap-2025"]["default"] and rows["m2d2-clap-2025"]["dims"] == {"frame": 3840, "clip": 3840,
-                                                                                      "clap": 768}
+    assert rows["m2d2-clap-2025"]["default"] and rows["m2d2-clap-2025"]["dims"] == {
+        "frame": 3840,
+        "clip": 3840,
+        "clap": 768,
+    }
     assert rows["m2d2-clap-2025-20ms"]["frame_ms"] == 20 and rows["m2d2-clap-2025-20ms"]["dims"]["clip"] == 768
     assert rows["m2d-2023-40ms"]["frame_ms"] == 40
     assert rows["m2d-as-2024-32k"]["sample_rate"] == 32000
     assert rows["m2d-as-2024-tagging"]["dims"]["classes"] == 527 and "AT/SED" in rows["m2d-as-2024-tagging"]["best_for"]
     assert "speech" in rows["m2d-s-2023-6s"]["best_for"] and not any(r["cached"] for r in rows.values())
-    proc = subprocess.run([sys.executable, "-m", "m2d2_embed", "list", "--cache-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "m2d2_embed", "list", "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["name", "best", "for", "frame", "dims", "download", "cached"]
@@ -97,20 +105,28 @@ def _layout(info: registry.ModelInfo) -> str:
 
 def _upstream_like(info: registry.ModelInfo) -> dict[str, torch.Tensor]:
     """A shape-only (meta) state dict in the entry's upstream layout, at the real ViT-B / BERT-base size."""
-    cfg = ModelConfig(name="x", frontend=info.config.frontend, encoder=info.config.encoder,
-                      audio_head=info.config.audio_head,
-                      text=info.config.text if info.text_weights is None else None)
+    cfg = ModelConfig(
+        name="x",
+        frontend=info.config.frontend,
+        encoder=info.config.encoder,
+        audio_head=info.config.audio_head,
+        text=info.config.text if info.text_weights is None else None,
+    )
     with torch.device("meta"):
         model = M2D2(cfg)
     layout = _layout(info)
     sd = upstream_state_dict(model, layout if layout != "2025" or cfg.text else "2024")
     if layout == "evar":
         d = info.config.classifier.in_features
-        sd.update({"module.head.norm.running_mean": torch.zeros(d, device="meta"),
-                   "module.head.norm.running_var": torch.ones(d, device="meta"),
-                   "module.head.norm.num_batches_tracked": torch.zeros((), dtype=torch.long, device="meta"),
-                   "module.head.mlp.mlp.0.weight": torch.empty(527, d, device="meta"),
-                   "module.head.mlp.mlp.0.bias": torch.empty(527, device="meta")})
+        sd.update(
+            {
+                "module.head.norm.running_mean": torch.zeros(d, device="meta"),
+                "module.head.norm.running_var": torch.ones(d, device="meta"),
+                "module.head.norm.num_batches_tracked": torch.zeros((), dtype=torch.long, device="meta"),
+                "module.head.mlp.mlp.0.weight": torch.empty(527, d, device="meta"),
+                "module.head.mlp.mlp.0.bias": torch.empty(527, device="meta"),
+            }
+        )
     return sd
 
 
@@ -122,8 +138,9 @@ def test_every_entry_converts_from_its_upstream_layout_to_the_model_it_describes
         out, cfg = from_state_dict(sd, name="not-an-upstream-folder-name", config=info.config)
     assert "folder name" not in caplog.text  # the registry config is used, never the name
     assert cfg.encoder == info.config.encoder and cfg.frontend.sample_rate == info.config.frontend.sample_rate
-    assert cfg.frontend == FrontEndConfig.for_rate(info.config.frontend.sample_rate, norm_mean=cfg.frontend.norm_mean,
-                                                   norm_std=cfg.frontend.norm_std)
+    assert cfg.frontend == FrontEndConfig.for_rate(
+        info.config.frontend.sample_rate, norm_mean=cfg.frontend.norm_mean, norm_std=cfg.frontend.norm_std
+    )
     assert cfg.audio_head == info.config.audio_head and cfg.text == info.config.text
     assert cfg.text_weights == info.text_weights
     with torch.device("meta"):
@@ -137,8 +154,11 @@ def test_every_entry_converts_from_its_upstream_layout_to_the_model_it_describes
         assert cfg.classifier == info.config.classifier
         assert cfg.classifier.labels == registry.audioset_labels() and cfg.classifier.norm
         assert {k for k in out if k.startswith("classifier.")} == {
-            "classifier.norm.running_mean", "classifier.norm.running_var", "classifier.linear.weight",
-            "classifier.linear.bias"}
+            "classifier.norm.running_mean",
+            "classifier.norm.running_var",
+            "classifier.linear.weight",
+            "classifier.linear.bias",
+        }
     else:
         assert cfg.classifier is None
 
@@ -154,9 +174,11 @@ def test_a_checkpoint_that_does_not_fit_its_entry_is_refused():
 
 
 def _tiny_entry_config(name: str, width: int, patch=(16, 16), rate=16000) -> ModelConfig:
-    return ModelConfig(name=name, frontend=FrontEndConfig.for_rate(rate),
-                       encoder=EncoderConfig(input_size=(80, width), patch_size=patch, embed_dim=64, depth=2,
-                                             num_heads=1))
+    return ModelConfig(
+        name=name,
+        frontend=FrontEndConfig.for_rate(rate),
+        encoder=EncoderConfig(input_size=(80, width), patch_size=patch, embed_dim=64, depth=2, num_heads=1),
+    )
 
 
 @pytest.fixture
@@ -166,10 +188,13 @@ def server():
     s.close()
 
 
-@pytest.mark.parametrize(("folder", "width", "patch", "rate"), [
-    ("m2d_as_vit_base-80x608p16x16p32k-240413_enconly", 608, (16, 16), 32000),
-    ("m2d_s_vit_base-80x400p80x2-230201", 400, (80, 2), 16000),
-])
+@pytest.mark.parametrize(
+    ("folder", "width", "patch", "rate"),
+    [
+        ("m2d_as_vit_base-80x608p16x16p32k-240413_enconly", 608, (16, 16), 32000),
+        ("m2d_s_vit_base-80x400p80x2-230201", 400, (80, 2), 16000),
+    ],
+)
 def test_registry_config_wins_over_the_folder_and_args(monkeypatch, server, tmp_path, folder, width, patch, rate):
     """A p32k / 80x2 entry gets its front end and geometry from its entry, even from a checkpoint whose folder
     name and args say otherwise (here: a plain 16-kHz name, args claiming 16k and 80x1001)."""
@@ -185,14 +210,16 @@ def test_registry_config_wins_over_the_folder_and_args(monkeypatch, server, tmp_
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.write(pth, f"{folder}/checkpoint-300.pth")
     server.routes[f"/{folder}.zip"] = Blob(zpath.read_bytes())
-    info = registry.ModelInfo("tiny-entry", server.url(f"/{folder}.zip"), None, None, 1, "tiny", "audio",
-                              config=cfg, best_for="test")
+    info = registry.ModelInfo(
+        "tiny-entry", server.url(f"/{folder}.zip"), None, None, 1, "tiny", "audio", config=cfg, best_for="test"
+    )
     monkeypatch.setitem(registry.MODELS, "tiny-entry", info)
     loaded = m2d2.load("tiny-entry", device="cpu", cache_dir=tmp_path / "cache")
     assert loaded.config.frontend.sample_rate == rate and loaded.config.encoder == cfg.encoder
     wave = np.sin(np.linspace(0, 500, rate)).astype(np.float32)
-    np.testing.assert_allclose(loaded.clip_embeddings(wave, sample_rate=rate),
-                               model.clip_embeddings(wave, sample_rate=rate), atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.clip_embeddings(wave, sample_rate=rate), model.clip_embeddings(wave, sample_rate=rate), atol=1e-5
+    )
 
 
 def test_folder_name_is_a_logged_last_resort_for_unknown_files(tmp_path, caplog):
@@ -227,22 +254,28 @@ def test_evar_head_is_converted_with_audioset_labels(tmp_path):
     model = tiny_model(cfg)
     sd = upstream_state_dict(model, "evar")
     torch.manual_seed(1)
-    head = {"module.head.norm.running_mean": torch.randn(320), "module.head.norm.running_var": torch.rand(320) + 0.5,
-            "module.head.norm.num_batches_tracked": torch.tensor(7),
-            "module.head.mlp.mlp.0.weight": torch.randn(527, 320), "module.head.mlp.mlp.0.bias": torch.randn(527)}
+    head = {
+        "module.head.norm.running_mean": torch.randn(320),
+        "module.head.norm.running_var": torch.rand(320) + 0.5,
+        "module.head.norm.num_batches_tracked": torch.tensor(7),
+        "module.head.mlp.mlp.0.weight": torch.randn(527, 320),
+        "module.head.mlp.mlp.0.bias": torch.randn(527),
+    }
     pth = tmp_path / "m2d_vit_base-80x608p16x16-221006-mr7_as_ft" / "weights_ep69it3124-0.47929.pth"
     pth.parent.mkdir()
-    torch.save({"module." + k[len("module."):]: v for k, v in {**sd, **head}.items()}, pth)
+    torch.save({"module." + k[len("module.") :]: v for k, v in {**sd, **head}.items()}, pth)
     out, got = read_any(pth)
-    assert got.classifier == ClassifierConfig(in_features=320, num_classes=527, norm=True,
-                                              labels=registry.audioset_labels(), multi_label=True)
+    assert got.classifier == ClassifierConfig(
+        in_features=320, num_classes=527, norm=True, labels=registry.audioset_labels(), multi_label=True
+    )
     assert torch.equal(out["classifier.linear.weight"], head["module.head.mlp.mlp.0.weight"])
     assert torch.equal(out["classifier.norm.running_var"], head["module.head.norm.running_var"])
     assert not any("num_batches_tracked" in k for k in out)
     dst = save_model(out, got, tmp_path / "conv")  # the config and tensors survive our format
     again, cfg2 = read_any(dst)
-    assert cfg2.classifier == got.classifier and torch.equal(again["classifier.linear.bias"],
-                                                             head["module.head.mlp.mlp.0.bias"])
+    assert cfg2.classifier == got.classifier and torch.equal(
+        again["classifier.linear.bias"], head["module.head.mlp.mlp.0.bias"]
+    )
 
 
 def test_finetune_export_classifier_is_read_beside_the_model(tmp_path):
@@ -257,8 +290,9 @@ def test_finetune_export_classifier_is_read_beside_the_model(tmp_path):
     ft.classifier_config = lambda: FinetuneModel.classifier_config(ft)
     FinetuneModel.export_extra(ft, dst)  # the real exporter
     sd, cfg = read_any(dst)
-    assert cfg.classifier == ClassifierConfig(in_features=320, num_classes=3, norm=False,
-                                              labels=("dog", "rain", "siren"), multi_label=False)
+    assert cfg.classifier == ClassifierConfig(
+        in_features=320, num_classes=3, norm=False, labels=("dog", "rain", "siren"), multi_label=False
+    )
     assert torch.equal(sd["classifier.linear.weight"], head.linear.weight.detach())
     assert torch.equal(sd["classifier.linear.bias"], head.linear.bias.detach())
     assert json.loads((dst / "config.json").read_text())["classifier"] is None  # read from the file, not copied

@@ -30,7 +30,9 @@ def test_ruff_lint_including_private_access_is_clean():
 
 
 def test_the_package_imports_without_its_heavy_dependencies_loaded():
-    code = ("import sys, m2d2_embed; heavy = [m for m in ('pyarrow', 'ray', 'transformers', 'onnxruntime', "
-            "'matplotlib', 'sklearn') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, m2d2_embed; heavy = [m for m in ('pyarrow', 'ray', 'transformers', 'onnxruntime', "
+        "'matplotlib', 'sklearn') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -123,7 +123,10 @@ def test_detect_events_merges_adjacent_frames_above_threshold():
     s = np.array([[0.1, 0.9], [0.8, 0.95], [0.9, 0.2], [0.2, 0.1], [0.7, 0.1], [0.1, 0.1]])
     ev = detect_events(s, ts, ["dog", "rain"], threshold=0.5, hop_seconds=0.16)
     assert [(e["label"], round(e["onset"], 3), round(e["offset"], 3), e["score"]) for e in ev] == [
-        ("rain", 0.0, 0.315, 0.95), ("dog", 0.155, 0.475, 0.9), ("dog", 0.635, 0.795, 0.7)]
+        ("rain", 0.0, 0.315, 0.95),
+        ("dog", 0.155, 0.475, 0.9),
+        ("dog", 0.635, 0.795, 0.7),
+    ]
     assert detect_events(s, ts, ["dog", "rain"], threshold=0.99, hop_seconds=0.16) == []
     with pytest.raises(ValueError, match="do not match"):
         detect_events(s, ts[:3], ["dog", "rain"], threshold=0.5, hop_seconds=0.16)

@@ -22,7 +22,12 @@ from m2d2_embed.train.m2d import structured_mask
 def test_evar_recipe_is_a_preset_that_user_settings_override():
     cfg = load_config("finetune", overrides=["recipe=evar", "optim.lr=0.5"])
     assert (cfg.head_norm, cfg.training_mask, cfg.rrc, cfg.freeze_embed, cfg.mixup_kind, cfg.loss) == (
-        True, 0.5, True, True, "evar", "evar",
+        True,
+        0.5,
+        True,
+        True,
+        "evar",
+        "evar",
     )
     o = cfg.optim
     assert (o.optimizer, o.lr, o.weight_decay, o.cosine) == ("lars", 0.5, 0.0, "whole_run")

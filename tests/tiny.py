@@ -22,8 +22,9 @@ from m2d2_embed.model import M2D2
 UPSTREAM_2025 = "m2d_clap_vit_base-80x1001p16x16p16kpBpTI-2025"
 
 
-def tiny_config(head: str | None = "semantic", text: bool = True, width: int = 1001,
-                classifier: ClassifierConfig | None = None) -> ModelConfig:
+def tiny_config(
+    head: str | None = "semantic", text: bool = True, width: int = 1001, classifier: ClassifierConfig | None = None
+) -> ModelConfig:
     return ModelConfig(
         name="tiny",
         frontend=FrontEndConfig(norm_mean=-7.26, norm_std=4.35),
@@ -59,8 +60,11 @@ def upstream_state_dict(model: M2D2, layout: str = "2025") -> dict[str, torch.Te
     for k, v in sd.items():
         head, rest = k.split(".", 1)
         if layout == "2025":
-            key = {"encoder": "backbone.", "audio_proj": "backbone.audio_proj.",
-                   "text_encoder": "text_encoder.text_encoder."}[head] + rest
+            key = {
+                "encoder": "backbone.",
+                "audio_proj": "backbone.audio_proj.",
+                "text_encoder": "text_encoder.text_encoder.",
+            }[head] + rest
         elif layout == "evar":
             key = "module.ar.runtime.backbone." + rest if head == "encoder" else None
         else:  # 2024 CLAP / bare M2D: keys at the root, no text encoder
@@ -78,8 +82,9 @@ def upstream_state_dict(model: M2D2, layout: str = "2025") -> dict[str, torch.Te
     return out
 
 
-def save_upstream(dst_dir: Path, layout: str = "2025", folder: str = UPSTREAM_2025, seed: int = 0,
-                  config: ModelConfig | None = None) -> tuple[Path, M2D2]:
+def save_upstream(
+    dst_dir: Path, layout: str = "2025", folder: str = UPSTREAM_2025, seed: int = 0, config: ModelConfig | None = None
+) -> tuple[Path, M2D2]:
     """Write ``dst_dir/folder/checkpoint-30.pth`` in an upstream layout; return it and the model it holds."""
     model = tiny_model(config or tiny_config(), seed)
     sd = upstream_state_dict(model, layout)
@@ -88,6 +93,13 @@ def save_upstream(dst_dir: Path, layout: str = "2025", folder: str = UPSTREAM_20
     if layout == "m2d":
         torch.save(sd, path)
     else:
-        torch.save({"model": sd, "args": argparse.Namespace(input_size=[80, model.config.encoder.input_size[1]],
-                                                             patch_size=[16, 16], sr="16k")}, path)
+        torch.save(
+            {
+                "model": sd,
+                "args": argparse.Namespace(
+                    input_size=[80, model.config.encoder.input_size[1]], patch_size=[16, 16], sr="16k"
+                ),
+            },
+            path,
+        )
     return path, model

@@ -42,14 +42,16 @@ def _require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"m2d2_embed.integrations.ray needs Ray Data: {INSTALL_HINT} (or pip install 'ray[data]')"
-                          ) from e
+        raise ImportError(
+            f"m2d2_embed.integrations.ray needs Ray Data: {INSTALL_HINT} (or pip install 'ray[data]')"
+        ) from e
     return ray
 
 
 # ---------------------------------------------------------------------------------------------------
 # The callable class (one per actor)
 # ---------------------------------------------------------------------------------------------------
+
 
 class M2D2Embedder:
     """A callable class for :meth:`ray.data.Dataset.map_batches`: loads the model once per actor, then embeds
@@ -77,11 +79,22 @@ class M2D2Embedder:
         decode_threads: threads that decode the files of a batch.
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *, level: str = "clip",
-                 extra_levels: Sequence[str] = (), reduce: str = "none", normalize: bool = False,
-                 device: str | None = None, dtype: str | None = None, cache_dir: str | os.PathLike | None = None,
-                 offline: bool | None = None, compile: bool = False, model_batch_size: int | None = None,
-                 decode_threads: int = 4) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        level: str = "clip",
+        extra_levels: Sequence[str] = (),
+        reduce: str = "none",
+        normalize: bool = False,
+        device: str | None = None,
+        dtype: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        offline: bool | None = None,
+        compile: bool = False,
+        model_batch_size: int | None = None,
+        decode_threads: int = 4,
+    ) -> None:
         from ..files import embedding_metadata
         from ..loader import load
 
@@ -93,12 +106,19 @@ class M2D2Embedder:
         self.reduce, self.normalize, self.model_batch_size = reduce, bool(normalize), model_batch_size
         self.dims = {lvl: self.model.output_dim(lvl, reduce) for lvl in levels}
         self.metadata: dict[str, Any] = {
-            **embedding_metadata(self.model, level, reduce, normalize), "format": "parquet",
+            **embedding_metadata(self.model, level, reduce, normalize),
+            "format": "parquet",
             "model_source": str(model) if model is not None else self.model.name,
-            "extra_levels": list(self.extra_levels)}
+            "extra_levels": list(self.extra_levels),
+        }
         self._pool = ThreadPoolExecutor(max_workers=max(1, int(decode_threads)))
-        log.info("M2D2Embedder: %s on %s (%s), levels %s", self.model.name, self.model.device, self.model.dtype,
-                 ", ".join(levels))
+        log.info(
+            "M2D2Embedder: %s on %s (%s), levels %s",
+            self.model.name,
+            self.model.device,
+            self.model.dtype,
+            ", ".join(levels),
+        )
 
     # -- one batch ------------------------------------------------------------------------------------------
     def __call__(self, batch: Any) -> pa.Table:
@@ -150,8 +170,14 @@ class M2D2Embedder:
             return "error", failure_reason(e)
         return "wave", torch.from_numpy(np.ascontiguousarray(wave))
 
-    def _embed_short(self, paths: list[str], waves: dict[int, torch.Tensor], levels: Sequence[str],
-                     results: dict[int, dict[str, Any]], errors: dict[int, str]) -> None:
+    def _embed_short(
+        self,
+        paths: list[str],
+        waves: dict[int, torch.Tensor],
+        levels: Sequence[str],
+        results: dict[int, dict[str, Any]],
+        errors: dict[int, str],
+    ) -> None:
         """Files of at most 300 s: grouped by length into batches of at most ``model_batch_size`` chunks."""
         import torch
 
@@ -177,8 +203,9 @@ class M2D2Embedder:
                     except Exception as e1:
                         errors[i] = failure_reason(e1)
 
-    def _embed_group(self, paths: list[str], group: list[int], waves: dict[int, torch.Tensor],
-                     levels: Sequence[str]) -> dict[int, dict[str, Any]]:
+    def _embed_group(
+        self, paths: list[str], group: list[int], waves: dict[int, torch.Tensor], levels: Sequence[str]
+    ) -> dict[int, dict[str, Any]]:
         from ..files import FileResult, finish
         from ..model import FRAME_LEVELS
 
@@ -195,8 +222,15 @@ class M2D2Embedder:
                 res[i][lvl] = FileResult(paths[i], per[j], n / m.sample_rate, ts)
         return res
 
-    def _embed_long(self, i: int, path: str, src: Any, levels: Sequence[str], results: dict[int, dict[str, Any]],
-                    errors: dict[int, str]) -> None:
+    def _embed_long(
+        self,
+        i: int,
+        path: str,
+        src: Any,
+        levels: Sequence[str],
+        results: dict[int, dict[str, Any]],
+        errors: dict[int, str],
+    ) -> None:
         import torch
 
         from ..files import embed_long_file, failure_reason
@@ -204,8 +238,15 @@ class M2D2Embedder:
         out = {}
         try:
             for lvl in levels:  # decoded again per level: memory stays bounded whatever the length
-                out[lvl] = embed_long_file(self.model, src, lvl, reduce=self.reduce, normalize=self.normalize,
-                                           batch_size=self.model_batch_size, path=path)
+                out[lvl] = embed_long_file(
+                    self.model,
+                    src,
+                    lvl,
+                    reduce=self.reduce,
+                    normalize=self.normalize,
+                    batch_size=self.model_batch_size,
+                    path=path,
+                )
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:
@@ -227,11 +268,17 @@ class M2D2Embedder:
             extra[f"{lvl}_embedding"] = emb
             if lvl == "frame":
                 extra["frame_timestamps"] = ts
-        return arrow_table(paths, main, self.dims[main], [None if r is None else r.embedding for r in res],
-                           timestamps=[None if r is None else r.timestamps for r in res],
-                           durations=[None if r is None else r.duration for r in res],
-                           errors=[errors.get(i) if not ok[i] else None for i in range(n)],
-                           metadata=self.metadata, extra=extra)
+        return arrow_table(
+            paths,
+            main,
+            self.dims[main],
+            [None if r is None else r.embedding for r in res],
+            timestamps=[None if r is None else r.timestamps for r in res],
+            durations=[None if r is None else r.duration for r in res],
+            errors=[errors.get(i) if not ok[i] else None for i in range(n)],
+            metadata=self.metadata,
+            extra=extra,
+        )
 
 
 def _check_levels(level: str, extra_levels: Sequence[str]) -> list[str]:
@@ -252,13 +299,18 @@ def _embedding_columns(level: str, dim: int, res: list[Any]) -> tuple[pa.Array, 
     """(embedding, timestamps) columns for one level; ``None`` items (failed files) become nulls."""
     from ..outputs import embedding_columns
 
-    return embedding_columns(level, dim, [None if r is None else r.embedding for r in res],
-                             [None if r is None else r.timestamps for r in res])
+    return embedding_columns(
+        level,
+        dim,
+        [None if r is None else r.embedding for r in res],
+        [None if r is None else r.timestamps for r in res],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reading a batch
 # ---------------------------------------------------------------------------------------------------
+
 
 def _column(batch: Any, name: str) -> list[Any] | None:
     if isinstance(batch, Mapping):
@@ -269,16 +321,20 @@ def _column(batch: Any, name: str) -> list[Any] | None:
     columns = getattr(batch, "columns", None)  # pandas.DataFrame
     if columns is not None:
         return list(batch[name]) if name in columns else None
-    raise TypeError(f"cannot read a batch of type {type(batch).__name__}; pass a dict of numpy arrays, a "
-                    "pyarrow.Table or a pandas.DataFrame (map_batches(..., batch_format='numpy'))")
+    raise TypeError(
+        f"cannot read a batch of type {type(batch).__name__}; pass a dict of numpy arrays, a "
+        "pyarrow.Table or a pandas.DataFrame (map_batches(..., batch_format='numpy'))"
+    )
 
 
 def _sources(batch: Any) -> tuple[list[str], list[Any]]:
     """(paths, sources): a source is encoded bytes, an (array, sample rate) pair, or a path to read."""
     paths = _column(batch, "path")
     if paths is None:
-        raise ValueError("the batch has no 'path' column; read the files with include_paths=True (e.g. "
-                         "ray.data.read_binary_files(paths, include_paths=True)) or give a table with a 'path' column")
+        raise ValueError(
+            "the batch has no 'path' column; read the files with include_paths=True (e.g. "
+            "ray.data.read_binary_files(paths, include_paths=True)) or give a table with a 'path' column"
+        )
     paths = [str(p) for p in paths]
     data = _column(batch, "bytes")
     if data is not None:
@@ -296,6 +352,7 @@ def _sources(batch: Any) -> tuple[list[str], list[Any]]:
 # Datasets
 # ---------------------------------------------------------------------------------------------------
 
+
 def _as_dataset(data: Any, recursive: bool, glob: str | None) -> ray.data.Dataset:
     ray = _require_ray()
     if isinstance(data, ray.data.Dataset):
@@ -307,16 +364,18 @@ def _as_dataset(data: Any, recursive: bool, glob: str | None) -> ray.data.Datase
             raise ValueError("give either local paths or URIs (s3://, gs://, ...), not a mix")
         from ..audio import AUDIO_SUFFIXES
 
-        return ray.data.read_binary_files(items, include_paths=True,
-                                          file_extensions=[s.lstrip(".") for s in AUDIO_SUFFIXES])
+        return ray.data.read_binary_files(
+            items, include_paths=True, file_extensions=[s.lstrip(".") for s in AUDIO_SUFFIXES]
+        )
     from ..files import collect_files
 
     files = collect_files(items, recursive=recursive, glob=glob)
     return ray.data.read_binary_files([os.path.abspath(f) for f in files], include_paths=True)
 
 
-def _resources(num_gpus_per_actor: float | None, num_cpus_per_actor: float | None,
-               concurrency: int | tuple[int, int] | None) -> tuple[float, float, int | tuple[int, int]]:
+def _resources(
+    num_gpus_per_actor: float | None, num_cpus_per_actor: float | None, concurrency: int | tuple[int, int] | None
+) -> tuple[float, float, int | tuple[int, int]]:
     ray = _require_ray()
     if not ray.is_initialized():
         ray.init()  # connects to RAY_ADDRESS if set, else starts a local cluster
@@ -335,13 +394,26 @@ def _resources(num_gpus_per_actor: float | None, num_cpus_per_actor: float | Non
     return num_gpus_per_actor, num_cpus_per_actor, concurrency
 
 
-def map_embeddings(data: Any, model: str | os.PathLike | None = None, *, level: str = "clip",
-                   extra_levels: Sequence[str] = (), reduce: str = "none", normalize: bool = False,
-                   dtype: str | None = None, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
-                   compile: bool = False, batch_size: int | None = None, model_batch_size: int | None = None,
-                   num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
-                   concurrency: int | tuple[int, int] | None = None, recursive: bool = False,
-                   glob: str | None = None) -> ray.data.Dataset:
+def map_embeddings(
+    data: Any,
+    model: str | os.PathLike | None = None,
+    *,
+    level: str = "clip",
+    extra_levels: Sequence[str] = (),
+    reduce: str = "none",
+    normalize: bool = False,
+    dtype: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    compile: bool = False,
+    batch_size: int | None = None,
+    model_batch_size: int | None = None,
+    num_gpus_per_actor: float | None = None,
+    num_cpus_per_actor: float | None = None,
+    concurrency: int | tuple[int, int] | None = None,
+    recursive: bool = False,
+    glob: str | None = None,
+) -> ray.data.Dataset:
     """The lazy Ray Dataset of embedding rows (the schema of the module docstring), for your own sink.
 
     Args:
@@ -360,18 +432,43 @@ def map_embeddings(data: Any, model: str | os.PathLike | None = None, *, level: 
     ds = _as_dataset(data, recursive, glob)
     gpus, cpus, conc = _resources(num_gpus_per_actor, num_cpus_per_actor, concurrency)
     device = "cuda" if gpus > 0 else "cpu"
-    kwargs = {"model": os.fspath(model) if model is not None else None, "level": level,
-              "extra_levels": tuple(extra_levels), "reduce": reduce, "normalize": normalize, "device": device,
-              "dtype": dtype, "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
-              "offline": offline, "compile": compile, "model_batch_size": model_batch_size}
-    return ds.map_batches(M2D2Embedder, fn_constructor_kwargs=kwargs, batch_size=batch_size or (256 if gpus else 32),
-                          batch_format="numpy", num_gpus=gpus, num_cpus=cpus, concurrency=conc)
+    kwargs = {
+        "model": os.fspath(model) if model is not None else None,
+        "level": level,
+        "extra_levels": tuple(extra_levels),
+        "reduce": reduce,
+        "normalize": normalize,
+        "device": device,
+        "dtype": dtype,
+        "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
+        "offline": offline,
+        "compile": compile,
+        "model_batch_size": model_batch_size,
+    }
+    return ds.map_batches(
+        M2D2Embedder,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size or (256 if gpus else 32),
+        batch_format="numpy",
+        num_gpus=gpus,
+        num_cpus=cpus,
+        concurrency=conc,
+    )
 
 
-def embed_dataset(data: Any, output_uri: str | os.PathLike, model: str | os.PathLike | None = None, *,
-                  level: str = "clip", num_gpus_per_actor: float | None = None,
-                  concurrency: int | tuple[int, int] | None = None, batch_size: int | None = None,
-                  mode: str = "error", min_rows_per_file: int | None = None, **kwargs: Any) -> str:
+def embed_dataset(
+    data: Any,
+    output_uri: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    *,
+    level: str = "clip",
+    num_gpus_per_actor: float | None = None,
+    concurrency: int | tuple[int, int] | None = None,
+    batch_size: int | None = None,
+    mode: str = "error",
+    min_rows_per_file: int | None = None,
+    **kwargs: Any,
+) -> str:
     """Embed audio on Ray Data and write Parquet files to ``output_uri`` (a folder or s3://, gs://, ... URI).
 
     Read the result back with :func:`m2d2_embed.read_embeddings` (a local folder) or any Parquet reader.
@@ -387,8 +484,15 @@ def embed_dataset(data: Any, output_uri: str | os.PathLike, model: str | os.Path
         ``output_uri`` as a string.
     """
     ray = _require_ray()
-    ds = map_embeddings(data, model, level=level, num_gpus_per_actor=num_gpus_per_actor, concurrency=concurrency,
-                        batch_size=batch_size, **kwargs)
+    ds = map_embeddings(
+        data,
+        model,
+        level=level,
+        num_gpus_per_actor=num_gpus_per_actor,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        **kwargs,
+    )
     uri = os.fspath(output_uri)
     ds.write_parquet(uri, mode=ray.data.SaveMode(mode), min_rows_per_file=min_rows_per_file)
     return uri

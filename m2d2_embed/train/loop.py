@@ -36,7 +36,6 @@ CHECKPOINT = "checkpoint.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: weight decay on tensors of rank >= 2, none on biases, norms and
     scalars (timm's ``param_groups_weight_decay``, as upstream)."""
@@ -47,9 +46,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(
-    step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0, cosine: str = "after_warmup"
-) -> float:
+def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 0.0, cosine: str = "after_warmup") -> float:
     """Linear warm-up from 0 over ``warmup`` steps, then half-cycle cosine from ``peak`` to ``min_lr``: over the
     steps after the warm-up (``cosine="after_warmup"``, upstream's pre-training), or over all steps with the
     warm-up replacing its start (``"whole_run"``, timm's ``CosineLRScheduler`` as EVAR's fine-tuning uses)."""

@@ -166,8 +166,7 @@ def release_name(model_config: Any, kind: str = "m2d_clap", suffix: str = "m2d2e
     e, sr = model_config.encoder, model_config.frontend.sample_rate
     arch = "vit_base" if (e.embed_dim, e.depth) == (768, 12) else f"vit_{e.embed_dim}d{e.depth}"
     return (
-        f"{kind}_{arch}-{e.input_size[0]}x{e.input_size[1]}p{e.patch_size[0]}x{e.patch_size[1]}"
-        f"p{sr // 1000}k-{suffix}"
+        f"{kind}_{arch}-{e.input_size[0]}x{e.input_size[1]}p{e.patch_size[0]}x{e.patch_size[1]}p{sr // 1000}k-{suffix}"
     )
 
 

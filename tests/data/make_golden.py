@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).parent
-UPSTREAM = 'nttcslab/m2d examples/portable_m2d.py @ f0c4128d4e89b1ab4e303f03141067b34aadf128'
+UPSTREAM = "nttcslab/m2d examples/portable_m2d.py @ f0c4128d4e89b1ab4e303f03141067b34aadf128"
 PROJ_DIM = 16
 PROJ_SEED = 20251203
 N_SEL = 4
@@ -62,58 +62,58 @@ N_SEL = 4
 # at the model's rate.  The comments give log-mel frames F = 1 + samples // hop and output steps T.
 CASES = {
     # 80x2 patches, 1001-frame chunks: 500 steps of 20 ms per full chunk (its last frame is unused).
-    'm2d2_clap_2025_20ms': [
-        ('len0p5s', 0.5, 1, 0.0),      # F 51 -> padded to 52 -> T 26
-        ('len3p3s', 3.3, 2, 0.3),      # F 331 -> 332 -> T 166, batch of 2, digital silence at the end
-        ('len10s', 10.0, 1, 0.0),      # F 1001: one full chunk -> T 500
-        ('len10p01s', 10.01, 1, 0.0),  # F 1002: 1001 + 1 (padded to 2) -> T 501
-        ('len25s', 25.0, 1, 0.0),      # F 2501: 1001 + 1001 + 499 (-> 500) -> T 1250 (2.5 chunks)
+    "m2d2_clap_2025_20ms": [
+        ("len0p5s", 0.5, 1, 0.0),  # F 51 -> padded to 52 -> T 26
+        ("len3p3s", 3.3, 2, 0.3),  # F 331 -> 332 -> T 166, batch of 2, digital silence at the end
+        ("len10s", 10.0, 1, 0.0),  # F 1001: one full chunk -> T 500
+        ("len10p01s", 10.01, 1, 0.0),  # F 1002: 1001 + 1 (padded to 2) -> T 501
+        ("len25s", 25.0, 1, 0.0),  # F 2501: 1001 + 1001 + 499 (-> 500) -> T 1250 (2.5 chunks)
     ],
     # 16x4 patches, 200-frame (2-s) chunks: 50 steps of 40 ms per chunk, no unused frame.
-    'm2d_40ms': [
-        ('len0p5s', 0.5, 1, 0.0),      # F 51 -> 52 -> T 13
-        ('len1p99s', 1.99, 1, 0.0),    # F 200: one full chunk -> T 50
-        ('len2s', 2.0, 1, 0.0),        # F 201: 200 + 1 (-> 4) -> T 51
-        ('len3p3s', 3.3, 2, 0.3),      # F 331: 200 + 131 (-> 132) -> T 83, batch of 2
-        ('len5s', 5.0, 1, 0.0),        # F 501: 200 + 200 + 101 (-> 104) -> T 126 (2.5 chunks)
+    "m2d_40ms": [
+        ("len0p5s", 0.5, 1, 0.0),  # F 51 -> 52 -> T 13
+        ("len1p99s", 1.99, 1, 0.0),  # F 200: one full chunk -> T 50
+        ("len2s", 2.0, 1, 0.0),  # F 201: 200 + 1 (-> 4) -> T 51
+        ("len3p3s", 3.3, 2, 0.3),  # F 331: 200 + 131 (-> 132) -> T 83, batch of 2
+        ("len5s", 5.0, 1, 0.0),  # F 501: 200 + 200 + 101 (-> 104) -> T 126 (2.5 chunks)
     ],
     # M2D-S: 80x2 patches, 608-frame chunks: 304 steps of 20 ms per chunk.
-    'm2d_s_608': [
-        ('len0p5s', 0.5, 1, 0.0),      # F 51 -> 52 -> T 26
-        ('len3p3s', 3.3, 2, 0.3),      # F 331 -> 332 -> T 166, batch of 2
-        ('len6p07s', 6.07, 1, 0.0),    # F 608: one full chunk -> T 304
-        ('len15p2s', 15.2, 1, 0.0),    # F 1521: 608 + 608 + 305 (-> 306) -> T 761 (2.5 chunks)
+    "m2d_s_608": [
+        ("len0p5s", 0.5, 1, 0.0),  # F 51 -> 52 -> T 26
+        ("len3p3s", 3.3, 2, 0.3),  # F 331 -> 332 -> T 166, batch of 2
+        ("len6p07s", 6.07, 1, 0.0),  # F 608: one full chunk -> T 304
+        ("len15p2s", 15.2, 1, 0.0),  # F 1521: 608 + 608 + 305 (-> 306) -> T 761 (2.5 chunks)
     ],
     # 32 kHz (hop 320 samples = 10 ms), 16x16 patches, 608-frame chunks: 38 steps of 160 ms per chunk.
-    'm2d_as_32k': [
-        ('len0p5s', 0.5, 1, 0.0),      # 16000 samples, F 51 -> 64 -> T 4
-        ('len3p3s', 3.3, 2, 0.3),      # F 331 -> 336 -> T 21, batch of 2
-        ('len6p07s', 6.07, 1, 0.0),    # F 608: one full chunk -> T 38
-        ('len15p2s', 15.2, 1, 0.0),    # F 1521: 608 + 608 + 305 (-> 320) -> T 96 (2.5 chunks)
+    "m2d_as_32k": [
+        ("len0p5s", 0.5, 1, 0.0),  # 16000 samples, F 51 -> 64 -> T 4
+        ("len3p3s", 3.3, 2, 0.3),  # F 331 -> 336 -> T 21, batch of 2
+        ("len6p07s", 6.07, 1, 0.0),  # F 608: one full chunk -> T 38
+        ("len15p2s", 15.2, 1, 0.0),  # F 1521: 608 + 608 + 305 (-> 320) -> T 96 (2.5 chunks)
     ],
     # EVAR fine-tuned, 768-input head (time- and frequency-averaged features), 80x1001 16x16.
-    'evar_as_ft': [
-        ('len0p5s', 0.5, 1, 0.0),      # T 4
-        ('len3p3s', 3.3, 2, 0.3),      # T 21, batch of 2
-        ('len10s', 10.0, 1, 0.0),      # one full chunk, T 62
-        ('len25p7s', 25.7, 1, 0.0),    # 1001 + 1001 + 569 (-> 576): T 160
+    "evar_as_ft": [
+        ("len0p5s", 0.5, 1, 0.0),  # T 4
+        ("len3p3s", 3.3, 2, 0.3),  # T 21, batch of 2
+        ("len10s", 10.0, 1, 0.0),  # one full chunk, T 62
+        ("len25p7s", 25.7, 1, 0.0),  # 1001 + 1001 + 569 (-> 576): T 160
     ],
     # The same with a 3840-input head (stacked features).
-    'evar_as_ft_3840': [
-        ('len0p5s', 0.5, 1, 0.0),      # T 4
-        ('len3p3s', 3.3, 2, 0.3),      # T 21, batch of 2
-        ('len10p01s', 10.01, 1, 0.0),  # 1001 + 1 (-> 16): T 63
+    "evar_as_ft_3840": [
+        ("len0p5s", 0.5, 1, 0.0),  # T 4
+        ("len3p3s", 3.3, 2, 0.3),  # T 21, batch of 2
+        ("len10p01s", 10.01, 1, 0.0),  # 1001 + 1 (-> 16): T 63
     ],
 }
-SAMPLE_RATES = {'m2d_as_32k': 32000}
+SAMPLE_RATES = {"m2d_as_32k": 32000}
 HOPS = {16000: 160, 32000: 320}
-CLAP_VARIANTS = {'m2d2_clap_2025_20ms'}
-HEAD_VARIANTS = {'evar_as_ft', 'evar_as_ft_3840'}
+CLAP_VARIANTS = {"m2d2_clap_2025_20ms"}
+HEAD_VARIANTS = {"evar_as_ft", "evar_as_ft_3840"}
 NUM_CLASSES = 527
 
 
 def load_make_checkpoint():
-    spec = importlib.util.spec_from_file_location('make_checkpoint', HERE / 'make_checkpoint.py')
+    spec = importlib.util.spec_from_file_location("make_checkpoint", HERE / "make_checkpoint.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -122,6 +122,7 @@ def load_make_checkpoint():
 # ----------------------------------------------------------------------------------------------------
 # Inputs and projections (also used by the tests)
 # ----------------------------------------------------------------------------------------------------
+
 
 def case_samples(seconds: float, sample_rate: int) -> int:
     return int(round(seconds * sample_rate))
@@ -151,7 +152,7 @@ def case_inputs(variant: str, tag: str, seconds: float, batch: int, silent_tail:
     """[B, samples] float32, item b seeded with (crc of variant/tag, b)."""
     sr = SAMPLE_RATES.get(variant, 16000)
     n = case_samples(seconds, sr)
-    base = int.from_bytes(hashlib.sha256(f'{variant}/{tag}'.encode()).digest()[:4], 'little')
+    base = int.from_bytes(hashlib.sha256(f"{variant}/{tag}".encode()).digest()[:4], "little")
     return np.stack([make_input(n, sr, base + b, silent_tail) for b in range(batch)])
 
 
@@ -196,6 +197,7 @@ def selected_steps(T: int, steps_per_chunk: int) -> np.ndarray:
 # The reference runtime
 # ----------------------------------------------------------------------------------------------------
 
+
 def import_portable_m2d():
     # torchvision's PyPI wheel is a CUDA build: its C extension does not load with CPU-only torch, and
     # torchvision 0.28 then fails on an unguarded fake-kernel registration for torchvision::nms/qnms.
@@ -204,13 +206,14 @@ def import_portable_m2d():
     try:
         import torchvision  # noqa: F401
     except RuntimeError:
-        for m in [k for k in sys.modules if k.startswith('torchvision')]:
+        for m in [k for k in sys.modules if k.startswith("torchvision")]:
             del sys.modules[m]
-        lib = torch.library.Library('torchvision', 'DEF')  # noqa: F841 (kept alive below)
-        lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-        lib.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 (kept alive below)
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         import_portable_m2d._lib = lib
     import portable_m2d
+
     return portable_m2d
 
 
@@ -218,16 +221,24 @@ def build(pm, ckpt: Path, **kw):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         model = pm.PortableM2D(str(ckpt), **kw)
-    return model.eval(), buf.getvalue().replace(str(ckpt.parent.parent), 'DIR')
+    return model.eval(), buf.getvalue().replace(str(ckpt.parent.parent), "DIR")
 
 
 def versions() -> dict:
     import einops
     import nnAudio
     import timm
-    return {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__,
-            'timm': timm.__version__, 'einops': einops.__version__, 'nnAudio': getattr(nnAudio, '__version__', '?'),
-            'torch_num_threads': torch.get_num_threads(), 'machine': platform.machine()}
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "timm": timm.__version__,
+        "einops": einops.__version__,
+        "nnAudio": getattr(nnAudio, "__version__", "?"),
+        "torch_num_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
 
 
 def run_variant(pm, mc, variant: str, out_dir: Path, work: Path) -> dict:
@@ -238,20 +249,20 @@ def run_variant(pm, mc, variant: str, out_dir: Path, work: Path) -> dict:
     v = mc.VARIANTS[variant]
     sr = SAMPLE_RATES.get(variant, 16000)
     hop = HOPS[sr]
-    patch = tuple(v.get('patch_size', (16, 16)))
-    U = v['input_size'][1]
-    f = v['input_size'][0] // patch[0]
+    patch = tuple(v.get("patch_size", (16, 16)))
+    U = v["input_size"][1]
+    f = v["input_size"][0] // patch[0]
     steps_per_chunk = U // patch[1]
     logs = {}
-    m_stack, logs['flat_features=False'] = build(pm, ckpt)
-    m_flat, logs['flat_features=True'] = build(pm, ckpt, flat_features=True)
+    m_stack, logs["flat_features=False"] = build(pm, ckpt)
+    m_flat, logs["flat_features=True"] = build(pm, ckpt, flat_features=True)
     m_head = None
     if variant in HEAD_VARIANTS:
-        m_head, logs['num_classes=527'] = build(pm, ckpt, num_classes=NUM_CLASSES)
-        assert m_head.cfg.flat_features == (v['head_in'] == 768), 'upstream chose an unexpected head input'
+        m_head, logs["num_classes=527"] = build(pm, ckpt, num_classes=NUM_CLASSES)
+        assert m_head.cfg.flat_features == (v["head_in"] == 768), "upstream chose an unexpected head input"
     assert m_stack.cfg.sample_rate == sr, (m_stack.cfg.sample_rate, sr)
     p768, p527 = projection(768), projection(NUM_CLASSES)
-    arrays = {'proj.P768': p768, 'proj.P527': p527}
+    arrays = {"proj.P768": p768, "proj.P527": p527}
     cases = {}
     with torch.no_grad():
         for tag, seconds, batch, silent in CASES[variant]:
@@ -265,85 +276,122 @@ def run_variant(pm, mc, variant: str, out_dir: Path, work: Path) -> dict:
             B, T, _ = frames.shape
             assert stacked.shape == (B, T, f * 768), stacked.shape
             sel = selected_steps(T, steps_per_chunk)
-            arrays[f'{tag}.sel'] = sel
-            arrays[f'{tag}.frames_sel'] = frames[:, sel]
-            arrays[f'{tag}.frames_proj'] = project(frames, p768).astype(np.float32)
+            arrays[f"{tag}.sel"] = sel
+            arrays[f"{tag}.frames_sel"] = frames[:, sel]
+            arrays[f"{tag}.frames_proj"] = project(frames, p768).astype(np.float32)
             if f > 1:
-                arrays[f'{tag}.stacked_last'] = stacked[:, T - 1]
-                arrays[f'{tag}.stacked_proj'] = project_stacked(stacked, p768).astype(np.float32)
+                arrays[f"{tag}.stacked_last"] = stacked[:, T - 1]
+                arrays[f"{tag}.stacked_proj"] = project_stacked(stacked, p768).astype(np.float32)
             else:
-                assert np.array_equal(stacked, frames), 'one frequency patch: stacked must equal frames'
-            arrays[f'{tag}.scene'] = scene
-            arrays[f'{tag}.timestamps'] = ts.numpy().astype(np.float32)
+                assert np.array_equal(stacked, frames), "one frequency patch: stacked must equal frames"
+            arrays[f"{tag}.scene"] = scene
+            arrays[f"{tag}.timestamps"] = ts.numpy().astype(np.float32)
             if variant in CLAP_VARIANTS:
-                arrays[f'{tag}.clap_audio'] = m_flat.encode_clap_audio(x).numpy()
+                arrays[f"{tag}.clap_audio"] = m_flat.encode_clap_audio(x).numpy()
             if m_head is not None:
                 logits = m_head(x).numpy()
                 frame_logits, fts = m_head.forward_frames(x)
                 frame_logits = frame_logits.numpy()
                 assert logits.shape == (B, NUM_CLASSES) and frame_logits.shape == (B, T, NUM_CLASSES)
                 assert np.array_equal(fts.numpy(), ts.numpy())
-                arrays[f'{tag}.logits'] = logits
-                arrays[f'{tag}.frame_logits_sel'] = frame_logits[:, sel]
-                arrays[f'{tag}.frame_logits_proj'] = project(frame_logits, p527).astype(np.float32)
+                arrays[f"{tag}.logits"] = logits
+                arrays[f"{tag}.frame_logits_sel"] = frame_logits[:, sel]
+                arrays[f"{tag}.frame_logits_proj"] = project(frame_logits, p527).astype(np.float32)
             n = wav.shape[-1]
             F = 1 + n // hop
-            cases[tag] = {'seconds': seconds, 'samples': n, 'sample_rate': sr, 'batch': B, 'silent_tail_s': silent,
-                          'input_sha256': input_sha256(wav), 'frames': F,
-                          'chunks': [min(U, F - s) for s in range(0, F, U)], 'T': T, 'sel': sel.tolist()}
+            cases[tag] = {
+                "seconds": seconds,
+                "samples": n,
+                "sample_rate": sr,
+                "batch": B,
+                "silent_tail_s": silent,
+                "input_sha256": input_sha256(wav),
+                "frames": F,
+                "chunks": [min(U, F - s) for s in range(0, F, U)],
+                "T": T,
+                "sel": sel.tolist(),
+            }
     for k, a in arrays.items():
         if a.dtype == np.float64:
             arrays[k] = a.astype(np.float32)
-    np.savez_compressed(out_dir / f'golden_{variant}.npz', **arrays)
+    np.savez_compressed(out_dir / f"golden_{variant}.npz", **arrays)
     ref = m_stack.cfg
     meta = {
-        'format': 'golden outputs of the upstream M2D reference runtime (PortableM2D), fp32, CPU, eval, no_grad',
-        'upstream': UPSTREAM,
-        'generator': 'tests/data/make_golden.py',
-        'checkpoint': {'variant': variant, 'file': f"{v['dirname']}/{v['filename']}", 'seed': 0,
-                       'content_sha256': digest, 'file_sha256': file_sha, 'n_keys': len(mc.layout(variant))},
-        'geometry': {'sample_rate': sr, 'hop': hop, 'input_size': list(v['input_size']), 'patch_size': list(patch),
-                     'freq_patches': f, 'steps_per_chunk': steps_per_chunk,
-                     'frame_hop_ms': patch[1] * hop / sr * 1000},
-        'reference': {'input_size': list(ref.input_size), 'patch_size': list(ref.patch_size), 'sr': ref.sr,
-                      'mean_std': [float(ref.mean), float(ref.std)], 'logs': logs,
-                      'head': ({'in_features': v['head_in'], 'num_classes': NUM_CLASSES,
-                                'flat_features': bool(m_head.cfg.flat_features)} if m_head is not None else None)},
-        'projection': {'dim': PROJ_DIM, 'seed': PROJ_SEED, 'formula': 'x @ (P / sqrt(n)), P int8 +-1, float64'},
-        'cases': cases,
-        'environment': versions(),
-        'keys': {k: [list(a.shape), str(a.dtype)] for k, a in sorted(arrays.items())},
+        "format": "golden outputs of the upstream M2D reference runtime (PortableM2D), fp32, CPU, eval, no_grad",
+        "upstream": UPSTREAM,
+        "generator": "tests/data/make_golden.py",
+        "checkpoint": {
+            "variant": variant,
+            "file": f"{v['dirname']}/{v['filename']}",
+            "seed": 0,
+            "content_sha256": digest,
+            "file_sha256": file_sha,
+            "n_keys": len(mc.layout(variant)),
+        },
+        "geometry": {
+            "sample_rate": sr,
+            "hop": hop,
+            "input_size": list(v["input_size"]),
+            "patch_size": list(patch),
+            "freq_patches": f,
+            "steps_per_chunk": steps_per_chunk,
+            "frame_hop_ms": patch[1] * hop / sr * 1000,
+        },
+        "reference": {
+            "input_size": list(ref.input_size),
+            "patch_size": list(ref.patch_size),
+            "sr": ref.sr,
+            "mean_std": [float(ref.mean), float(ref.std)],
+            "logs": logs,
+            "head": (
+                {
+                    "in_features": v["head_in"],
+                    "num_classes": NUM_CLASSES,
+                    "flat_features": bool(m_head.cfg.flat_features),
+                }
+                if m_head is not None
+                else None
+            ),
+        },
+        "projection": {"dim": PROJ_DIM, "seed": PROJ_SEED, "formula": "x @ (P / sqrt(n)), P int8 +-1, float64"},
+        "cases": cases,
+        "environment": versions(),
+        "keys": {k: [list(a.shape), str(a.dtype)] for k, a in sorted(arrays.items())},
     }
-    (out_dir / f'golden_{variant}.json').write_text(json.dumps(meta, indent=1) + '\n')
+    (out_dir / f"golden_{variant}.json").write_text(json.dumps(meta, indent=1) + "\n")
     ckpt.unlink()
-    print(f'{variant}: {len(cases)} cases in {time.time() - t0:.1f} s -> '
-          f"{(out_dir / f'golden_{variant}.npz').stat().st_size / 1024:.0f} KiB")
+    print(
+        f"{variant}: {len(cases)} cases in {time.time() - t0:.1f} s -> "
+        f"{(out_dir / f'golden_{variant}.npz').stat().st_size / 1024:.0f} KiB"
+    )
     return meta
 
 
 def check_seed0(pm, mc, work: Path) -> None:
     """Reproduce a few keys of golden_seed0.npz, to check this environment against the original goldens."""
-    ckpt, _ = mc.write_checkpoint(work, seed=0, variant='m2d_clap_2025')
-    with np.load(HERE / 'golden_seed0.npz') as z:
-        g = {k: z[k] for k in ('len3p3s.wav', 'len3p3s.encode_stacked', 'len3p3s.frames', 'len3p3s.clap_audio')}
+    ckpt, _ = mc.write_checkpoint(work, seed=0, variant="m2d_clap_2025")
+    with np.load(HERE / "golden_seed0.npz") as z:
+        g = {k: z[k] for k in ("len3p3s.wav", "len3p3s.encode_stacked", "len3p3s.frames", "len3p3s.clap_audio")}
     m_stack, _ = build(pm, Path(ckpt))
     m_flat, _ = build(pm, Path(ckpt), flat_features=True)
-    x = torch.from_numpy(g['len3p3s.wav'])
+    x = torch.from_numpy(g["len3p3s.wav"])
     with torch.no_grad():
-        got = {'len3p3s.encode_stacked': m_stack.encode(x).numpy(),
-               'len3p3s.frames': m_flat.encode(x, average_per_time_frame=True).numpy(),
-               'len3p3s.clap_audio': m_flat.encode_clap_audio(x).numpy()}
+        got = {
+            "len3p3s.encode_stacked": m_stack.encode(x).numpy(),
+            "len3p3s.frames": m_flat.encode(x, average_per_time_frame=True).numpy(),
+            "len3p3s.clap_audio": m_flat.encode_clap_audio(x).numpy(),
+        }
     for k, a in got.items():
-        print(f'{k}: max abs diff to golden_seed0 {np.abs(a - g[k]).max():.2e}')
+        print(f"{k}: max abs diff to golden_seed0 {np.abs(a - g[k]).max():.2e}")
     Path(ckpt).unlink()
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--out', default=str(HERE), help='folder for golden_<variant>.npz/.json (default: beside this file)')
-    p.add_argument('--variant', action='append', choices=sorted(CASES), help='default: all')
-    p.add_argument('--work', help='scratch folder for the checkpoints (default: a temporary folder)')
-    p.add_argument('--check-seed0', action='store_true', help='compare this environment with golden_seed0.npz')
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(HERE), help="folder for golden_<variant>.npz/.json (default: beside this file)")
+    p.add_argument("--variant", action="append", choices=sorted(CASES), help="default: all")
+    p.add_argument("--work", help="scratch folder for the checkpoints (default: a temporary folder)")
+    p.add_argument("--check-seed0", action="store_true", help="compare this environment with golden_seed0.npz")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     pm = import_portable_m2d()
@@ -359,5 +407,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())
