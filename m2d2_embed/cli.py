@@ -10,6 +10,7 @@ Exit codes: 0 success; 1 some files failed, or an error while working; 2 bad usa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -700,33 +701,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return _embed_shard(args, out, fmt, is_file, *args.shard)
     if is_file:
         _check_file_output(out, args.overwrite)
+    with (
+        contextlib.nullcontext()
+        if is_file
+        else OutputDir(out, fmt).open(_wanted(args, fmt), overwrite=args.overwrite) as d
+    ):
         paths, unsupported = _collect(args)
-        return _run(
-            args,
-            _load_model(args),
-            args.level,
-            paths,
-            out,
-            fmt,
-            None,
-            unsupported=len(unsupported),
-            reduce=args.reduce,
-            normalize=args.normalize,
-        ).code
-    with OutputDir(out, fmt).open(_wanted(args, fmt), overwrite=args.overwrite) as d:
-        paths, unsupported = _collect(args)
-        return _run(
-            args,
-            _load_model(args),
-            args.level,
-            paths,
-            out,
-            fmt,
-            d,
-            unsupported=len(unsupported),
-            reduce=args.reduce,
-            normalize=args.normalize,
-        ).code
+        model = _load_model(args)
+        opts = {"unsupported": len(unsupported), "reduce": args.reduce, "normalize": args.normalize}
+        return _run(args, model, args.level, paths, out, fmt, d, **opts).code
 
 
 # ---------------------------------------------------------------------------------------------------
