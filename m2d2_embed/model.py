@@ -33,6 +33,7 @@ FRAME_LEVELS = ("frame", "frame_tags")  # levels with one row per time step (and
 SCORES = ("sigmoid", "softmax", "logits")
 FULL_ATTENTION_MAX_SECONDS = 300.0  # long_audio="auto": the CLAP head attends over the whole clip up to this
 STREAM_SECONDS = FULL_ATTENTION_MAX_SECONDS  # files longer than this are decoded and embedded as they stream in
+STREAM_STEP_CPU = 8  # chunks per streaming step on the CPU when no batch_size is given (see embed_stream)
 DEFAULT_TEMPLATE = "{label} can be heard"  # the upstream zero-shot evaluation prompt
 
 
@@ -538,7 +539,9 @@ class M2D2(nn.Module):
         fe, U = self.config.frontend, self.config.encoder.chunk_frames
         hop = fe.hop_length
         margin = hop * math.ceil((fe.n_fft // 2) / hop)  # context samples, a whole number of hops
-        step = self.max_batch(batch_size)  # chunks per step: one encoder batch
+        # chunks per step: one encoder batch; on the CPU 8 by default (80 s of audio: as fast as 32 on a 2-core
+        # Zen 4, and 0.35 GiB less peak memory for the default model)
+        step = self.max_batch(batch_size) if batch_size is not None or self.device.type != "cpu" else STREAM_STEP_CPU
         t_full = self._plan_frames(U)[0][1]
         parts: list[torch.Tensor] = []  # per-frame outputs (frame levels) or per-step sums (clip levels)
         count = 0  # frames (clip, tags) or chunks (clap) summed
