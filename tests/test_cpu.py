@@ -153,7 +153,7 @@ def test_six_compiled_chunks_on_cpu_run_as_four_and_two(tiny):
     want = tiny.frame_embeddings(wav, 16000)
     sizes: list[int] = []
     tiny.encoder.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
-    tiny._compiled = True  # the compiled-encoder path of _run_encoder (the encoder itself stays eager here)
+    tiny.compiled = True  # the compiled-encoder path of _run_encoder (the encoder itself stays eager here)
     got = tiny.frame_embeddings(wav, 16000)
     assert sizes == [4, 2]
     assert torch.allclose(got, want, atol=1e-6)

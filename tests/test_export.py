@@ -64,5 +64,5 @@ def test_manifest_has_the_front_end_and_norm_stats(exported):
 
 def test_export_refuses_to_overwrite_an_existing_export(exported, tiny_model_dir, capsys):
     out, _ = exported
-    assert cli.main(["export", str(tiny_model_dir), "-o", str(out)]) == 1
+    assert cli.main(["export", str(tiny_model_dir), "-o", str(out)]) == 2  # bad usage: nothing done
     assert "--overwrite" in capsys.readouterr().err
