@@ -11,7 +11,8 @@ Output rows follow the package's Parquet schema (see :mod:`m2d2_embed.outputs`):
 ``dim``, ``embedding`` (clip/clap: fixed-size list of ``dim`` float32; frame: list of them, one per frame),
 ``timestamps`` (frame level: float64 seconds, else null), ``duration`` (float64 seconds), ``error`` (null, or why
 the file could not be embedded: such rows have a null embedding). ``extra_levels`` add ``<level>_embedding``
-columns (and ``frame_timestamps`` for frames). The settings are in the schema metadata under ``m2d2_embed``.
+columns (and ``<level>_timestamps`` for the per-frame levels: ``frame_timestamps``, ``frame_tags_timestamps``).
+The settings are in the schema metadata under ``m2d2_embed``.
 
 Ray itself is imported only by :func:`map_embeddings` and :func:`embed_dataset`; :class:`M2D2Embedder` is plain
 Python and runs without it.
@@ -256,6 +257,7 @@ class M2D2Embedder:
 
     # -- output ---------------------------------------------------------------------------------------------
     def _table(self, paths: list[str], results: dict[int, dict[str, Any]], errors: dict[int, str]) -> pa.Table:
+        from ..model import FRAME_LEVELS
         from ..outputs import arrow_table
 
         n = len(paths)
@@ -266,8 +268,8 @@ class M2D2Embedder:
         for lvl in self.extra_levels:
             emb, ts = _embedding_columns(lvl, self.dims[lvl], [results[i][lvl] if ok[i] else None for i in range(n)])
             extra[f"{lvl}_embedding"] = emb
-            if lvl == "frame":
-                extra["frame_timestamps"] = ts
+            if ts is not None and lvl in FRAME_LEVELS:  # per-frame levels carry their times
+                extra[f"{lvl}_timestamps"] = ts
         return arrow_table(
             paths,
             main,
