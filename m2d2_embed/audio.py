@@ -213,6 +213,15 @@ def is_path(audio: Any) -> bool:
     return isinstance(audio, (str, os.PathLike))
 
 
+def check_path_rate(sample_rate: int | None, model_rate: int) -> None:
+    """A file's rate comes from the file: ``sample_rate`` given with a path must be None (or the model's rate)."""
+    if sample_rate is not None and sample_rate != model_rate:
+        raise ValueError(
+            f"sample_rate={sample_rate!r} was given with a file path; a file's rate is read from "
+            "the file: leave sample_rate out"
+        )
+
+
 def prepare_audio(
     audio: AudioInput, sample_rate: int | None, model_rate: int, min_samples: int, device: torch.device | str = "cpu"
 ) -> PreparedAudio:
@@ -224,11 +233,7 @@ def prepare_audio(
     with what was wrong and what to do.
     """
     if is_path(audio):
-        if sample_rate is not None and sample_rate != model_rate:
-            raise ValueError(
-                f"sample_rate={sample_rate!r} was given with a file path; a file's rate is read from "
-                "the file: leave sample_rate out"
-            )
+        check_path_rate(sample_rate, model_rate)
         what = f"audio file {os.fspath(audio)!r}"
         wave = read_audio(audio, model_rate)
         check_wave(wave, what, min_samples, model_rate)

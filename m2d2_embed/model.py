@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .audio import AudioInput, LogMelSpectrogram, is_path, prepare_audio, probe, stream_audio
+from .audio import AudioInput, LogMelSpectrogram, check_path_rate, is_path, prepare_audio, probe, stream_audio
 from .config import ModelConfig
 from .encoder import AudioEncoder
 from .heads import Classifier, build_audio_head
@@ -289,8 +289,9 @@ class M2D2(nn.Module):
             if isinstance(audio, (list, tuple)) and audio and all(is_path(a) for a in audio)
             else None
         )
-        if paths is not None and any(probe(p).duration > STREAM_SECONDS for p in paths):
-            out: Any = self._embed_paths(paths, level, opts)  # long files never decoded whole
+        long = {i for i, p in enumerate(paths) if probe(p).duration > STREAM_SECONDS} if paths is not None else set()
+        if long:  # long files are never decoded whole
+            out: Any = self._embed_paths(paths, long, sample_rate, level, opts)  # type: ignore[arg-type]
             kind, batched = "path", not is_path(audio)
         else:
             prep = prepare_audio(audio, sample_rate, self.sample_rate, self.frontend.min_samples(), self.device)
@@ -304,15 +305,22 @@ class M2D2(nn.Module):
             )
         return _shape(out, kind, batched)
 
-    def _embed_paths(self, paths: Sequence[str | os.PathLike], level: str, opts: dict[str, Any]) -> Any:
-        """Files by path, the long ones streamed: per-file outputs, stacked when their shapes agree."""
-        outs = []
-        for p in paths:
-            if probe(p).duration > STREAM_SECONDS:
-                outs.append(self.embed_stream(stream_audio(p, self.sample_rate), level, **opts)[0])
-            else:
-                prep = prepare_audio(p, None, self.sample_rate, self.frontend.min_samples(), self.device)
-                outs.append(self.embed_waves(prep.waves, level, **opts)[0])
+    def _embed_paths(
+        self, paths: Sequence[str | os.PathLike], long: set[int], sample_rate: int | None, level: str, opts: dict
+    ) -> Any:
+        """Files by path: those at indices ``long`` streamed one by one, the others embedded together. Per-file
+        outputs in input order, stacked when their shapes agree."""
+        check_path_rate(sample_rate, self.sample_rate)
+        outs: list[Any] = [None] * len(paths)
+        short = [i for i in range(len(paths)) if i not in long]
+        if short:
+            prep = prepare_audio(
+                [paths[i] for i in short], None, self.sample_rate, self.frontend.min_samples(), self.device
+            )
+            for i, o in zip(short, self.embed_waves(prep.waves, level, **opts)):
+                outs[i] = o
+        for i in sorted(long):
+            outs[i] = self.embed_stream(stream_audio(paths[i], self.sample_rate), level, **opts)[0]
         return torch.stack(outs) if len({o.shape for o in outs}) == 1 else outs
 
     # -- CLAP text side and zero-shot ---------------------------------------------------------------------------

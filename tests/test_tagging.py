@@ -114,8 +114,14 @@ def test_long_path_inputs_stream_through_the_array_api(tagger, tmp_path, monkeyp
     assert calls and streamed.shape == whole.shape
     np.testing.assert_allclose(streamed, whole, atol=2e-5)
     np.testing.assert_allclose(tagger.tag(p), tagger.tag(m2d2.load_audio(p), sample_rate=SR), atol=2e-5)
-    clip = tagger.clip_embeddings([p, p])
-    assert clip.shape == (2, tagger.frame_dim)
+    short = str(tmp_path / "short.wav")
+    sf.write(short, signal(1.3, SR, 1, 9), SR, subtype="FLOAT")
+    mixed = tagger.clip_embeddings([short, p, short])  # the short ones embedded together, the long one streamed
+    assert mixed.shape == (3, tagger.frame_dim)
+    np.testing.assert_allclose(mixed[0], tagger.clip_embeddings(short), atol=1e-5)
+    np.testing.assert_allclose(mixed[1], tagger.clip_embeddings(p), atol=1e-5)
+    with pytest.raises(ValueError, match="leave sample_rate out"):
+        tagger.clip_embeddings(p, sample_rate=44100)
 
 
 def test_detect_events_merges_adjacent_frames_above_threshold():
