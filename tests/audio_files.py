@@ -26,6 +26,14 @@ def signal(seconds: float, sr: int, channels: int, seed: int) -> np.ndarray:
     return np.stack([x * (0.8 + 0.2 * c) for c in range(channels)], axis=1).astype(np.float32)
 
 
+def make_clip_folder(folder: Path, n: int) -> Path:
+    """``n`` short mono 16-kHz WAVs (0.3 s and up) in ``folder``: many small files for resume and lock tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        sf.write(folder / f"clip{i:02d}.wav", signal(0.3 + 0.01 * i, 16000, 1, i % 5), 16000)
+    return folder
+
+
 def make_audio_folder(root: Path) -> Path:
     """Write GOOD and BAD files (and a sub-folder with one more WAV, and a hidden file) into ``root``."""
     root.mkdir(parents=True, exist_ok=True)

@@ -118,3 +118,20 @@ def make_golden_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 (tests/http_fixtures.py), closed after the test."""
+    from http_fixtures import FakeServer
+
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """No offline switch or cache location from the environment: downloads go to the test's servers and caches."""
+    for var in ("M2D2_EMBED_OFFLINE", "HF_HUB_OFFLINE", "M2D2_EMBED_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from http_fixtures import Blob, FakeServer
+from http_fixtures import Blob
 from tiny import UPSTREAM_2025, save_tiny, save_upstream
 
 import m2d2_embed as m2d2
@@ -28,22 +28,11 @@ from m2d2_embed.convert import CHECKSUM_NAME, CheckpointError, read_pth
 from m2d2_embed.download import ChecksumMismatch, DownloadError
 from m2d2_embed.loader import clear_cache, verify_cache
 
+pytestmark = pytest.mark.usefixtures("online")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAVE = (0.3 * np.sin(np.linspace(0, 3000, 16000))).astype(np.float32)
 HTML = b"<!DOCTYPE html><html><head><title>Proxy error</title></head><body>blocked</body></html>\n" * 20
-
-
-@pytest.fixture
-def server():
-    s = FakeServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def _online(monkeypatch):
-    for var in ("M2D2_EMBED_OFFLINE", "HF_HUB_OFFLINE", "M2D2_EMBED_CACHE"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")

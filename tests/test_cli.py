@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-from audio_files import BAD, good_paths, make_audio_folder
-from audio_files import signal as make_signal
+from audio_files import BAD, good_paths, make_audio_folder, make_clip_folder
 
 import m2d2_embed as m2d2
 from m2d2_embed import cli, files
@@ -98,10 +96,7 @@ def test_bad_inputs_fail_fast_with_a_clear_message(folder, tmp_path, capsys):
 
 
 def test_directory_output_resumes_after_an_interruption(folder, tiny_model_dir, tmp_path, model):
-    many = tmp_path / "many"
-    many.mkdir()
-    for i in range(40):
-        sf.write(many / f"clip{i:02d}.wav", make_signal(0.3 + 0.01 * i, 16000, 1, i % 5), 16000)
+    many = make_clip_folder(tmp_path / "many", 40)
     out = tmp_path / "out"
     args = [
         "embed",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from audio_files import good_paths, make_audio_folder
+from audio_files import good_paths, make_audio_folder, make_clip_folder
 from audio_files import signal as make_signal
 
 import m2d2_embed as m2d2
@@ -35,10 +35,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def test_a_second_run_on_the_same_output_directory_is_refused_and_nothing_is_duplicated(tiny_model_dir, tmp_path):
-    many = tmp_path / "many"
-    many.mkdir()
-    for i in range(30):
-        sf.write(many / f"clip{i:02d}.wav", make_signal(0.3 + 0.01 * i, 16000, 1, i % 5), 16000)
+    many = make_clip_folder(tmp_path / "many", 30)
     out = tmp_path / "out"
     args = [
         "embed",

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +33,8 @@ from m2d2_embed.download import (
     sha256_file,
 )
 
+pytestmark = pytest.mark.usefixtures("online")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4 bytes: crosses the 1 MiB read chunk
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -41,19 +42,6 @@ FAST = dict(progress=False, backoff=0.01, timeout=10)
 
 
 # --------------------------------------------------------------------------- servers
-
-
-@pytest.fixture
-def server() -> Iterator[FakeServer]:
-    s = FakeServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def _online(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("M2D2_EMBED_OFFLINE", "HF_HUB_OFFLINE", "M2D2_EMBED_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def leftovers(directory: Path) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from http_fixtures import Blob, FakeServer, fake_hub
+from http_fixtures import Blob, fake_hub
 from tiny import UPSTREAM_2025, save_tiny, save_upstream
 
 import m2d2_embed as m2d2
@@ -22,21 +22,10 @@ from m2d2_embed import registry
 from m2d2_embed.download import DownloadError
 from m2d2_embed.loader import cache_summary, download_model, list_models
 
+pytestmark = pytest.mark.usefixtures("online")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAVE = (0.3 * np.sin(np.linspace(0, 3000, 2 * 16000))).astype(np.float32)
-
-
-@pytest.fixture
-def server():
-    s = FakeServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def _online(monkeypatch):
-    for var in ("M2D2_EMBED_OFFLINE", "HF_HUB_OFFLINE", "M2D2_EMBED_CACHE"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from http_fixtures import Blob, FakeServer
+from http_fixtures import Blob
 from tiny import save_tiny, tiny_config, tiny_model, upstream_state_dict
 
 import m2d2_embed as m2d2
@@ -181,13 +181,6 @@ def _tiny_entry_config(name: str, width: int, patch=(16, 16), rate=16000) -> Mod
     )
 
 
-@pytest.fixture
-def server():
-    s = FakeServer()
-    yield s
-    s.close()
-
-
 @pytest.mark.parametrize(
     ("folder", "width", "patch", "rate"),
     [
@@ -296,3 +289,18 @@ def test_finetune_export_classifier_is_read_beside_the_model(tmp_path):
     assert torch.equal(sd["classifier.linear.weight"], head.linear.weight.detach())
     assert torch.equal(sd["classifier.linear.bias"], head.linear.bias.detach())
     assert json.loads((dst / "config.json").read_text())["classifier"] is None  # read from the file, not copied
+
+
+def test_classifier_files_of_earlier_exports_still_read_and_foreign_ones_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    dst = save_tiny(tmp_path / "ft", tiny_config(head=None, text=False))
+    w, b = torch.randn(2, 320), torch.randn(2)
+    meta = {"labels": json.dumps(["cough", "sneeze"]), "multi_label": "true"}
+    save_file({"weight": w, "bias": b}, str(dst / "classifier.safetensors"), metadata=meta)  # before linear.*
+    sd, cfg = read_any(dst)
+    assert cfg.classifier == ClassifierConfig(320, 2, norm=False, labels=("cough", "sneeze"), multi_label=True)
+    assert torch.equal(sd["classifier.linear.weight"], w) and torch.equal(sd["classifier.linear.bias"], b)
+    save_file({"head.weight": w}, str(dst / "classifier.safetensors"))
+    with pytest.raises(CheckpointError, match="is not a classifier head"):
+        read_any(dst)
