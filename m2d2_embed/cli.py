@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16", "int8"],
         help="compute dtype (default: bf16 on CUDA, fp32 on CPU; int8: dynamic quantization, CPU)",
     )
+    g.add_argument(
+        "--backend",
+        default=None,
+        choices=["torch", "onnxruntime", "openvino"],
+        help="who runs the audio encoder (default torch); onnxruntime/openvino: CPU, fp32, exported to ONNX "
+        "once per model and cached (extras onnx/openvino); can pay on a CPU busy with other work",
+    )
     g.add_argument("--cache-dir", default=None, help="model cache (default $M2D2_EMBED_CACHE or ~/.cache/m2d2_embed)")
     g.add_argument("--offline", action="store_true", help="use the cache only; never download")
 
@@ -520,8 +527,9 @@ def _load_model(args: argparse.Namespace):
             cache_dir=args.cache_dir,
             offline=True if args.offline else None,
             compile=compile_,
+            backend=getattr(args, "backend", None),
         )
-    except (ValueError, OSError, RuntimeError, NotImplementedError) as e:
+    except (ValueError, ImportError, OSError, RuntimeError, NotImplementedError) as e:
         fatal(f"cannot load model {args.model!r}: {e}", EXIT_FAILED)
 
 

@@ -32,6 +32,7 @@ import torch
 
 from . import download as dl
 from . import registry
+from .backends import attach_backend, check_backend
 from .config import ModelConfig, TextConfig
 from .convert import (
     CHECKSUM_NAME,
@@ -125,9 +126,15 @@ class _SkipRandomInit(torch.overrides.TorchFunctionMode):
 
 
 def build_model(
-    state_dict: dict[str, torch.Tensor], config, device: torch.device, dtype: torch.dtype | str, compile: bool = False
+    state_dict: dict[str, torch.Tensor],
+    config,
+    device: torch.device,
+    dtype: torch.dtype | str,
+    compile: bool = False,
+    pack: bool = True,
 ) -> M2D2:
-    """Rebuild an ``M2D2`` from our state dict without allocating random weights first."""
+    """Rebuild an ``M2D2`` from our state dict without allocating random weights first. ``pack=False`` leaves out
+    the fused CPU weights (for a model whose encoder another runtime runs)."""
     with torch.device("meta"), _SkipRandomInit():
         model = M2D2(config)
     expected = set(model.state_dict())
@@ -163,7 +170,7 @@ def build_model(
     model.eval()
     if compile:
         compile_encoder(model)
-    elif device.type == "cpu" and dtype == torch.float32:
+    elif device.type == "cpu" and dtype == torch.float32 and pack:
         pack_for_cpu(model.encoder)  # fused oneDNN matmuls for float32 CPU inference (see encoder.py)
         if model.audio_proj is not None:
             pack_for_cpu(model.audio_proj)
@@ -239,6 +246,7 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
     compile: bool = False,
+    backend: str | None = None,
 ) -> M2D2:
     """Load an M2D2 model.
 
@@ -256,18 +264,24 @@ def load(
             through the compiled graph in micro-batches padded to a few fixed sizes, so it compiles once per size
             (a one-off warm-up of tens of seconds), not per batch. Not with ``dtype='int8'``. On the CPU it is
             slower than the default fused float32 path and warns (``RuntimeWarning``).
+        backend: who runs the audio encoder: ``"torch"`` (default), or on the CPU in float32 ``"onnxruntime"``
+            or ``"openvino"`` (extras ``onnx`` / ``openvino``). The encoder is exported to ONNX once per weights
+            (about 20 s for ViT-B) and cached under ``<cache>/onnx/``; every output keeps its shape and meaning
+            (tokens within about 1e-5 of PyTorch). See :mod:`m2d2_embed.backends` for when it pays.
 
     On the CPU in float32 the encoder's blocks run fused oneDNN matmuls on weights reordered at load time
     (:func:`m2d2_embed.encoder.pack_for_cpu`); bfloat16/float16 on a CPU without native bfloat16 warns.
 
     Raises:
-        ValueError: unknown name, device or dtype.
+        ValueError: unknown name, device, dtype or backend, or a backend with a device/dtype it cannot run.
+        ImportError: the backend's runtime is not installed (the message names the extra).
         DownloadError: the weights could not be downloaded (the message says how to work offline instead).
         CheckpointError: the weights are damaged, not finite or of an unknown layout (the message names the
             file and the fix).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    backend = check_backend(backend, dev, dt, compile)
     if compile and dev.type == "cpu":
         warnings.warn(
             "compile=True on the CPU does not pay: it replaces the fused oneDNN float32 path and ran at "
@@ -283,8 +297,11 @@ def load(
     if cfg.text is not None and cfg.text_weights and not any(k.startswith("text_encoder.") for k in sd):
         text_sd, text_cfg = fetch_text_weights(cfg, offline=offline)  # e.g. GTE-base for the 2024 M2D-CLAP
         sd, cfg = {**sd, **text_sd}, dataclasses.replace(cfg, text=text_cfg)
-    model = build_model(sd, cfg, dev, dt, compile=compile)
-    log.info("loaded %s from %s on %s (%s%s)", cfg.name, path, dev, dt, ", compiled" if compile else "")
+    model = build_model(sd, cfg, dev, dt, compile=compile, pack=backend == "torch")
+    if backend != "torch":
+        attach_backend(model, backend, cache_dir)
+    extra = ", compiled" if compile else "" if backend == "torch" else f", encoder in {backend}"
+    log.info("loaded %s from %s on %s (%s%s)", cfg.name, path, dev, dt, extra)
     return model
 
 

@@ -60,6 +60,8 @@ class M2D2(nn.Module):
             self.text_encoder = BertTextEncoder(config.text)
         self.classifier = Classifier(config.classifier) if config.classifier else None
         self.compiled = False  # set by load(compile=True): full chunks run through the compiled encoder
+        self.backend = "torch"  # who runs the encoder (see set_encoder_runner)
+        self._runner: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._tokenizer = None
         self.eval()
 
@@ -114,7 +116,19 @@ class M2D2(nn.Module):
         return list(cfg.labels) if cfg.labels else [f"class_{i}" for i in range(cfg.num_classes)]
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, sample_rate={self.sample_rate}"
+        backend = "" if self.backend == "torch" else f", backend={self.backend!r}"
+        return f"name={self.name!r}, sample_rate={self.sample_rate}{backend}"
+
+    def set_encoder_runner(self, runner: Callable[[torch.Tensor], torch.Tensor] | None, backend: str) -> None:
+        """Have ``runner`` do every encoder call from now on (``None``: the PyTorch encoder again).
+
+        ``runner``: normalised log-mel chunks [n, 1, n_mels, w] float32 -> tokens [n, f*t, D] float32, exactly
+        :class:`m2d2_embed.encoder.AudioEncoder`'s contract. ``load(backend=...)`` sets an ONNX Runtime or OpenVINO
+        runner (:mod:`m2d2_embed.backends`); ``self.encoder`` stays, for its config and weights.
+        """
+        if runner is not None and (self.compiled or self.dtype != torch.float32):
+            raise ValueError("an encoder runner replaces the float32, uncompiled PyTorch encoder only")
+        self._runner, self.backend = runner, backend if runner is not None else "torch"
 
     # -- chunk geometry ----------------------------------------------------------------------------------------
     def plan(self, num_samples: int) -> list[tuple[int, int]]:
@@ -746,6 +760,8 @@ class M2D2(nn.Module):
         T = self.config.encoder.grid[1]
         compiled = self.compiled and batch.shape[-1] == T * self.config.encoder.patch_size[1]
         encode = self.encoder if compiled or not self.compiled else self.encoder.forward  # forward: eager
+        if self._runner is not None:
+            encode = self._runner
         outs, i = [], 0
         while i < batch.shape[0]:
             x = batch[i : i + max_b].to(self.dtype)

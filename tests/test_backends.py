@@ -1,0 +1,137 @@
+"""``load(backend="onnxruntime"|"openvino")``: the encoder runs in the other runtime from a cached ONNX export, and
+every output matches the PyTorch float32 path in shape and value; the export cache is reused, survives damage and
+never keeps a half-written export; bad settings and missing runtimes get clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import m2d2_embed as m2d2
+from m2d2_embed import backends, cli
+
+pytest.importorskip("onnxscript")
+
+RUNTIMES = [
+    pytest.param(
+        "onnxruntime",
+        marks=pytest.mark.skipif(not backends.runtime_installed("onnxruntime"), reason="onnxruntime not installed"),
+    ),
+    pytest.param(
+        "openvino",
+        marks=pytest.mark.skipif(not backends.runtime_installed("openvino"), reason="openvino not installed"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def export_cache(tiny_model_dir, tmp_path_factory):
+    """A cache holding the tiny model's export, made once for the module."""
+    cache = tmp_path_factory.mktemp("cache")
+    model = m2d2.load(tiny_model_dir, device="cpu", dtype="fp32")
+    folder = backends.cached_export(model, cache)
+    return cache, folder, model
+
+
+def waves(n=3, seconds=12.5, seed=0):
+    return torch.randn(n, int(16000 * seconds), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_backend_outputs_match_torch_fp32(tiny_model_dir, export_cache, runtime):
+    cache, _, ref = export_cache
+    model = m2d2.load(tiny_model_dir, device="cpu", backend=runtime, cache_dir=cache)
+    assert model.backend == runtime and ref.backend == "torch"
+    x = waves()  # 12.5 s: a full 10-s chunk and a short last one (two encoder widths)
+    for method in ("frame_embeddings", "clip_embeddings", "clap_audio_embeddings"):
+        want, got = getattr(ref, method)(x, 16000), getattr(model, method)(x, 16000)
+        assert got.shape == want.shape and got.dtype == torch.float32, method
+        assert (got - want).abs().max().item() < 1e-4, method
+    # a clip alone equals the same clip in a batch
+    alone = model.clip_embeddings(x[1], 16000)
+    assert (alone - model.clip_embeddings(x, 16000)[1]).abs().max().item() < 1e-5
+    # numpy in, numpy out, as with the torch backend
+    assert isinstance(model.clip_embeddings(x[0].numpy(), 16000), np.ndarray)
+
+
+def test_export_is_cached_and_reused(tiny_model_dir, export_cache, caplog):
+    cache, folder, _ = export_cache
+    record = (folder / backends.FILES_RECORD).stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="m2d2_embed"):
+        m2d2.load(tiny_model_dir, device="cpu", backend="onnxruntime", cache_dir=cache)
+    assert "exporting" not in caplog.text
+    assert (folder / backends.FILES_RECORD).stat().st_mtime_ns == record
+    assert [p.name for p in (cache / "onnx").iterdir()] == [folder.name]  # no temporary folders left
+    manifest = json.loads((folder / "m2d2_export.json").read_text())
+    assert manifest["encoder"]["file"] == "encoder.onnx"
+
+
+def test_other_weights_get_their_own_export(tiny_model_dir, export_cache):
+    _, folder, model = export_cache
+    other = m2d2.load(tiny_model_dir, device="cpu", dtype="fp32")
+    with torch.no_grad():
+        other.encoder.blocks[0].mlp.fc2.weight[0, 0] += 1e-3  # one weight: a different encoder
+    assert backends.encoder_digest(other) != backends.encoder_digest(model) == folder.name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "same_size", "delete_record"])
+def test_damaged_export_is_made_again(tiny_model_dir, export_cache, tmp_path, caplog, damage):
+    src_cache, folder, ref = export_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(src_cache / "onnx", cache / "onnx")
+    data = cache / "onnx" / folder.name / "encoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    if damage == "truncate":
+        data.write_bytes(raw[: len(raw) // 2])
+    elif damage == "same_size":  # flipped bytes, new mtime: caught by the SHA-256
+        raw[100:200] = bytes(100)
+        data.write_bytes(raw)
+        os.utime(data, ns=(1, 1))
+    else:
+        (cache / "onnx" / folder.name / backends.FILES_RECORD).unlink()
+    with caplog.at_level(logging.INFO, logger="m2d2_embed"):
+        model = m2d2.load(tiny_model_dir, device="cpu", backend="onnxruntime", cache_dir=cache)
+    assert "exporting again" in caplog.text
+    x = waves(1)
+    assert (model.clip_embeddings(x, 16000) - ref.clip_embeddings(x, 16000)).abs().max().item() < 1e-4
+
+
+def test_bad_settings_are_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"unknown backend 'ort'; use one of torch, onnxruntime, openvino"):
+        m2d2.load(tiny_model_dir, device="cpu", backend="ort")
+    with pytest.raises(ValueError, match=r"backend='onnxruntime' runs float32 only.*dtype='fp32'"):
+        m2d2.load(tiny_model_dir, device="cpu", dtype="int8", backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"compile=True compiles the PyTorch encoder"):
+        m2d2.load(tiny_model_dir, device="cpu", compile=True, backend="openvino")
+    with pytest.raises(ValueError, match=r"runs the encoder on the CPU; it cannot run on meta"):
+        backends.check_backend("onnxruntime", torch.device("meta"), torch.float32, False)
+
+
+def test_missing_runtime_names_the_extra(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"backend='openvino' needs openvino: pip install 'm2d2-embed\[openvino\]'"):
+        m2d2.load(tiny_model_dir, device="cpu", backend="openvino")
+
+
+def test_cli_backend(tiny_model_dir, export_cache, tmp_path, capsys):
+    cache, _, ref = export_cache
+    wav = tmp_path / "a.wav"
+    import soundfile as sf
+
+    sf.write(wav, waves(1, 3.0)[0].numpy() * 0.1, 16000)
+    out = tmp_path / "out.npz"
+    argv = ["embed", str(wav), "--model", str(tiny_model_dir), "--device", "cpu", "--cache-dir", str(cache)]
+    assert cli.main([*argv, "--backend", "onnxruntime", "-o", str(out)]) == 0
+    got = m2d2.read_embeddings(out)
+    assert got.metadata["encoder_backend"] == "onnxruntime"
+    want = ref.clip_embeddings(str(wav))
+    assert np.abs(got.embeddings[0] - want).max() < 1e-4
+    assert cli.main([*argv, "--backend", "onnxruntime", "--dtype", "int8", "-o", str(tmp_path / "x.npz")]) != 0
+    assert "runs float32 only" in capsys.readouterr().err
