@@ -700,7 +700,7 @@ def _ours(p: Path) -> bool:
     n = p.name
     return (
         n in MODELS
-        or n == "downloads"
+        or n in ("downloads", "onnx")  # onnx: the exports of load(backend=...) (see backends.py)
         or n.startswith("url-")
         or n.endswith((".lock", ".converting"))
         or _is_converted(p)

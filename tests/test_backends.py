@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import m2d2_embed as m2d2
-from m2d2_embed import backends, cli
+from m2d2_embed import backends, cli, loader
 
 pytest.importorskip("onnxscript")
 
@@ -135,3 +135,13 @@ def test_cli_backend(tiny_model_dir, export_cache, tmp_path, capsys):
     assert np.abs(got.embeddings[0] - want).max() < 1e-4
     assert cli.main([*argv, "--backend", "onnxruntime", "--dtype", "int8", "-o", str(tmp_path / "x.npz")]) != 0
     assert "runs float32 only" in capsys.readouterr().err
+
+
+def test_cache_clear_removes_the_exports(export_cache, tmp_path):
+    src_cache, folder, _ = export_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(src_cache / "onnx", cache / "onnx")
+    summary = loader.cache_summary(cache)
+    assert "onnx" in [e["name"] for e in summary["entries"]]
+    assert cache / "onnx" in loader.clear_cache(None, cache)
+    assert not (cache / "onnx").exists()
