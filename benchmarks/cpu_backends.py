@@ -510,7 +510,7 @@ def markdown(result: dict[str, Any]) -> str:
             + ", ".join(f"{r['input']} {r['warmup_s']:.0f} s" for r in warm)
         )
     if result.get("export_s"):
-        lines.append(f"\nfull-size ONNX export (encoder + CLAP head): {result['export_s']:.1f} s")
+        lines.append(f"\nfull-size ONNX export of the encoder: {result['export_s']:.1f} s")
     return "\n".join(lines)
 
 
