@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE))
 import bench  # noqa: E402  (benchmarks/bench.py: weights, clips, environment)
 
 import m2d2_embed  # noqa: E402
-from m2d2_embed.encoder import Block  # noqa: E402
+from m2d2_embed.encoder import Block, cpu_flags  # noqa: E402
 
 SR = 16000
 
@@ -232,11 +232,11 @@ def ensure_export(model: m2d2_embed.M2D2, cache: Path) -> tuple[Path, float | No
 
     t = time.perf_counter()
     cached = (cache / "onnx" / backends.encoder_digest(model) / backends.FILES_RECORD).exists()
-    folder = backends.cached_export(model, cache)
+    path = backends.cached_export(model, cache)
     dt = None if cached else time.perf_counter() - t
     if dt is not None:
         log(f"ONNX export of the full-size model: {dt:.1f} s")
-    return folder / "encoder.onnx", dt
+    return path, dt
 
 
 def plain(model: m2d2_embed.M2D2) -> m2d2_embed.M2D2:
@@ -296,17 +296,17 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
     cs.append(Contender("m2d2_embed int8 (default)", "torch", q.encoder, q, ceiling="int8"))
     q7 = int8_7bit(source)
     cs.append(Contender("m2d2_embed int8, 7-bit activations (before)", "torch", q7.encoder, q7, ceiling="int8"))
+    signed = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})  # what load(backend=...) picks
     for wt in ("QUInt8", "QInt8") if onnx_path is not None else ():
         run = ort_session(ort_quantized(onnx_path, wt), threads)
-        cs.append(
-            Contender(
-                f"ORT dynamic int8, {wt} per-channel weights",
-                "ort",
-                run,
-                with_runner(source, cache, run, f"onnxruntime {wt}"),
-                ceiling="int8",
-            )
+        ours = (wt == "QInt8") == signed  # end to end: the package's own load(dtype="int8", backend="onnxruntime")
+        model = (
+            m2d2_embed.load(source, device="cpu", dtype="int8", backend="onnxruntime", cache_dir=cache)
+            if ours
+            else with_runner(source, cache, run, f"onnxruntime {wt}")
         )
+        name = f"ORT dynamic int8, {wt} per-channel weights" + (" (= backend='onnxruntime', int8)" if ours else "")
+        cs.append(Contender(name, "ort", run, model, ceiling="int8"))
     cfg = fp32.config.encoder
     for kind in ("fp32", "int8"):
         c = Ceiling(cfg, kind)

@@ -14,6 +14,7 @@ Cache layout (``<cache>`` from :func:`m2d2_embed.download.cache_dir`)::
 
     <cache>/onnx/<digest>/encoder.onnx, encoder.onnx.data,   the export, keyed by the SHA-256 of the encoder's
                           m2d2_export.json, files.json       tensors; files.json: size, mtime, SHA-256 of each
+    <cache>/onnx/<digest>-int8-s8/ (or -u8)                  ONNX Runtime's dynamic int8 quantization of it
 
 An export is written to a temporary folder and renamed into place whole, so a crash or a second process never
 leaves half of one; an export whose files changed since they were written is deleted and made again.
@@ -64,10 +65,15 @@ def check_backend(backend: str | None, device: torch.device, dtype: Any, compile
             f"backend={name!r} runs the encoder on the CPU; it cannot run on {device}. Use device='cpu', or "
             f"the default backend='torch' on a GPU"
         )
-    if dtype != torch.float32:
+    if dtype == "int8" and name == "openvino":
         raise ValueError(
-            f"backend={name!r} runs float32 only, got dtype={dtype}; use dtype='fp32' (or backend='torch' for "
-            f"int8 and bf16)"
+            "backend='openvino' runs float32 only (its int8 needs a calibration set); for int8 use "
+            "backend='onnxruntime' or the default backend='torch'"
+        )
+    if dtype not in (torch.float32, "int8"):
+        raise ValueError(
+            f"backend={name!r} runs float32 (and onnxruntime int8), got dtype={dtype}; use dtype='fp32' (or "
+            f"backend='torch' for bf16)"
         )
     if compile:
         raise ValueError(f"compile=True compiles the PyTorch encoder; it does not apply to backend={name!r}")
@@ -99,45 +105,85 @@ def encoder_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def attach_backend(model: torch.nn.Module, backend: str, cache_dir: str | os.PathLike | None = None) -> None:
+def attach_backend(
+    model: torch.nn.Module, backend: str, cache_dir: str | os.PathLike | None = None, int8: bool = False
+) -> None:
     """Run ``model``'s encoder in ``backend`` from now on (in place): find or make the cached ONNX export,
-    open it in the runtime and hand the model a runner (:meth:`m2d2_embed.M2D2.set_encoder_runner`)."""
-    from .export import ENCODER_FILE
+    open it in the runtime and hand the model a runner (:meth:`m2d2_embed.M2D2.set_encoder_runner`).
 
-    folder = cached_export(model, cache_dir)
+    ``int8`` (onnxruntime): ONNX Runtime's dynamic int8 quantization of the export (per-channel weights, uint8
+    activations quantized per call), cached beside it: signed int8 weights on CPUs with VNNI (their products sum
+    in int32), unsigned elsewhere, where signed weights lose accuracy to int16 saturation."""
+    make = cached_int8 if int8 else cached_export
+    path = make(model, cache_dir)
     try:
-        runner = open_runner(backend, folder / ENCODER_FILE)
+        runner = open_runner(backend, path)
     except Exception as e:  # a damaged file that kept its size and mtime: make it once more
-        log.warning("the cached export %s did not open in %s (%s); exporting again", folder, backend, e)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder = cached_export(model, cache_dir)
-        runner = open_runner(backend, folder / ENCODER_FILE)
+        log.warning("the cached export %s did not open in %s (%s); exporting again", path.parent, backend, e)
+        shutil.rmtree(path.parent, ignore_errors=True)
+        runner = open_runner(backend, make(model, cache_dir))
     model.set_encoder_runner(runner, backend)
+    if int8:
+        model.quantization = "int8"
 
 
 def cached_export(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of ``model``'s cached ONNX export, made now if missing or changed since written."""
-    from .export import export_onnx
+    """``encoder.onnx`` of ``model``'s cached float32 ONNX export, made now if missing or changed since written."""
+    from .export import ENCODER_FILE, export_onnx
 
-    root = dl.cache_dir(cache_dir) / "onnx"
-    folder = root / encoder_digest(model)
+    folder = dl.cache_dir(cache_dir) / "onnx" / encoder_digest(model)
+
+    def make(tmp: Path) -> None:
+        log.info("exporting the audio encoder to ONNX once for these weights (about 20 s for ViT-B) into %s", folder)
+        export_onnx(model, tmp, heads=False, overwrite=True)
+
+    return _cached(folder, make) / ENCODER_FILE
+
+
+def cached_int8(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``encoder.onnx`` of ONNX Runtime's dynamic int8 quantization of ``model``'s export, cached beside it
+    (``<digest>-int8-s8`` with signed weights on VNNI CPUs, ``-u8`` elsewhere); made now if missing or changed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .encoder import cpu_flags
+    from .export import ENCODER_FILE
+
+    signed = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    source = cached_export(model, cache_dir)
+    folder = source.parent.with_name(f"{source.parent.name}-int8-{'s8' if signed else 'u8'}")
+
+    def make(tmp: Path) -> None:
+        log.info("quantizing the ONNX encoder to int8 once (about 10 s for ViT-B) into %s", folder)
+        quantize_dynamic(
+            str(source),
+            str(tmp / ENCODER_FILE),
+            weight_type=QuantType.QInt8 if signed else QuantType.QUInt8,
+            per_channel=True,
+            use_external_data_format=True,
+        )
+
+    return _cached(folder, make) / ENCODER_FILE
+
+
+def _cached(folder: Path, make: Callable[[Path], None]) -> Path:
+    """``folder`` if intact, else made by ``make(tmp)`` in a temporary folder beside it and renamed into place,
+    so it is there whole or not at all (a second process making it meanwhile is fine: either copy is good)."""
     if _intact(folder):
-        log.debug("using the cached ONNX export %s", folder)
+        log.debug("using the cached export %s", folder)
         return folder
     if folder.exists():
         log.warning("the cached export %s is incomplete or changed since it was written; exporting again", folder)
         shutil.rmtree(folder, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    log.info("exporting the audio encoder to ONNX once for these weights (about 20 s for ViT-B) into %s", folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         with _quiet_exporter():
-            export_onnx(model, tmp, heads=False, overwrite=True)
+            make(tmp)
         _record_files(tmp)
         try:
-            os.rename(tmp, folder)  # whole or not at all
+            os.rename(tmp, folder)
         except OSError:
-            if not _intact(folder):  # another process made it meanwhile: theirs is as good; else a real error
+            if not _intact(folder):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,9 +205,9 @@ def _intact(folder: Path) -> bool:
         rec = json.loads((folder / FILES_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    from .export import ENCODER_FILE, MANIFEST
+    from .export import ENCODER_FILE
 
-    if ENCODER_FILE not in rec or MANIFEST not in rec:
+    if ENCODER_FILE not in rec:
         return False
     for name, want in rec.items():
         p = folder / name
@@ -183,11 +229,15 @@ def _quiet_exporter() -> Iterator[None]:
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    root = logging.getLogger()  # onnxruntime.quantization advises pre-processing through the root logger
+    quiet = logging.Filter("m2d2_embed")  # passes only our own records
+    root.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        root.removeFilter(quiet)
         logger.setLevel(level)
 
 

@@ -388,7 +388,7 @@ def embedding_metadata(model: M2D2, level: str, reduce: str = "none", normalize:
         "normalize": bool(normalize),
         **model.describe(level, reduce),
         "sample_rate": model.sample_rate,
-        "compute_dtype": str(model.dtype).replace("torch.", ""),
+        "compute_dtype": model.quantization or str(model.dtype).replace("torch.", ""),
         "encoder_backend": model.backend,
         "frame_hop_seconds": model.frame_hop_seconds,
         "timestamps_unit": "seconds (centre of each frame)",

@@ -157,6 +157,7 @@ def build_model(
             )
         model.float()
         quantize_int8(model)
+        model.quantization = "int8"
         return model.eval()
     # the front end stays float32 (its buffers are not parameters of the checkpoint)
     model.encoder.to(device=device, dtype=dtype)
@@ -297,9 +298,10 @@ def load(
     if cfg.text is not None and cfg.text_weights and not any(k.startswith("text_encoder.") for k in sd):
         text_sd, text_cfg = fetch_text_weights(cfg, offline=offline)  # e.g. GTE-base for the 2024 M2D-CLAP
         sd, cfg = {**sd, **text_sd}, dataclasses.replace(cfg, text=text_cfg)
-    model = build_model(sd, cfg, dev, dt, compile=compile, pack=backend == "torch")
-    if backend != "torch":
-        attach_backend(model, backend, cache_dir)
+    on_torch = backend == "torch"
+    model = build_model(sd, cfg, dev, dt if on_torch else torch.float32, compile=compile, pack=on_torch)
+    if not on_torch:
+        attach_backend(model, backend, cache_dir, int8=dt == "int8")
     extra = ", compiled" if compile else "" if backend == "torch" else f", encoder in {backend}"
     log.info("loaded %s from %s on %s (%s%s)", cfg.name, path, dev, dt, extra)
     return model

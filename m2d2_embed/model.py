@@ -61,6 +61,7 @@ class M2D2(nn.Module):
         self.classifier = Classifier(config.classifier) if config.classifier else None
         self.compiled = False  # set by load(compile=True): full chunks run through the compiled encoder
         self.backend = "torch"  # who runs the encoder (see set_encoder_runner)
+        self.quantization: str | None = None  # "int8" when the encoder's Linear layers are quantized
         self._runner: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._tokenizer = None
         self.eval()
@@ -117,7 +118,8 @@ class M2D2(nn.Module):
 
     def extra_repr(self) -> str:
         backend = "" if self.backend == "torch" else f", backend={self.backend!r}"
-        return f"name={self.name!r}, sample_rate={self.sample_rate}{backend}"
+        quant = f", quantization={self.quantization!r}" if self.quantization else ""
+        return f"name={self.name!r}, sample_rate={self.sample_rate}{backend}{quant}"
 
     def set_encoder_runner(self, runner: Callable[[torch.Tensor], torch.Tensor] | None, backend: str) -> None:
         """Have ``runner`` do every encoder call from now on (``None``: the PyTorch encoder again).
@@ -126,7 +128,7 @@ class M2D2(nn.Module):
         :class:`m2d2_embed.encoder.AudioEncoder`'s contract. ``load(backend=...)`` sets an ONNX Runtime or OpenVINO
         runner (:mod:`m2d2_embed.backends`); ``self.encoder`` stays, for its config and weights.
         """
-        if runner is not None and (self.compiled or self.dtype != torch.float32):
+        if runner is not None and (self.compiled or self.dtype != torch.float32 or self.quantization):
             raise ValueError("an encoder runner replaces the float32, uncompiled PyTorch encoder only")
         self._runner, self.backend = runner, backend if runner is not None else "torch"
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import m2d2_embed as m2d2
+import m2d2_embed.files  # noqa: F401
 from m2d2_embed import backends, cli, loader
+from m2d2_embed.encoder import cpu_flags
 
 pytest.importorskip("onnxscript")
 
@@ -36,7 +38,7 @@ def export_cache(tiny_model_dir, tmp_path_factory):
     """A cache holding the tiny model's export, made once for the module."""
     cache = tmp_path_factory.mktemp("cache")
     model = m2d2.load(tiny_model_dir, device="cpu", dtype="fp32")
-    folder = backends.cached_export(model, cache)
+    folder = backends.cached_export(model, cache).parent
     return cache, folder, model
 
 
@@ -106,8 +108,10 @@ def test_damaged_export_is_made_again(tiny_model_dir, export_cache, tmp_path, ca
 def test_bad_settings_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match=r"unknown backend 'ort'; use one of torch, onnxruntime, openvino"):
         m2d2.load(tiny_model_dir, device="cpu", backend="ort")
-    with pytest.raises(ValueError, match=r"backend='onnxruntime' runs float32 only.*dtype='fp32'"):
-        m2d2.load(tiny_model_dir, device="cpu", dtype="int8", backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"backend='onnxruntime' runs float32 \(and onnxruntime int8\).*'fp32'"):
+        m2d2.load(tiny_model_dir, device="cpu", dtype="bf16", backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"backend='openvino' runs float32 only .*backend='onnxruntime'"):
+        m2d2.load(tiny_model_dir, device="cpu", dtype="int8", backend="openvino")
     with pytest.raises(ValueError, match=r"compile=True compiles the PyTorch encoder"):
         m2d2.load(tiny_model_dir, device="cpu", compile=True, backend="openvino")
     with pytest.raises(ValueError, match=r"runs the encoder on the CPU; it cannot run on meta"):
@@ -133,8 +137,8 @@ def test_cli_backend(tiny_model_dir, export_cache, tmp_path, capsys):
     assert got.metadata["encoder_backend"] == "onnxruntime"
     want = ref.clip_embeddings(str(wav))
     assert np.abs(got.embeddings[0] - want).max() < 1e-4
-    assert cli.main([*argv, "--backend", "onnxruntime", "--dtype", "int8", "-o", str(tmp_path / "x.npz")]) != 0
-    assert "runs float32 only" in capsys.readouterr().err
+    assert cli.main([*argv, "--backend", "openvino", "--dtype", "bf16", "-o", str(tmp_path / "x.npz")]) != 0
+    assert "runs float32" in capsys.readouterr().err
 
 
 def test_cache_clear_removes_the_exports(export_cache, tmp_path):
@@ -145,3 +149,18 @@ def test_cache_clear_removes_the_exports(export_cache, tmp_path):
     assert "onnx" in [e["name"] for e in summary["entries"]]
     assert cache / "onnx" in loader.clear_cache(None, cache)
     assert not (cache / "onnx").exists()
+
+
+@pytest.mark.skipif(not backends.runtime_installed("onnxruntime"), reason="onnxruntime not installed")
+def test_onnxruntime_int8(tiny_model_dir, export_cache):
+    cache, folder, ref = export_cache
+    model = m2d2.load(tiny_model_dir, device="cpu", dtype="int8", backend="onnxruntime", cache_dir=cache)
+    assert (model.backend, model.quantization) == ("onnxruntime", "int8")
+    signed = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    assert (cache / "onnx" / f"{folder.name}-int8-{'s8' if signed else 'u8'}" / "encoder.onnx").is_file()
+    x = waves(2)
+    want, got = ref.frame_embeddings(x, 16000), model.frame_embeddings(x, 16000)
+    assert got.shape == want.shape
+    cos = torch.nn.functional.cosine_similarity(got.flatten(0, 1), want.flatten(0, 1), dim=-1)
+    assert 0.99 < cos.min().item() < 1 - 1e-7  # quantized (not the float32 graph), and close to it
+    assert m2d2_embed.files.embedding_metadata(model, "clip")["compute_dtype"] == "int8"
