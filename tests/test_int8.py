@@ -50,3 +50,20 @@ def test_int8_is_cpu_only_and_not_compiled(parity_checkpoint):
         resolve_dtype("int8", torch.device("cuda"))
     with pytest.raises(ValueError, match="compile"):
         m2d2.load(parity_checkpoint, device="cpu", dtype="int8", compile=True)
+
+
+def test_int8_outputs_record_int8_and_do_not_resume_a_float32_directory(tiny_model_dir, tmp_path, capsys):
+    """A float32 output directory refuses an int8 run: int8 outputs used to be recorded as float32 and mixed in."""
+    from m2d2_embed import cli
+    from m2d2_embed.files import embedding_metadata
+
+    q = m2d2.load(tiny_model_dir, device="cpu", dtype="int8")
+    assert q.quantization == "int8" and embedding_metadata(q, "clip")["compute_dtype"] == "int8"
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000)
+    out = tmp_path / "out"
+    base = ["embed", str(tmp_path / "a.wav"), "--model", str(tiny_model_dir), "--device", "cpu", "-o", str(out)]
+    assert cli.main([*base, "--format", "npy"]) == 0
+    assert cli.main([*base, "--format", "npy", "--dtype", "int8"]) != 0
+    assert "compute_dtype: 'float32' there, 'int8' now" in capsys.readouterr().err
