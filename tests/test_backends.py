@@ -164,3 +164,17 @@ def test_onnxruntime_int8(tiny_model_dir, export_cache):
     cos = torch.nn.functional.cosine_similarity(got.flatten(0, 1), want.flatten(0, 1), dim=-1)
     assert 0.99 < cos.min().item() < 1 - 1e-7  # quantized (not the float32 graph), and close to it
     assert m2d2_embed.files.embedding_metadata(model, "clip")["compute_dtype"] == "int8"
+
+
+@pytest.mark.skipif(not backends.runtime_installed("openvino"), reason="openvino not installed")
+def test_ray_embedder_passes_the_backend(tiny_model_dir, export_cache, tmp_path):
+    pytest.importorskip("pyarrow")
+    from m2d2_embed.integrations.ray import M2D2Embedder
+
+    cache, _, ref = export_cache
+    emb = M2D2Embedder(str(tiny_model_dir), device="cpu", backend="openvino", cache_dir=cache)
+    assert emb.model.backend == "openvino"
+    x = waves(1, 2.0)[0].numpy() * 0.1
+    table = emb({"path": np.array(["a"], dtype=object), "amplitude": [x[None]], "sample_rate": np.array([16000])})
+    got = np.asarray(table.column("embedding").to_pylist()[0], np.float32)
+    assert np.abs(got - ref.clip_embeddings(x, 16000)).max() < 1e-4

@@ -74,7 +74,8 @@ class M2D2Embedder:
         extra_levels: more levels from the same encoder pass, as ``<level>_embedding`` columns (and
             ``frame_timestamps``), e.g. ``("clap", "frame")``.
         reduce, normalize: as for :meth:`~m2d2_embed.M2D2.embed_files` (``reduce`` does not apply to clap).
-        device, dtype, cache_dir, offline, compile: as for :func:`m2d2_embed.load`.
+        device, dtype, cache_dir, offline, compile, backend: as for :func:`m2d2_embed.load` (``backend``:
+            CPU actors only).
         model_batch_size: 10-s chunks per forward pass (the ``batch_size`` of ``embed_files``; default 256 on
             CUDA, 32 on CPU).
         decode_threads: threads that decode the files of a batch.
@@ -93,6 +94,7 @@ class M2D2Embedder:
         cache_dir: str | os.PathLike | None = None,
         offline: bool | None = None,
         compile: bool = False,
+        backend: str | None = None,
         model_batch_size: int | None = None,
         decode_threads: int = 4,
     ) -> None:
@@ -100,7 +102,9 @@ class M2D2Embedder:
         from ..loader import load
 
         levels = _check_levels(level, extra_levels)
-        self.model = load(model, device=device, dtype=dtype, cache_dir=cache_dir, offline=offline, compile=compile)
+        self.model = load(
+            model, device=device, dtype=dtype, cache_dir=cache_dir, offline=offline, compile=compile, backend=backend
+        )
         for lvl in levels:
             self.model.check_level(lvl, reduce)
         self.level, self.extra_levels = level, tuple(levels[1:])
@@ -408,6 +412,7 @@ def map_embeddings(
     cache_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
     compile: bool = False,
+    backend: str | None = None,
     batch_size: int | None = None,
     model_batch_size: int | None = None,
     num_gpus_per_actor: float | None = None,
@@ -422,8 +427,8 @@ def map_embeddings(
         data: a folder, file, quoted wildcard or list of them (collected as by ``m2d2-embed embed``, with
             ``recursive`` and ``glob``); URIs such as ``s3://bucket/audio/`` (all audio files below them); or
             a :class:`ray.data.Dataset` with ``path`` and ``bytes`` (or ``amplitude`` + ``sample_rate``) columns.
-        model, level, extra_levels, reduce, normalize, dtype, cache_dir, offline, compile, model_batch_size:
-            see :class:`M2D2Embedder`.
+        model, level, extra_levels, reduce, normalize, dtype, cache_dir, offline, compile, backend,
+            model_batch_size: see :class:`M2D2Embedder`.
         batch_size: files per ``map_batches`` batch (default 256 with GPUs, 32 on CPUs).
         num_gpus_per_actor: GPUs per model replica (default 1 when the cluster has GPUs, else 0: CPU actors;
             fractions put several replicas on one GPU).
@@ -445,6 +450,7 @@ def map_embeddings(
         "cache_dir": os.fspath(cache_dir) if cache_dir is not None else None,
         "offline": offline,
         "compile": compile,
+        "backend": backend,
         "model_batch_size": model_batch_size,
     }
     return ds.map_batches(
