@@ -60,6 +60,8 @@ class M2D2(nn.Module):
             self.text_encoder = BertTextEncoder(config.text)
         self.classifier = Classifier(config.classifier) if config.classifier else None
         self.compiled = False  # set by load(compile=True): full chunks run through the compiled encoder
+        # set by load(dtype="int8" / "fp8"): quantized Linear layers; ``dtype`` stays that of the activations
+        self.quantization: str | None = None
         self._tokenizer = None
         self.eval()
 
@@ -79,6 +81,8 @@ class M2D2(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activations' dtype: float32, bfloat16 or float16; bfloat16 with ``dtype="fp8"`` and float32 with
+        ``"int8"`` (their quantized Linear layers: ``quantization``)."""
         return self.encoder.pos_embed.dtype
 
     @property
@@ -114,7 +118,8 @@ class M2D2(nn.Module):
         return list(cfg.labels) if cfg.labels else [f"class_{i}" for i in range(cfg.num_classes)]
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, sample_rate={self.sample_rate}"
+        q = f", quantization={self.quantization!r}" if self.quantization else ""
+        return f"name={self.name!r}, sample_rate={self.sample_rate}, dtype={self.dtype}{q}"
 
     # -- chunk geometry ----------------------------------------------------------------------------------------
     def plan(self, num_samples: int) -> list[tuple[int, int]]:
