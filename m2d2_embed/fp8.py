@@ -35,6 +35,10 @@ MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell 
 OUT_DTYPE = torch.bfloat16  # row-wise scaled FP8 matmuls write bfloat16 (the only output all builds support)
 _TINY = 1e-12  # floor of a scale's amax: an all-zero row or channel quantizes to zeros, not NaN
 
+# use_fast_accum of torch._scaled_mm: Hopper's faster FP8 accumulation (partial sums kept at lower precision between
+# promotions to float32). Off: the accurate path; benchmarks/gpu_check.py measures both.
+FAST_ACCUM = False
+
 # Tests only: True makes every FP8Linear built by ``quantize_encoder`` (and so ``load(dtype="fp8")``, on any
 # device, the CPU included) compute by emulation: the same float8 rounding of weights and activations, then a
 # float32 matmul with the scales applied. No hardware checks, no speed-up: it checks the plumbing and the accuracy
@@ -104,6 +108,7 @@ class FP8Linear(nn.Module):
                 scale_b=self.weight_scale,
                 bias=self.bias,
                 out_dtype=OUT_DTYPE,
+                use_fast_accum=FAST_ACCUM,
             )
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
