@@ -176,3 +176,16 @@ def test_emulated_fp8_agrees_with_fp32_on_parity_inputs(parity_checkpoint, golde
     }
     assert all(got[k] >= v for k, v in EMULATED_MIN_COSINE.items()), got
     assert all(v < 0.99999 for v in got.values()), got  # the layers really are quantized
+
+
+def test_cli_dtype_fp8_on_the_cpu_fails_with_the_loaders_message(tiny_model_dir, tmp_path, capsys):
+    import soundfile as sf
+
+    from m2d2_embed import cli
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, dtype=np.float32), 16000)
+    argv = ["embed", str(wav), "-o", str(tmp_path / "a.npz"), "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert cli.main([*argv, "--dtype", "fp8", "--num-workers", "0", "--no-progress"]) != 0
+    assert "needs an NVIDIA GPU with FP8 tensor cores" in capsys.readouterr().err
+    assert not (tmp_path / "a.npz").exists()
