@@ -1,6 +1,7 @@
 """CUDA: fp32 parity with the reference (TF32 off), bf16 agreement with fp32, the default dtype, dtype='fp8'
 (compute capability 8.9+: the kernel against its emulation, agreement per level against issue 16's targets, a clip
-alone vs in a batch). Skipped without CUDA (fp8 also below capability 8.9). Also, on any device, the padded micro-batches of the compiled-encoder path (checked without compiling)."""
+alone vs in a batch). Skipped without CUDA (fp8 also below capability 8.9). Also, on any device, the padded
+micro-batches of the compiled-encoder path (checked without compiling)."""
 
 from __future__ import annotations
 
