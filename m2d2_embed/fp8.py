@@ -1,6 +1,6 @@
 """``dtype="fp8"``: the audio encoder's Linear layers in float8 (e4m3) on CUDA GPUs with FP8 tensor cores.
 
-The four Linear layers of every transformer block (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, about 95%
+The four Linear layers of every transformer block (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, about 93%
 of the encoder's FLOPs) become :class:`FP8Linear`:
 
 - weights quantized once at load, per output channel: ``w_scale[n] = max_k |W[n, k]| / 448`` (448 is the largest
