@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (about 8 minutes on one H100), for a machine lent for a few minutes:
-#   1. benchmarks/gpu_check.py: fp32 parity with TF32 off, bf16 agreement, encoder variants, throughput;
+# Every GPU check in one run (about 5-8 minutes on one H100/H200), for a machine lent for a few minutes:
+#   1. benchmarks/gpu_check.py: fp32 parity with TF32 off, bf16 and fp8 agreement (parity and synthetic speech,
+#      music, noise inputs), matmul peaks per dtype, throughput (bf16 and fp8, eager and compiled, bare-encoder
+#      ceilings, fractions of the peaks), encoder variants (the optional sections stop at --budget-s);
 #   2. benchmarks/files_gpu.py: `m2d2-embed embed` over a folder of 10-s WAVs against the in-memory path;
-#   3. the CUDA tests (tests/test_cuda.py, tests/test_fused_gelu.py).
+#   3. the CUDA tests (tests/test_cuda.py incl. fp8 on capability 8.9+, tests/test_fused_gelu.py).
 #
 #   bash benchmarks/gpu_all.sh [--wheels DIR] [--reference PATH/TO/portable_m2d.py]
 #

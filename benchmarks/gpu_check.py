@@ -1,17 +1,28 @@
 #!/usr/bin/env python
-"""One short GPU check (a few minutes on one H100): CUDA parity, bf16 agreement and throughput, in one run.
+"""One short GPU check (a few minutes on one H100): CUDA parity, bf16/fp8 agreement and throughput, in one run.
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py            # results in $OUT (or printed) as JSON + markdown
     PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke --device cpu --no-compile   # rehearsal without a GPU
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke --device cpu --no-compile --fp8-emulate  # + fp8 rows
 
 1. generates the seed-0 synthetic checkpoint and converts it to our format;
 2. fp32 parity on CUDA with TF32 off (matmuls and cuDNN) against tests/data/golden_seed0.npz: max abs diff
    per key vs the tolerances of tests/data/README.md;
 3. bf16 (the CUDA default) vs fp32: minimum cosine per embedding (frames, clip, CLAP audio, CLAP text);
-4. throughput, 10-s clips (batch 256) and 60-s clips: the reference's strategy (a Python loop over 10-s chunks,
-   one clip batch at a time) in fp32 and bf16 autocast, m2d2_embed in bf16 (eager and compiled) and fp32, and
-   the bare compiled encoder on precomputed log-mels (the ceiling); PyTorch's default TF32 settings;
-5. a 1-hour file (memory-bounded batching), peak GPU memory.
+4. dtype='fp8' (GPUs of compute capability 8.9+; skipped elsewhere with the loader's reason): minimum cosine per
+   level against fp32 on the parity inputs and on synthetic speech-like, music-like, white- and pink-noise clips
+   (bf16 on the latter for comparison), also with Hopper's fast FP8 accumulation;
+5. the measured matmul peak per dtype (bf16 torch.mm; fp8 torch._scaled_mm row-wise, with and without fast
+   accumulation, and tensor-wise), square n = 8192 and 16384;
+6. throughput, 10-s clips (batch 256) and 60-s clips: the reference's strategy (a Python loop over 10-s chunks,
+   one clip batch at a time) in fp32 and bf16 autocast, m2d2_embed in bf16 and fp8 (eager and compiled) and
+   fp32, the bare encoder on precomputed log-mels per dtype (the ceiling), and (``--reference``) the upstream
+   runtime; PyTorch's default TF32 settings. 10-s rows also give the encoder's model TFLOP/s and its fraction of
+   the measured peak of the row's dtype;
+7. bare-encoder variants (GELU, attention kernel) and a 1-hour file (memory-bounded batching), peak GPU memory.
+
+GPU name, capability, driver (nvidia-smi) and torch version are recorded. ``--fp8-emulate`` rehearses the fp8
+rows without an FP8 GPU through the float32 emulation (its numbers are the emulation's, not a GPU's).
 
 Every section is guarded: a failure is recorded and the rest still runs; results are rewritten after each
 section, so a run cut short still leaves them. Needs only torch, numpy and safetensors (+ tokenizers for text).
@@ -26,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +49,7 @@ import bench  # noqa: E402  (benchmarks/bench.py: checkpoint, baseline and timin
 from bench import SR, cuda_tf32, log  # noqa: E402
 
 import m2d2_embed  # noqa: E402
+from m2d2_embed import fp8 as m2d2_fp8  # noqa: E402
 
 # tests/data/README.md: (max abs diff, max abs diff / max abs golden); None: not checked
 TOLERANCES = {
@@ -65,9 +78,8 @@ def flat_tokens(model: m2d2_embed.M2D2, wav: torch.Tensor) -> np.ndarray:
     """[B, f*T, D]: patch tokens in (frequency, time) order within each chunk, chunks concatenated."""
     out = []
     for w in wav:
-        tok = model._encode_tokens([w])[0]  # (f, T, D)
-        plan = model._chunk_plan(model.frontend.num_frames(w.shape[-1]))
-        parts = tok.split([t for _, t in plan], dim=1)
+        tok = model.encode([w[None]])[0][0]  # (f, T, D)
+        parts = tok.split([t for _, t in model.plan(w.shape[-1])], dim=1)
         out.append(torch.cat([p.reshape(-1, p.shape[-1]) for p in parts]))
     return _np(torch.stack(out))
 
@@ -223,6 +235,161 @@ def long_file(model: m2d2_embed.M2D2, seconds: float) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# FP8: realistic inputs, matmul peaks, FLOPs per clip
+# ---------------------------------------------------------------------------------------------------
+
+
+def realistic_waves(seconds: float = 10.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic stand-ins for real audio, [1, seconds * 16 kHz] float32 at an RMS of 0.1 (numpy, no files):
+    speech-like (a harmonic voice at 100-220 Hz with intonation and vibrato, three formants that move, syllables at
+    about 4 Hz and pauses), music-like (a chord progression of harmonic notes with attack and decay, and a bass),
+    white noise and pink (1/f) noise."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+
+    def norm(x: np.ndarray) -> np.ndarray:
+        return (0.1 * x / np.sqrt(np.mean(x**2))).astype(np.float32)[None]
+
+    # speech-like: f0 contour, harmonics weighted by moving formant resonances, syllabic envelope with pauses
+    f0 = 160 + 45 * np.sin(2 * np.pi * 0.3 * t) + 4 * np.sin(2 * np.pi * 5.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    formants = [(500 + 250 * np.sin(2 * np.pi * 1.1 * t), 80), (1500 + 600 * np.sin(2 * np.pi * 0.7 * t + 1), 120)]
+    formants.append((2500 + 300 * np.sin(2 * np.pi * 0.5 * t + 2), 160))
+    voice = np.zeros(n)
+    for k in range(1, 30):
+        fk = k * f0
+        gain = sum(np.exp(-0.5 * ((fk - fc) / bw) ** 2) for fc, bw in formants) + 0.02
+        voice += np.where(fk < SR / 2, gain / k**0.5, 0.0) * np.sin(k * phase)
+    syllables = np.clip(np.sin(2 * np.pi * 4.0 * t), 0, None) ** 0.7
+    pauses = (np.sin(2 * np.pi * 0.23 * t + 0.5) > -0.6).astype(float)
+    speech = voice * syllables * pauses + 0.01 * rng.standard_normal(n)
+
+    # music-like: I-V-vi-IV triads, one per second, harmonic notes (1/k), attack-decay envelope, a bass an octave down
+    chords = [(60, 64, 67), (67, 71, 74), (69, 72, 76), (65, 69, 72)]
+    music = np.zeros(n)
+    for i, start in enumerate(range(0, n, SR)):
+        seg = np.arange(min(SR, n - start)) / SR
+        env = np.minimum(seg / 0.01, 1.0) * np.exp(-2.5 * seg)
+        notes = chords[i % len(chords)]
+        for midi in (*notes, notes[0] - 12):
+            f = 440.0 * 2 ** ((midi - 69) / 12)
+            for k in range(1, 8):
+                if k * f < SR / 2:
+                    music[start : start + len(seg)] += env * np.sin(2 * np.pi * k * f * seg) / k
+
+    white = rng.standard_normal(n)
+    spec = np.fft.rfft(rng.standard_normal(n))
+    spec[1:] /= np.sqrt(np.arange(1, len(spec)))  # power ~ 1/f
+    spec[0] = 0
+    pink = np.fft.irfft(spec, n)
+    return {
+        "speech-like": norm(speech),
+        "music-like": norm(music),
+        "white noise": norm(white),
+        "pink noise": norm(pink),
+    }
+
+
+def fp8_unavailable(device: torch.device) -> str | None:
+    """Why dtype='fp8' cannot run on ``device`` (the loader's own message), or None when it can."""
+    try:
+        from m2d2_embed.loader import resolve_dtype
+
+        resolve_dtype("fp8", device)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def _matmuls(n: int, device: torch.device) -> dict[str, Any]:
+    """name -> a call of one n x n x n product in that dtype and scaling."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    calls: dict[str, Any] = {"bf16 torch.mm": partial(torch.mm, a, b)}
+    if fp8_unavailable(device) is None:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # b8: column-major, as the kernel needs
+        rows, cols, one = (
+            torch.ones(n, 1, device=device),
+            torch.ones(1, n, device=device),
+            torch.ones((), device=device),
+        )
+        mm = partial(torch._scaled_mm, a8, b8, out_dtype=torch.bfloat16)  # noqa: SLF001 (PyTorch's FP8 matmul)
+        calls["fp8 rowwise"] = partial(mm, scale_a=rows, scale_b=cols)
+        calls["fp8 rowwise, fast accum"] = partial(mm, scale_a=rows, scale_b=cols, use_fast_accum=True)
+        calls["fp8 tensorwise, fast accum"] = partial(mm, scale_a=one, scale_b=one, use_fast_accum=True)
+    return calls
+
+
+def matmul_peaks(device: torch.device, sizes: tuple[int, ...] = (8192, 16384), calls: int = 10) -> dict[str, Any]:
+    """Measured dense matmul rate (TFLOP/s, best over ``sizes`` of square n x n x n products) per dtype: bf16
+    ``torch.mm``, and float8 e4m3 ``torch._scaled_mm`` with row-wise scales (what FP8Linear calls), without and
+    with ``use_fast_accum``, and with tensor-wise scales. Each call is 2 n^3 FLOPs."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        for name, fn in _matmuls(n, device).items():
+            try:
+                fn()
+                t = bench.timed(lambda fn=fn: [fn() for _ in range(calls)], device)
+            except Exception as e:  # a configuration this build or GPU lacks: note it and go on
+                out.setdefault(name, {"error": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            tf = 2 * n**3 * calls / t / 1e12
+            if tf > out.get(name, {}).get("tflops", 0.0):
+                out[name] = {"tflops": tf, "n": n}
+            log(f"  matmul peak {name} n={n}: {tf:.1f} TFLOP/s")
+    return out
+
+
+def gpu_environment(device: torch.device) -> dict[str, Any]:
+    """GPU name, compute capability, driver and memory (nvidia-smi), CUDA of the torch build."""
+    env: dict[str, Any] = {}
+    if device.type != "cuda":
+        return env
+    env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    try:
+        import subprocess
+
+        q = "name,driver_version,memory.total"
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+        env["nvidia_smi"] = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        env["nvidia_smi"] = f"unavailable: {e}"
+    return env
+
+
+def add_peak_fractions(rows: list[dict[str, Any]], peaks: dict[str, Any], flops: float) -> None:
+    """For the 10-s rows (one full chunk per clip): the encoder's model TFLOP/s (``flops`` per chunk, see
+    :func:`flops_per_chunk`) and its fraction of the measured matmul peak of the row's dtype: fp8 rows against
+    row-wise ``_scaled_mm`` (the path FP8Linear takes; attention runs in bf16 even there), bf16 rows (and bf16
+    autocast) against bf16 ``torch.mm``; fp32 rows get no fraction."""
+    for r in rows:
+        if r.get("seconds") != 10.0:
+            continue
+        r["model_tflops"] = r["clips_per_s"] * flops / 1e12
+        name = r["variant"]
+        key = "fp8 rowwise" if "fp8" in name else "bf16 torch.mm" if "bf16" in name else None
+        peak = peaks.get(key, {}).get("tflops") if key else None
+        if peak:
+            r["peak_key"], r["x_peak"] = key, r["model_tflops"] / peak
+
+
+def flops_per_chunk(model: m2d2_embed.M2D2) -> float:
+    """Multiply-add FLOPs (2 per MAC) of the encoder on one full chunk: patch projection, the four Linear layers
+    and the two attention products of every block (LayerNorm, softmax, GELU and the front end not counted)."""
+    enc = model.config.encoder
+    f, t = enc.grid
+    n, d = 1 + f * t, enc.embed_dim  # tokens incl. CLS
+    hidden = int(d * enc.mlp_ratio)
+    linear = 2 * n * d * (3 * d + d + 2 * hidden)
+    attention = 2 * 2 * n * n * d
+    patch = 2 * f * t * enc.patch_size[0] * enc.patch_size[1] * d
+    return float(patch + enc.depth * (linear + attention))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
 
@@ -255,13 +422,38 @@ def markdown(res: dict[str, Any]) -> str:
             ", ".join(f"{k} {v:.5f}" for k, v in res["agreement"].items()),
             "",
         ]
+    if res.get("fp8_skipped"):
+        L += [f"fp8 skipped: {res['fp8_skipped']}", ""]
+    if res.get("fp8_agreement"):
+        levels = ("frame", "frame_mean", "clip", "clap")
+        L += [
+            "## fp8 (and bf16) vs fp32: minimum cosine per level"
+            + (
+                " (EMULATED on this device: not a GPU's numbers)"
+                if "True" in res["args"].get("fp8_emulate", "")
+                else ""
+            ),
+            "",
+            "targets: frames >= 0.998, clip and CLAP >= 0.999",
+            "",
+            "| dtype, inputs | " + " | ".join(levels) + " |",
+            "|---|" + "---:|" * len(levels),
+        ]
+        for k, v in res["fp8_agreement"].items():
+            L.append(f"| {k} | " + " | ".join(_fmt(v.get(lv), ".5f") for lv in levels) + " |")
+        L.append("")
+    if res.get("matmul_peaks"):
+        L += ["## Measured matmul peaks (square n x n x n)", "", "| matmul | TFLOP/s | n |", "|---|---:|---:|"]
+        for k, v in res["matmul_peaks"].items():
+            L.append(f"| {k} | {_fmt(v.get('tflops'), '.1f')} | {v.get('n', v.get('error', ''))} |")
+        L.append("")
     if res.get("throughput"):
         L += [
             "## Throughput",
             "",
             "| clips | path | clips/s | audio-s/s | x ref fp32 | x ref bf16 | x upstream fp32 | x upstream bf16 "
-            "| warm-up s | peak GPU MiB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| model TFLOP/s | x peak of its dtype | warm-up s | peak GPU MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["throughput"]:
             xs = " | ".join(
@@ -269,7 +461,8 @@ def markdown(res: dict[str, Any]) -> str:
             )
             L.append(
                 f"| {r['n']} x {r['seconds']:g} s | {r['variant']} | {r['clips_per_s']:.1f} | "
-                f"{r['audio_s_per_s']:.0f} | {xs} | {r['warmup_s']:.1f} | {_fmt(r.get('peak_gpu_mib'), '.0f')} |"
+                f"{r['audio_s_per_s']:.0f} | {xs} | {_fmt(r.get('model_tflops'), '.1f')} | "
+                f"{_fmt(r.get('x_peak'), '.2f')} | {r['warmup_s']:.1f} | {_fmt(r.get('peak_gpu_mib'), '.0f')} |"
             )
         L.append("")
     if res.get("encoder_variants"):
@@ -294,6 +487,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"dynamo stats {res.get('compiled_graphs')}",
             "",
         ]
+    if "compiled_vs_eager_fp8_min_cosine" in res:
+        L += [f"compiled vs eager fp8 frames: min cosine {res['compiled_vs_eager_fp8_min_cosine']:.5f}", ""]
     if "long_file" in res:
         L += ["## Long file", "", json.dumps(res["long_file"]), ""]
     if res.get("errors"):
@@ -334,14 +529,22 @@ def main(argv: list[str] | None = None) -> int:
         help="the upstream portable_m2d.py (needs nnAudio, timm, einops): "
         "also time the upstream runtime itself, fp32 and bf16 autocast",
     )
+    p.add_argument(
+        "--fp8-emulate",
+        action="store_true",
+        help="rehearsal without an FP8 GPU: run the fp8 rows through the float32 emulation (m2d2_embed.fp8.EMULATE); "
+        "their numbers are the emulation's, not a GPU's",
+    )
     p.add_argument("--work-dir", type=Path, help="checkpoint location (default: a temporary directory)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = p.parse_args(argv)
     if a.smoke:
         a.clips, a.clips_60s, a.repeats, a.batch_size = min(a.clips, 2), min(a.clips_60s, 1), 1, min(a.batch_size, 4)
     dev = torch.device(a.device)
+    if a.fp8_emulate:
+        m2d2_fp8.EMULATE = True
     res: dict[str, Any] = {
-        "environment": bench.environment(dev),
+        "environment": {**bench.environment(dev), **gpu_environment(dev)},
         "device": str(dev),
         "args": {k: str(v) for k, v in vars(a).items()},
         "errors": {},
@@ -398,12 +601,41 @@ def main(argv: list[str] | None = None) -> int:
         log(json.dumps(agr))
 
     section("bf16 agreement", agreement_section)
+    fp8_why = fp8_unavailable(dev)
+    if fp8_why is not None:
+        res["fp8_skipped"] = fp8_why
+        log(f"[fp8] skipped on {dev}: {fp8_why}")
+
+    def fp8_agreement_section():
+        models["fp8"] = m2d2_embed.load(conv, device=dev, dtype="fp8")
+        real = realistic_waves(3.3 if a.smoke else 10.0)
+        with cuda_tf32(False):
+            ref = models.get("fp32") or m2d2_embed.load(conv, device=dev, dtype="fp32")
+            parity_in = bench.parity_waves()
+            if a.smoke:  # a rehearsal (e.g. emulated on a CPU): two of the eight inputs
+                parity_in = {k: parity_in[k] for k in ("len3p3s", "len10p01s")}
+            agr = {"fp8, parity inputs": bench.agreement(models["fp8"], ref, parity_in)}
+            for name, w in real.items():
+                agr[f"fp8, {name}"] = bench.agreement(models["fp8"], ref, {name: w})
+            if "bf16" in models:
+                agr["bf16, realistic inputs"] = bench.agreement(models["bf16"], ref, real)
+            if dev.type == "cuda" and not m2d2_fp8.EMULATE:  # Hopper's fast FP8 accumulation, same weights
+                m2d2_fp8.FAST_ACCUM = True
+                try:
+                    agr["fp8 fast accum, parity inputs"] = bench.agreement(models["fp8"], ref, parity_in)
+                    agr["fp8 fast accum, realistic inputs"] = bench.agreement(models["fp8"], ref, real)
+                finally:
+                    m2d2_fp8.FAST_ACCUM = False
+        res["fp8_agreement"] = agr
+        log(json.dumps(agr, indent=1))
+
+    if fp8_why is None:
+        section("fp8 agreement", fp8_agreement_section)
+    section("matmul peaks", lambda: res.update(matmul_peaks=matmul_peaks(dev, (256,) if a.smoke else (8192, 16384))))
 
     def encoder_section(compiled: bool):
         m = models.get("bf16") or m2d2_embed.load(conv, device=dev, dtype="bf16")
         res.setdefault("encoder_variants", []).extend(encoder_variants(m, a.batch_size, a.repeats, compiled))
-
-    section("encoder variants", lambda: encoder_section(False))
 
     def erf_gelu(model: m2d2_embed.M2D2, x: torch.Tensor) -> Any:
         """frame_embeddings with the separate exact GELU (the default before the fused epilogue)."""
@@ -430,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
                 V("m2d2_embed, bf16, erf GELU", lambda x: erf_gelu(bf16, x)),
                 bare_encoder_variant(bf16, bs, "bare encoder, bf16, eager"),
             ]
+            if fp8_why is None:
+                q = models.get("fp8") or m2d2_embed.load(conv, device=dev, dtype="fp8")
+                variants += [
+                    V("m2d2_embed, fp8", lambda x: q.frame_embeddings(x, SR, batch_size=bs)),
+                    bare_encoder_variant(q, bs, "bare encoder, fp8, eager"),
+                ]
             if a.reference is not None:
                 variants += bench.upstream_variants(a.reference, pth, dev, bs)
         else:
@@ -444,12 +682,22 @@ def main(argv: list[str] | None = None) -> int:
                 V("m2d2_embed, bf16, compiled, erf GELU", lambda x: erf_gelu(comp, x)),
                 bare_encoder_variant(comp, bs, "bare encoder, bf16, compiled (ceiling)"),
             ]
+            if fp8_why is None:
+                comp8 = m2d2_embed.load(conv, device=dev, dtype="fp8", compile=True)
+                variants += [
+                    V("m2d2_embed, fp8, compiled", lambda x: comp8.frame_embeddings(x, SR, batch_size=bs)),
+                    bare_encoder_variant(comp8, bs, "bare encoder, fp8, compiled (ceiling)"),
+                ]
         lengths = {"10 s": (a.clips, 10.0), "60 s": (a.clips_60s, 60.0)}
         rows = bench.run_throughput(variants, dev, lengths, a.repeats, full_warmup=True)
         if compiled:  # the compiled graph against the eager one, on a batch shape already compiled
             x = bench.make_clips(min(bs, max(a.clips, 1)), 10.0, dev, seed=1)
             got, want = comp.frame_embeddings(x, SR, batch_size=bs), bf16.frame_embeddings(x, SR, batch_size=bs)
             res["compiled_vs_eager_bf16_min_cosine"] = float(bench._cos(_np(got), _np(want)).min())
+            if fp8_why is None and "fp8" in models:
+                got8 = comp8.frame_embeddings(x, SR, batch_size=bs)
+                want8 = models["fp8"].frame_embeddings(x, SR, batch_size=bs)
+                res["compiled_vs_eager_fp8_min_cosine"] = float(bench._cos(_np(got8), _np(want8)).min())
             from torch._dynamo.utils import counters
 
             res["compiled_graphs"] = dict(counters["stats"])
@@ -465,10 +713,13 @@ def main(argv: list[str] | None = None) -> int:
                 if ref in same:
                     r[key] = r["clips_per_s"] / same[ref]["clips_per_s"]
         done.extend(rows if not compiled else [r for r in rows if "reference" not in r["variant"]])
+        add_peak_fractions(done, res.get("matmul_peaks", {}), flops_per_chunk(bf16))
 
     section("throughput", lambda: throughput_section(False))
     if not a.no_compile:
         section("throughput, compiled", lambda: throughput_section(True), optional=True)
+    section("encoder variants", lambda: encoder_section(False), optional=True)
+    if not a.no_compile:
         section("encoder variants, compiled", lambda: encoder_section(True), optional=True)
 
     def long_section():

@@ -138,6 +138,7 @@ class Block(nn.Module):
             and x.dtype == torch.float32
             and not self.training
             and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast casts inside the block; the packed ops cannot
         ):
             return self._forward_packed(x, key_mask)
         x = x + self.attn(self.norm1(x), key_mask)

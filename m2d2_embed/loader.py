@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from . import download as dl
-from . import registry
+from . import fp8, registry
 from .backends import attach_backend, check_backend
 from .config import ModelConfig, TextConfig
 from .convert import (
@@ -64,6 +64,7 @@ _DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
+_FP8 = ("fp8", "float8", "fp8_e4m3", "float8_e4m3", "float8_e4m3fn")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -79,7 +80,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
-    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers.
+    """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers; 'fp8' (also
+    'float8', 'fp8_e4m3'; CUDA, compute capability 8.9+) -> float8 Linear layers in the encoder, bfloat16 elsewhere.
 
     Warns (``RuntimeWarning``) for bfloat16/float16 on a CPU that lacks native bfloat16 arithmetic, where they
     run emulated at a fraction of float32's speed."""
@@ -94,8 +96,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             if device.type != "cpu":
                 raise ValueError("dtype='int8' (dynamic quantization) runs on the CPU only; use bf16 on CUDA")
             return "int8"
+        if key in _FP8:
+            fp8.check_support(device)  # raises on the CPU, on GPUs older than Ada/Hopper, on old PyTorch builds
+            return "fp8"
         if key not in _DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8")
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8, fp8")
         dtype = _DTYPES[key]
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_native_bf16():
         # measured on a 2-core Zen 3 (AVX2, no AVX512-BF16): the bf16 encoder ran at 0.32x float32 (issue 14)
@@ -159,6 +164,16 @@ def build_model(
         quantize_int8(model)
         model.quantization = "int8"
         return model.eval()
+    if dtype == "fp8":
+        # the Linear weights are quantized from the checkpoint's float32 on the device; every other module then
+        # runs as the bfloat16 model (FP8Linear keeps its float8 weights through the casts below)
+        if not fp8.EMULATE:
+            fp8.probe(device)
+        model.encoder.to(device=device)
+        n = fp8.quantize_encoder(model.encoder)
+        log.info("dtype='fp8': %d Linear layers of the encoder in float8_e4m3fn, the rest in bfloat16", n)
+        model.quantization = "fp8"
+        dtype = torch.bfloat16
     # the front end stays float32 (its buffers are not parameters of the checkpoint)
     model.encoder.to(device=device, dtype=dtype)
     if model.audio_proj is not None:
@@ -257,7 +272,10 @@ def load(
             holding our converted format, an ``http(s)://`` URL or ``hf://owner/repo[/file][@rev]``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default CUDA when available.
         dtype: default bfloat16 on CUDA, float32 on CPU; ``torch.float32`` gives reference-exact numbers.
-            ``"int8"``: dynamic int8 quantization of the Linear layers (CPU).
+            ``"int8"``: dynamic int8 quantization of the Linear layers (CPU). ``"fp8"``: the encoder's Linear layers
+            in float8 e4m3 (per-channel weight and per-token activation scales, :mod:`m2d2_embed.fp8`), all else
+            in bfloat16; NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell) only. ``model.dtype``
+            is then ``torch.bfloat16`` (the activations) and ``model.quantization`` is ``"fp8"``.
         cache_dir: where downloaded and converted weights live (default ``$M2D2_EMBED_CACHE`` or
             ``~/.cache/m2d2_embed``).
         offline: only use the cache; never download.
@@ -274,8 +292,10 @@ def load(
     (:func:`m2d2_embed.encoder.pack_for_cpu`); bfloat16/float16 on a CPU without native bfloat16 warns.
 
     Raises:
-        ValueError: unknown name, device, dtype or backend, or a backend with a device/dtype it cannot run.
+        ValueError: unknown name, device, dtype or backend, or a backend with a device/dtype it cannot run;
+            ``dtype="fp8"`` on the CPU or on a GPU without FP8 tensor cores.
         ImportError: the backend's runtime is not installed (the message names the extra).
+        RuntimeError: ``dtype="fp8"`` with a PyTorch build whose FP8 matmul is missing or fails its probe.
         DownloadError: the weights could not be downloaded (the message says how to work offline instead).
         CheckpointError: the weights are damaged, not finite or of an unknown layout (the message names the
             file and the fix).

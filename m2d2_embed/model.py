@@ -61,7 +61,8 @@ class M2D2(nn.Module):
         self.classifier = Classifier(config.classifier) if config.classifier else None
         self.compiled = False  # set by load(compile=True): full chunks run through the compiled encoder
         self.backend = "torch"  # who runs the encoder (see set_encoder_runner)
-        self.quantization: str | None = None  # "int8" when the encoder's Linear layers are quantized
+        # set by load(dtype="int8" / "fp8"): quantized Linear layers; ``dtype`` stays that of the activations
+        self.quantization: str | None = None
         self._runner: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._tokenizer = None
         self.eval()
@@ -82,6 +83,8 @@ class M2D2(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The activations' dtype: float32, bfloat16 or float16; bfloat16 with ``dtype="fp8"`` and float32 with
+        ``"int8"`` (their quantized Linear layers: ``quantization``)."""
         return self.encoder.pos_embed.dtype
 
     @property
@@ -119,7 +122,7 @@ class M2D2(nn.Module):
     def extra_repr(self) -> str:
         backend = "" if self.backend == "torch" else f", backend={self.backend!r}"
         quant = f", quantization={self.quantization!r}" if self.quantization else ""
-        return f"name={self.name!r}, sample_rate={self.sample_rate}{backend}{quant}"
+        return f"name={self.name!r}, sample_rate={self.sample_rate}, dtype={self.dtype}{quant}{backend}"
 
     def set_encoder_runner(self, runner: Callable[[torch.Tensor], torch.Tensor] | None, backend: str) -> None:
         """Have ``runner`` do every encoder call from now on (``None``: the PyTorch encoder again).

@@ -72,6 +72,15 @@ def test_fused_path_is_not_used_with_autograd_or_in_training(tiny):
     assert tiny.encoder.blocks[0].mlp.fc1.weight.grad is not None
 
 
+@needs_onednn
+def test_fused_path_steps_aside_under_cpu_autocast(tiny):
+    x = torch.randn(2, 1, 80, 16 * 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tiny.encoder(x)  # the packed float32 ops would meet bf16 activations and fail
+        want = plain_copy(tiny).encoder(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # -- int8 --------------------------------------------------------------------------------------------------------
 
 
