@@ -14,9 +14,13 @@ One run, one device, one model (the seed-0 synthetic checkpoint of bench.py, con
 4. (b) ``model.embed_files(folder, level="clip", batch_size=B, num_workers=W)`` in-process after a warm-up on a
    few files: wall time (listing, probing, worker start-up included), and the steady rate between the first and
    the last batch (``iter_file_embeddings``);
-5. (c) the command line, ``python -m m2d2_embed embed FOLDER -o OUT.npz ...`` in a subprocess: wall time
-   (interpreter start and model load included) and the audio-s/s it prints (embedding only); with --compile also
-   ``--compile`` (its rate includes the compilation).
+5. (c) the command line, ``m2d2-embed embed FOLDER -o OUT.npz ... -vv`` in a subprocess (through
+   ``benchmarks/cli_trace.py``, which marks the first encoder call): wall time (interpreter start and model load
+   included), the audio-s/s it prints (embedding only), time-to-first-batch (process start to the first batch
+   entering the encoder) and the start-up phases it logs (``startup: PHASE at T`` lines, seconds from the
+   process start); with --compile also ``--compile`` (its rate includes the compilation). ``--compare-src DIR``
+   also runs the CLI of another copy of the package (e.g. ``git worktree add /tmp/before COMMIT``), before and
+   after interleaved, ``--cli-repeats`` times each: start-up before -> after in one run.
 
 "ratio" is files/s over the in-memory clips/s: how busy the file path keeps the device compared with the model
 fed from device memory. While (a), (b) and (c) run, GPU utilisation is sampled with nvidia-smi every 200 ms when
@@ -277,6 +281,9 @@ def measure_embed_files(
     }
 
 
+STARTUP_LINE = re.compile(r"(?:startup|cli_trace): (.+?) at (\d+\.\d+)")
+
+
 def measure_cli(
     converted: Path,
     folder: Path,
@@ -287,12 +294,12 @@ def measure_cli(
     dtype: str | None,
     compile_: bool,
     work: Path,
+    src: Path = ROOT,
 ) -> dict[str, Any]:
     out = work / f"cli{'_compiled' if compile_ else ''}.npz"
     argv = [
         sys.executable,
-        "-m",
-        "m2d2_embed",
+        str(ROOT / "benchmarks" / "cli_trace.py"),
         "embed",
         str(folder),
         "-o",
@@ -309,16 +316,21 @@ def measure_cli(
         "--num-workers",
         str(workers),
         "--no-progress",
+        "-vv",
     ]
     argv += ["--dtype", dtype] if dtype else []
     argv += ["--compile"] if compile_ else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with GpuUtil(device, work) as util:
         t = time.perf_counter()
+        spawned = time.time()
         r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
         wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"CLI exit {r.returncode}: {r.stderr[-2000:]}")
+    phases: dict[str, float] = {}  # seconds from the process start; the first of each name
+    for m in STARTUP_LINE.finditer(r.stderr):
+        phases.setdefault(m.group(1), float(m.group(2)) - spawned)
     m = re.search(r"\(([\d.]+) audio-s/s\)", r.stdout)
     rate = float(m.group(1)) if m else math.nan
     m2 = re.search(r"in ([\d.]+) s \(", r.stdout)
@@ -327,6 +339,9 @@ def measure_cli(
     assert len(es) == n, (len(es), n)
     return {
         "argv": " ".join(argv[1:]),
+        "src": str(src),
+        "time_to_first_batch_s": phases.get("first batch in the encoder"),
+        "phases_s": phases,
         "wall_s": wall,
         "files_per_s_wall": n / wall,
         "embed_s": embed_s,
@@ -397,6 +412,7 @@ def markdown(res: dict[str, Any]) -> str:
         )
     for key, name in [
         ("cli", "(c) CLI `m2d2-embed embed`, its own rate (embedding only)"),
+        ("cli_compare", "(c) CLI of --compare-src, its own rate (embedding only)"),
         ("cli_compile", "(c) CLI with --compile, its own rate (compilation included)"),
     ]:
         r = res.get(key)
@@ -407,6 +423,20 @@ def markdown(res: dict[str, Any]) -> str:
                 {**r, "gpu_util": None},
                 fps_key="files_per_s_wall",
             )
+    runs = [(k, r) for k, r in res.items() if k.startswith("cli") and isinstance(r, dict) and "phases_s" in r]
+    if runs:
+        names = list(dict.fromkeys(p for _, r in runs for p in sorted(r["phases_s"], key=r["phases_s"].get)))
+        lines += [
+            "",
+            "CLI start-up, seconds from the process start (time-to-first-batch: the first batch in the encoder):",
+            "",
+            "| run | source | time-to-first-batch | " + " | ".join(names) + " |",
+            "|---|---|---:|" + "---:|" * len(names),
+        ]
+        for k, r in runs:
+            ph = r["phases_s"]
+            cells = " | ".join(_fmt(ph.get(p), ".2f") for p in names)
+            lines.append(f"| {k} | {r['src']} | {_fmt(r['time_to_first_batch_s'], '.2f')} | {cells} |")
     if res.get("errors"):
         lines += ["", "Errors: " + ", ".join(res["errors"])]
     return "\n".join(lines) + "\n"
@@ -459,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=None, help="in-memory runs, best kept (default 3 CUDA, 2 CPU)")
     p.add_argument("--no-cli", action="store_true", help="skip the command-line runs")
+    p.add_argument(
+        "--compare-src",
+        type=Path,
+        default=None,
+        help="also run the CLI of the package in this folder (another checkout), interleaved with this one",
+    )
+    p.add_argument("--cli-repeats", type=int, default=1, help="CLI runs of each source (default 1)")
     p.add_argument("--cache-dir", type=Path, default=None, help="checkpoint cache (default as bench.py)")
     p.add_argument("--tmp-dir", type=Path, default=None, help="where the WAV folder is written (default: $TMPDIR)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
@@ -513,9 +550,16 @@ def main(argv: list[str] | None = None) -> int:
             "embed_files", lambda: measure_embed_files(model, folder, paths, bs, a.workers, work)
         )
         if not a.no_cli:
-            res["cli"] = section(
-                "cli", lambda: measure_cli(converted, folder, a.files, dev, bs, a.workers, a.dtype, False, work)
-            )
+            srcs = [("cli", ROOT)] + ([("cli_compare", a.compare_src.resolve())] if a.compare_src else [])
+            for k in range(a.cli_repeats):
+                for key, src in srcs if k % 2 == 0 else srcs[::-1]:
+                    name = key if k == 0 else f"{key}_{k + 1}"
+                    res[name] = section(
+                        name,
+                        lambda src=src: measure_cli(
+                            converted, folder, a.files, dev, bs, a.workers, a.dtype, False, work, src
+                        ),
+                    )
         if a.compile:
 
             def compiled_in_memory() -> dict[str, Any]:
