@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Run ``m2d2-embed ARGS`` in this process, as ``python -m m2d2_embed ARGS`` would, and say when the first batch
-entered the encoder: a line ``cli_trace: first batch in the encoder at T`` on stderr (``T``: ``time.time()``), so
+entered the encoder: a line ``cli_trace: first encoder call at T`` on stderr (``T``: ``time.time()``), so
 that time-to-first-batch can be measured from outside (T less the time the process was started) for any version
 of the package, including those that predate the start-up hook (``-vv`` lines ``startup: PHASE at T``).
 
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     def first_marked(self, groups, batch_size=None):
         if not seen:
             seen.append(time.time())
-            print(f"cli_trace: first batch in the encoder at {seen[0]:.3f}", file=sys.stderr, flush=True)
+            print(f"cli_trace: first encoder call at {seen[0]:.3f}", file=sys.stderr, flush=True)
             if stop:
                 os._exit(0)
         return encode(self, groups, batch_size)

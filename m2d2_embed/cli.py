@@ -515,7 +515,7 @@ def _load_model(args: argparse.Namespace):
         fatal("--compile does not work with --dtype int8 (dynamically quantized layers); drop one of them")
     files.startup_mark("model loading")
     try:
-        return loader.load(
+        model = loader.load(
             args.model,
             device=args.device,
             dtype=args.dtype,
@@ -525,8 +525,8 @@ def _load_model(args: argparse.Namespace):
         )
     except (ValueError, OSError, RuntimeError, NotImplementedError) as e:
         fatal(f"cannot load model {args.model!r}: {e}", EXIT_FAILED)
-    finally:
-        files.startup_mark("model loaded")
+    files.startup_mark("model loaded")
+    return model
 
 
 def _todo(paths: list[str], d: OutputDir | None, also_done: set[str] | None = None) -> list[str]:
