@@ -382,9 +382,9 @@ _STARTED = _process_start()
 def startup_mark(phase: str) -> None:
     """Log, at DEBUG on the ``m2d2_embed.startup`` logger (``m2d2-embed -vv``), that a start-up phase is reached:
     the wall-clock time (``time.time()``, comparable across processes) and the seconds since this process
-    started. The phases of ``m2d2-embed embed``, in order of a run: ``files listed``, ``model loading``,
-    ``files probed``, ``decoding started``, ``model loaded``, ``first batch decoded``, ``first batch in the
-    encoder``; time-to-first-batch is the last one's time less the process's start."""
+    started. The phases of ``m2d2-embed embed``, in order: ``files listed``, ``files probed``, ``decoding
+    started``, ``model loading``, ``model loaded``, ``first batch decoded``, ``first batch in the encoder``;
+    time-to-first-batch is the last one's time less the process's start."""
     if startup_log.isEnabledFor(logging.DEBUG):
         now = time.time()
         since = f" ({now - _STARTED:.3f} s after the process started)" if _STARTED is not None else ""
@@ -428,7 +428,7 @@ class Prefetch:
                 chunks[i] = config.num_chunks(round(dur * rate))
         short.sort(key=lambda i: (-self.probes[i][0], i))  # longest first: an out-of-memory error shows at once
         self.batches = pack_batches(short, chunks, budget)
-        self.workers = min(workers, len(self.batches) - 1)  # one batch: nothing to overlap, skip the worker start-up
+        self.workers = max(0, min(workers, len(self.batches) - 1))  # one batch: nothing to overlap, no workers
         self._decoded: Iterator[Any] | None = None
         if self.batches:
             ds = _AudioBatches(self.paths, self.batches, rate, config.frontend.min_samples)
@@ -436,7 +436,7 @@ class Prefetch:
                 ds,
                 batch_size=None,
                 shuffle=False,
-                num_workers=max(self.workers, 0),
+                num_workers=self.workers,
                 collate_fn=_identity,
                 pin_memory=device.type == "cuda",
                 prefetch_factor=2 if self.workers > 0 else None,
@@ -467,7 +467,7 @@ def _geometry(config: ModelConfig, device: torch.device, batch_size: int | None)
         fe.hop_length,
         config.encoder.chunk_frames,
         device.type == "cuda",
-        (max_batch(batch_size, device)),
+        max_batch(batch_size, device),
     )
 
 
