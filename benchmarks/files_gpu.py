@@ -14,9 +14,13 @@ One run, one device, one model (the seed-0 synthetic checkpoint of bench.py, con
 4. (b) ``model.embed_files(folder, level="clip", batch_size=B, num_workers=W)`` in-process after a warm-up on a
    few files: wall time (listing, probing, worker start-up included), and the steady rate between the first and
    the last batch (``iter_file_embeddings``);
-5. (c) the command line, ``python -m m2d2_embed embed FOLDER -o OUT.npz ...`` in a subprocess: wall time
-   (interpreter start and model load included) and the audio-s/s it prints (embedding only); with --compile also
-   ``--compile`` (its rate includes the compilation).
+5. (c) the command line, ``m2d2-embed embed FOLDER -o OUT.npz ... -vv`` in a subprocess (through
+   ``benchmarks/cli_trace.py``, which marks the first encoder call): wall time (interpreter start and model load
+   included), the audio-s/s it prints (embedding only), time-to-first-batch (process start to the first batch
+   entering the encoder) and the start-up phases it logs (``startup: PHASE at T`` lines, seconds from the
+   process start); with --compile also ``--compile`` (its rate includes the compilation). ``--compare-src DIR``
+   also runs the CLI of another copy of the package (e.g. ``git worktree add /tmp/before COMMIT``), before and
+   after interleaved, ``--cli-repeats`` times each: start-up before -> after in one run.
 
 "ratio" is files/s over the in-memory clips/s: how busy the file path keeps the device compared with the model
 fed from device memory. While (a), (b) and (c) run, GPU utilisation is sampled with nvidia-smi every 200 ms when
@@ -277,22 +281,26 @@ def measure_embed_files(
     }
 
 
+STARTUP_LINE = re.compile(r"(?:startup|cli_trace): (.+?) at (\d+\.\d+)")
+
+
 def measure_cli(
     converted: Path,
     folder: Path,
     n: int,
     device: torch.device,
-    batch_size: int,
-    workers: int,
+    batch_size: int | None,
+    workers: int | None,
     dtype: str | None,
     compile_: bool,
     work: Path,
+    src: Path = ROOT,
+    stop: bool = False,
 ) -> dict[str, Any]:
     out = work / f"cli{'_compiled' if compile_ else ''}.npz"
     argv = [
         sys.executable,
-        "-m",
-        "m2d2_embed",
+        str(ROOT / "benchmarks" / "cli_trace.py"),
         "embed",
         str(folder),
         "-o",
@@ -304,37 +312,86 @@ def measure_cli(
         str(converted),
         "--device",
         str(device),
-        "--batch-size",
-        str(batch_size),
-        "--num-workers",
-        str(workers),
         "--no-progress",
+        "-vv",
     ]
+    argv += ["--batch-size", str(batch_size)] if batch_size else []  # None: the CLI's defaults
+    argv += ["--num-workers", str(workers)] if workers is not None else []
     argv += ["--dtype", dtype] if dtype else []
     argv += ["--compile"] if compile_ else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with GpuUtil(device, work) as util:
+    argv += ["--stop-at-first-batch"] if stop else []
+    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # output to files, not pipes: a run stopped at its first batch leaves decoding workers that hold them a while
+    with GpuUtil(device, work) as util, open(work / "cli.out", "w+") as so, open(work / "cli.err", "w+") as se:
         t = time.perf_counter()
-        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
+        spawned = time.time()
+        r = subprocess.run(argv, stdout=so, stderr=se, text=True, env=env, timeout=1800)
         wall = time.perf_counter() - t
+        so.seek(0)
+        se.seek(0)
+        stdout, stderr = so.read(), se.read()
     if r.returncode != 0:
-        raise RuntimeError(f"CLI exit {r.returncode}: {r.stderr[-2000:]}")
-    m = re.search(r"\(([\d.]+) audio-s/s\)", r.stdout)
+        raise RuntimeError(f"CLI exit {r.returncode}: {stderr[-2000:]}")
+    phases: dict[str, float] = {}  # seconds from the process start; the first of each name
+    for m in STARTUP_LINE.finditer(stderr):
+        phases.setdefault(m.group(1), float(m.group(2)) - spawned)
+    if stop:
+        return {"src": str(src), "time_to_first_batch_s": phases.get("first encoder call"), "phases_s": phases}
+    m = re.search(r"\(([\d.]+) audio-s/s\)", stdout)
     rate = float(m.group(1)) if m else math.nan
-    m2 = re.search(r"in ([\d.]+) s \(", r.stdout)
+    m2 = re.search(r"in ([\d.]+) s \(", stdout)
     embed_s = float(m2.group(1)) if m2 else math.nan
     es = m2d2_embed.read_embeddings(out)
     assert len(es) == n, (len(es), n)
     return {
         "argv": " ".join(argv[1:]),
+        "src": str(src),
+        "time_to_first_batch_s": phases.get("first encoder call"),  # cli_trace.py's mark: any version
+        "phases_s": phases,
         "wall_s": wall,
         "files_per_s_wall": n / wall,
         "embed_s": embed_s,
         "audio_s_per_s": rate,
         "files_per_s": rate / CLIP_SECONDS,
-        "stdout": r.stdout.strip(),
+        "stdout": stdout.strip(),
         "gpu_util": util.summary(),
     }
+
+
+def measure_startup(
+    converted: Path,
+    folder: Path,
+    n: int,
+    device: torch.device,
+    batch_size: int | None,
+    workers: int | None,
+    dtype: str | None,
+    work: Path,
+    srcs: list[tuple[str, Path]],
+    repeats: int,
+) -> dict[str, Any]:
+    """Time-to-first-batch of the CLI of each source, runs stopped at the first encoder call, interleaved
+    (ABBA...), ``repeats`` each: median, min and the median of each start-up phase."""
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in srcs}
+    for k in range(repeats):
+        for key, src in srcs if k % 2 == 0 else srcs[::-1]:
+            r = measure_cli(converted, folder, n, device, batch_size, workers, dtype, False, work, src, stop=True)
+            runs[key].append(r)
+            log(f"  {key}: time-to-first-batch {_fmt(r['time_to_first_batch_s'], '.3f')} s")
+    out: dict[str, Any] = {"load_average": os.getloadavg()}
+    for key, src in srcs:
+        ttfb = [r["time_to_first_batch_s"] for r in runs[key] if r["time_to_first_batch_s"] is not None]
+        names = list(dict.fromkeys(p for r in runs[key] for p in r["phases_s"]))
+        out[key] = {
+            "src": str(src),
+            "time_to_first_batch_s": ttfb,
+            "median_s": float(np.median(ttfb)) if ttfb else None,
+            "min_s": min(ttfb, default=None),
+            "phases_median_s": {
+                p: float(np.median([r["phases_s"][p] for r in runs[key] if p in r["phases_s"]])) for p in names
+            },
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,6 +454,7 @@ def markdown(res: dict[str, Any]) -> str:
         )
     for key, name in [
         ("cli", "(c) CLI `m2d2-embed embed`, its own rate (embedding only)"),
+        ("cli_compare", "(c) CLI of --compare-src, its own rate (embedding only)"),
         ("cli_compile", "(c) CLI with --compile, its own rate (compilation included)"),
     ]:
         r = res.get(key)
@@ -407,6 +465,37 @@ def markdown(res: dict[str, Any]) -> str:
                 {**r, "gpu_util": None},
                 fps_key="files_per_s_wall",
             )
+    runs = [(k, r) for k, r in res.items() if k.startswith("cli") and isinstance(r, dict) and "phases_s" in r]
+    if runs:
+        names = list(dict.fromkeys(p for _, r in runs for p in sorted(r["phases_s"], key=r["phases_s"].get)))
+        lines += [
+            "",
+            "CLI start-up, seconds from the process start (time-to-first-batch: the first encoder call):",
+            "",
+            "| run | source | time-to-first-batch | " + " | ".join(names) + " |",
+            "|---|---|---:|" + "---:|" * len(names),
+        ]
+        for k, r in runs:
+            ph = r["phases_s"]
+            cells = " | ".join(_fmt(ph.get(p), ".2f") for p in names)
+            lines.append(f"| {k} | {r['src']} | {_fmt(r['time_to_first_batch_s'], '.2f')} | {cells} |")
+    st = res.get("startup")
+    if st:
+        keys = [k for k in st if isinstance(st[k], dict)]
+        names = list(dict.fromkeys(p for k in keys for p in st[k]["phases_median_s"]))
+        lines += [
+            "",
+            f"CLI time-to-first-batch (process start to the first encoder call), {res.get('cli_repeats')} interleaved "
+            f"runs each, stopped there; load average {', '.join(f'{x:.1f}' for x in st['load_average'])}; phases: "
+            "medians, s from the process start:",
+            "",
+            "| source | median s | min s | " + " | ".join(names) + " |",
+            "|---|---:|---:|" + "---:|" * len(names),
+        ]
+        for k in keys:
+            r = st[k]
+            cells = " | ".join(_fmt(r["phases_median_s"].get(p), ".2f") for p in names)
+            lines.append(f"| {r['src']} | {_fmt(r['median_s'], '.3f')} | {_fmt(r['min_s'], '.3f')} | {cells} |")
     if res.get("errors"):
         lines += ["", "Errors: " + ", ".join(res["errors"])]
     return "\n".join(lines) + "\n"
@@ -459,6 +548,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=None, help="in-memory runs, best kept (default 3 CUDA, 2 CPU)")
     p.add_argument("--no-cli", action="store_true", help="skip the command-line runs")
+    p.add_argument(
+        "--compare-src",
+        type=Path,
+        default=None,
+        help="also run the CLI of the package in this folder (another checkout), interleaved with this one",
+    )
+    p.add_argument("--cli-repeats", type=int, default=1, help="CLI runs of each source (default 1)")
+    p.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the CLI's time-to-first-batch: --cli-repeats runs of each source, stopped at the first "
+        "batch (no in-memory, decoding or embed_files stages; --workers -1: the CLI's default)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="checkpoint cache (default as bench.py)")
     p.add_argument("--tmp-dir", type=Path, default=None, help="where the WAV folder is written (default: $TMPDIR)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
@@ -495,6 +597,22 @@ def main(argv: list[str] | None = None) -> int:
     cache = a.cache_dir or bench.default_cache()
     converted = bench.ensure_converted(bench.ensure_checkpoint(cache), cache)
     res["prepare_s"] = time.perf_counter() - t0
+    if a.startup_only:
+        res["cli_repeats"] = a.cli_repeats
+        srcs = [("cli", ROOT)] + ([("cli_compare", a.compare_src.resolve())] if a.compare_src else [])
+        with tempfile.TemporaryDirectory(prefix="m2d2_files_gpu_", dir=a.tmp_dir) as tmp:
+            folder = Path(tmp) / "wavs"
+            folder.mkdir()
+            write_files(folder, a.files, threads=min(32, 2 * (os.cpu_count() or 1)))
+            workers = None if a.workers < 0 else a.workers
+            res["startup"] = section(
+                "startup",
+                lambda: measure_startup(
+                    converted, folder, a.files, dev, a.batch_size, workers, a.dtype, Path(tmp), srcs, a.cli_repeats
+                ),
+            )
+        print(markdown(res))
+        return 1 if res["errors"] else 0
     model = m2d2_embed.load(converted, device=dev, dtype=a.dtype)
     res["dtype"] = str(model.dtype).replace("torch.", "")
     with tempfile.TemporaryDirectory(prefix="m2d2_files_gpu_", dir=a.tmp_dir) as tmp:
@@ -513,9 +631,16 @@ def main(argv: list[str] | None = None) -> int:
             "embed_files", lambda: measure_embed_files(model, folder, paths, bs, a.workers, work)
         )
         if not a.no_cli:
-            res["cli"] = section(
-                "cli", lambda: measure_cli(converted, folder, a.files, dev, bs, a.workers, a.dtype, False, work)
-            )
+            srcs = [("cli", ROOT)] + ([("cli_compare", a.compare_src.resolve())] if a.compare_src else [])
+            for k in range(a.cli_repeats):
+                for key, src in srcs if k % 2 == 0 else srcs[::-1]:
+                    name = key if k == 0 else f"{key}_{k + 1}"
+                    res[name] = section(
+                        name,
+                        lambda src=src: measure_cli(
+                            converted, folder, a.files, dev, bs, a.workers, a.dtype, False, work, src
+                        ),
+                    )
         if a.compile:
 
             def compiled_in_memory() -> dict[str, Any]:

@@ -39,9 +39,12 @@ timeout 320 $PY benchmarks/gpu_check.py --budget-s 250 --work-dir "$M2D2_BENCH_C
   --out "$OUT" >"$OUT/gpu_check.log" 2>&1
 echo "gpu_check exit $?"; tail -5 "$OUT/gpu_check.log"
 
-echo "== files_gpu ($(( $(date +%s) - start )) s)"
-timeout 120 $PY benchmarks/files_gpu.py --files 8192 --cache-dir "$M2D2_BENCH_CACHE" --out "$OUT" >"$OUT/files_gpu.log" 2>&1
-echo "files_gpu exit $?"; tail -25 "$OUT/files_gpu.log"
+for n in 8192 24576; do  # FILES_BEFORE=DIR: also the CLI of another checkout (start-up before -> after)
+  echo "== files_gpu $n ($(( $(date +%s) - start )) s)"
+  timeout $(( n < 10000 ? 150 : 240 )) $PY benchmarks/files_gpu.py --files $n --cache-dir "$M2D2_BENCH_CACHE" \
+    ${FILES_BEFORE:+--compare-src "$FILES_BEFORE"} --out "$OUT/files_$n" >"$OUT/files_gpu_$n.log" 2>&1
+  echo "files_gpu $n exit $?"; tail -32 "$OUT/files_gpu_$n.log"
+done
 echo "== CUDA tests"
 timeout 140 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_gelu.py >"$OUT/pytest_cuda.txt" 2>&1
 echo "pytest exit $?"; tail -15 "$OUT/pytest_cuda.txt"

@@ -95,10 +95,10 @@ class LogMelSpectrogram(nn.Module):
 
     def min_samples(self) -> int:
         """Shortest input the centred STFT accepts (reflect padding needs more than n_fft // 2 samples)."""
-        return self.config.n_fft // 2 + 1
+        return self.config.min_samples
 
     def num_frames(self, num_samples: int) -> int:
-        return 1 + num_samples // self.config.hop_length
+        return self.config.num_frames(num_samples)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         c = self.config

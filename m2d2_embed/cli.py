@@ -511,6 +511,7 @@ def _collect(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(files to embed, files of folders skipped for their suffix); the skipped are listed with -v."""
     skipped: list[str] = []
     found = files.collect_files(args.paths, recursive=args.recursive, glob=args.glob, skipped=skipped)
+    files.startup_mark("files listed")
     for p in sorted(skipped):
         log.info("skipped (not an audio format; see --glob): %s", p)
     return found, skipped
@@ -520,8 +521,9 @@ def _load_model(args: argparse.Namespace):
     compile_ = bool(getattr(args, "compile", False))  # embed, tag and zero-shot have --compile, text does not
     if compile_ and args.dtype == "int8":
         fatal("--compile does not work with --dtype int8 (dynamically quantized layers); drop one of them")
+    files.startup_mark("model loading")
     try:
-        return loader.load(
+        model = loader.load(
             args.model,
             device=args.device,
             dtype=args.dtype,
@@ -532,6 +534,33 @@ def _load_model(args: argparse.Namespace):
         )
     except (ValueError, ImportError, OSError, RuntimeError, NotImplementedError) as e:
         fatal(f"cannot load model {args.model!r}: {e}", EXIT_FAILED)
+    files.startup_mark("model loaded")
+    return model
+
+
+def _todo(paths: list[str], d: OutputDir | None, also_done: set[str] | None = None) -> list[str]:
+    """``paths`` less those done in ``d`` (its unfinished parts cleared first) or in ``also_done``."""
+    done = set(also_done or ())
+    if d is not None:
+        d.clean_partial()
+        done |= d.done_keys()
+    return [p for p in paths if outputs.resume_key(p) not in done] if done else list(paths)
+
+
+def _start_decoding(args: argparse.Namespace, todo: list[str]) -> files.Prefetch | None:
+    """Probe the files and start decoding them before the model loads, so that both overlap (the workers decode
+    while the weights are read and the device starts): needs the model's config without its weights, so None
+    when it is not at hand yet (a download or a conversion comes first) or there is nothing to embed."""
+    if not todo:
+        return None
+    config = loader.peek_config(args.model, cache_dir=args.cache_dir)
+    if config is None:
+        return None
+    try:
+        device = loader.resolve_device(args.device)
+    except (ValueError, RuntimeError):  # loading the model reports it
+        return None
+    return files.start_decoding(todo, config, device, batch_size=args.batch_size, num_workers=args.num_workers)
 
 
 def _check_file_output(out: Path, overwrite: bool) -> None:
@@ -594,14 +623,13 @@ def _run(
     reduce: str = "none",
     normalize: bool = False,
     summary: Any = None,
+    todo: list[str] | None = None,
+    prefetch: files.Prefetch | None = None,
 ) -> _Run:
     """Embed ``paths`` at ``level`` (less those done in ``d`` or ``also_done``) into a file ``out`` (``d`` None)
-    or the directory ``d``; print the summary line to ``summary`` (default stdout; ``False``: not at all)."""
-    done = set(also_done or ())
-    if d is not None:
-        d.clean_partial()
-        done |= d.done_keys()
-    todo = [p for p in paths if outputs.resume_key(p) not in done] if done else list(paths)
+    or the directory ``d``; print the summary line to ``summary`` (default stdout; ``False``: not at all).
+    ``todo``: those files left to do, when already known (``_todo``); ``prefetch``: them being decoded."""
+    todo = _todo(paths, d, also_done) if todo is None else todo
     meta = {**files.embedding_metadata(model, level, reduce, normalize), "format": fmt, "model_source": str(args.model)}
     if d is not None:
         d.check(meta)  # the manifest is written with the first part: a run that fails at once leaves nothing
@@ -621,6 +649,7 @@ def _run(
             num_workers=args.num_workers,
             progress=_progress(args),
             strict=getattr(args, "strict", False),
+            prefetch=prefetch,
         ):
             writer.add(i, r)
     except files.AudioFileError as e:
@@ -716,9 +745,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         else OutputDir(out, fmt).open(_wanted(args, fmt), overwrite=args.overwrite) as d
     ):
         paths, unsupported = _collect(args)
+        todo = _todo(paths, d)
+        prefetch = _start_decoding(args, todo)  # decoding starts now, while the model loads
         model = _load_model(args)
         opts = {"unsupported": len(unsupported), "reduce": args.reduce, "normalize": args.normalize}
-        return _run(args, model, args.level, paths, out, fmt, d, **opts).code
+        return _run(args, model, args.level, paths, out, fmt, d, todo=todo, prefetch=prefetch, **opts).code
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -749,6 +780,8 @@ def _embed_shard(args: argparse.Namespace, out: Path, fmt: str, is_file: bool, i
     label = f"{PROG} [shard {i}/{n}]"
     with OutputDir(shard, fmt).open(_wanted(args, fmt)) as d:
         (shard / outputs.COMPLETE).unlink(missing_ok=True)
+        todo = _todo(mine, d, final.done_keys() if final is not None else None)
+        prefetch = _start_decoding(args, todo)  # decoding starts now, while the model loads
         model = _load_model(args)
         if final is not None:  # the final manifest now, so read_embeddings(OUT) works while shards run
             final.start(
@@ -767,8 +800,9 @@ def _embed_shard(args: argparse.Namespace, out: Path, fmt: str, is_file: bool, i
             fmt,
             d,
             unsupported=len(unsupported),
-            also_done=final.done_keys() if final is not None else None,
             label=label,
+            todo=todo,
+            prefetch=prefetch,
             reduce=args.reduce,
             normalize=args.normalize,
         )

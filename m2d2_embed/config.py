@@ -31,6 +31,15 @@ class FrontEndConfig:
             return cls(sample_rate=32000, n_fft=800, win_length=800, hop_length=320, f_max=16000.0, **kw)
         raise ValueError(f"unsupported model sample rate {sample_rate}; M2D models use 16000 or 32000")
 
+    @property
+    def min_samples(self) -> int:
+        """Shortest input the centred STFT accepts (reflect padding needs more than n_fft // 2 samples)."""
+        return self.n_fft // 2 + 1
+
+    def num_frames(self, num_samples: int) -> int:
+        """Log-mel frames of ``num_samples`` samples (centred frames, one per hop)."""
+        return 1 + num_samples // self.hop_length
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -118,6 +127,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def num_chunks(self, num_samples: int) -> int:
+        """Encoder chunks of a clip of ``num_samples`` at the model's rate (the unit of ``batch_size``)."""
+        return -(-self.frontend.num_frames(int(num_samples)) // self.encoder.chunk_frames)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

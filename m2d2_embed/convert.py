@@ -589,30 +589,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         CheckpointError: damaged, truncated or foreign file; weights changed since they were written; the
             message names the file and the fix.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
-    if not weights.exists():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}; convert a checkpoint with `m2d2-embed convert SRC DST`")
-    cfg_file = weights.parent / CONFIG_NAME
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise _damaged(weights, e) from e
-    if "m2d2_embed_config" in meta:
-        cfg = json.loads(meta["m2d2_embed_config"])
-    elif cfg_file.exists():
-        cfg = json.loads(cfg_file.read_text())
-    else:
-        raise CheckpointError(
-            f"{weights} has no m2d2_embed config (neither in its metadata nor a {CONFIG_NAME} beside "
-            "it); it was not written by m2d2_embed. Convert the upstream .pth instead"
-        )
-    if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{weights} uses format version {cfg['format_version']}; upgrade m2d2_embed")
+    cfg = _config_dict(weights, path)
     verified = verify_checksum(weights) if weights.name == WEIGHTS_NAME else None
     try:
         sd = load_file(str(weights))
@@ -634,6 +616,43 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         config = dataclasses.replace(config, classifier=cls_cfg)
         log.info("classification head from %s: %d classes", extra, cls_cfg.num_classes)
     return sd, config
+
+
+def _config_dict(weights: Path, path: Path) -> dict[str, Any]:
+    """The config JSON of our weights file ``weights`` (from its metadata or a config.json beside it)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not weights.exists():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}; convert a checkpoint with `m2d2-embed convert SRC DST`")
+    cfg_file = weights.parent / CONFIG_NAME
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise _damaged(weights, e) from e
+    if "m2d2_embed_config" in meta:
+        cfg = json.loads(meta["m2d2_embed_config"])
+    elif cfg_file.exists():
+        cfg = json.loads(cfg_file.read_text())
+    else:
+        raise CheckpointError(
+            f"{weights} has no m2d2_embed config (neither in its metadata nor a {CONFIG_NAME} beside "
+            "it); it was not written by m2d2_embed. Convert the upstream .pth instead"
+        )
+    if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{weights} uses format version {cfg['format_version']}; upgrade m2d2_embed")
+    return cfg
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The config of our format (a ``.safetensors`` file or a directory) without reading its weights (a few
+    kilobytes: the safetensors header). The classifier of a ``classifier.safetensors`` beside it is not included.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`read_safetensors`.
+    """
+    path = Path(path)
+    return ModelConfig.from_dict(_config_dict(path / WEIGHTS_NAME if path.is_dir() else path, path))
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], source: str | os.PathLike, fix: str | None = None) -> None:

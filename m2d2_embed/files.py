@@ -26,13 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .audio import AUDIO_SUFFIXES, PCM16_SCALE, check_wave, probe, read_audio, stream_audio
-from .model import FRAME_LEVELS, STREAM_SECONDS
+from .model import FRAME_LEVELS, STREAM_SECONDS, max_batch
 from .outputs import EmbeddingSet, FileFailure
 
 if TYPE_CHECKING:
+    from .config import ModelConfig
     from .model import M2D2
 
 log = logging.getLogger(__name__)
+startup_log = logging.getLogger("m2d2_embed.startup")
 
 PathInput = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -362,6 +364,127 @@ def default_num_workers() -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _process_start() -> float | None:
+    """When this process started (``time.time()`` scale, to 10 ms; Linux), else None."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+_STARTED = _process_start()
+
+
+def startup_mark(phase: str) -> None:
+    """Log, at DEBUG on the ``m2d2_embed.startup`` logger (``m2d2-embed -vv``), that a start-up phase is reached:
+    the wall-clock time (``time.time()``, comparable across processes) and the seconds since this process
+    started. The phases of ``m2d2-embed embed``, in order: ``files listed``, ``files probed``, ``decoding
+    started``, ``model loading``, ``model loaded``, ``first batch decoded``, ``first batch in the encoder``;
+    time-to-first-batch is the last one's time less the process's start."""
+    if startup_log.isEnabledFor(logging.DEBUG):
+        now = time.time()
+        since = f" ({now - _STARTED:.3f} s after the process started)" if _STARTED is not None else ""
+        startup_log.debug("startup: %s at %.3f%s", phase, now, since)
+
+
+class Prefetch:
+    """Files probed, grouped into batches and being decoded (in DataLoader workers) before a model is there:
+    made by :func:`start_decoding` from the model's config, handed to :func:`iter_file_embeddings` (which makes
+    one itself when given none). Decoding needs only the model's geometry (sample rate, chunk length), so it can
+    run while the model loads; the workers decode up to two batches each ahead of the model.
+
+    Attributes: ``paths`` (the files, in order); ``probes`` (:func:`probe_file` of each); ``long`` (indices of
+    the files streamed one by one, longer than 300 s); ``batches`` (indices per batch, longest files first).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        config: ModelConfig,
+        device: torch.device,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+    ) -> None:
+        self.paths = [os.fspath(p) for p in paths]
+        self.key = _geometry(config, device, batch_size)
+        workers = default_num_workers() if num_workers is None else int(num_workers)
+        if workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {workers}")
+        self.probes = _probe_all(self.paths)
+        startup_mark("files probed")
+        rate, budget = config.frontend.sample_rate, self.key[-1]
+        short: list[int] = []
+        self.long: list[int] = []
+        chunks = [0] * len(self.paths)
+        for i, (dur, err, _) in enumerate(self.probes):
+            if err is None and dur > STREAM_SECONDS:
+                self.long.append(i)
+            elif err is None:
+                short.append(i)
+                chunks[i] = config.num_chunks(round(dur * rate))
+        short.sort(key=lambda i: (-self.probes[i][0], i))  # longest first: an out-of-memory error shows at once
+        self.batches = pack_batches(short, chunks, budget)
+        self.workers = max(0, min(workers, len(self.batches) - 1))  # one batch: nothing to overlap, no workers
+        self._decoded: Iterator[Any] | None = None
+        if self.batches:
+            ds = _AudioBatches(self.paths, self.batches, rate, config.frontend.min_samples)
+            loader = DataLoader(
+                ds,
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.workers,
+                collate_fn=_identity,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=2 if self.workers > 0 else None,
+            )
+            self._decoded = iter(loader)  # the workers start decoding the first batches now
+            startup_mark("decoding started")
+
+    def fits(self, paths: Sequence[str], config: ModelConfig, device: torch.device, batch_size: int | None) -> bool:
+        """Whether this was started for these files and a model of this geometry on this kind of device."""
+        return self.paths == list(paths) and self.key == _geometry(config, device, batch_size)
+
+    def decoded(self) -> Iterator[tuple[list[tuple[list[int], torch.Tensor]], list[tuple[int, str]]]]:
+        """The decoded batches, in order: ``(groups, failures)`` per batch (see ``_AudioBatches``). Once."""
+        it, self._decoded = self._decoded, None
+        return it if it is not None else iter(())
+
+    def close(self) -> None:
+        """Stop the decoding workers (what they decoded is dropped)."""
+        self._decoded = None  # the DataLoader iterator shuts its workers down when released
+
+
+def _geometry(config: ModelConfig, device: torch.device, batch_size: int | None) -> tuple[Any, ...]:
+    """What the batches and their decoding depend on: rate, shortest input, chunk length, pinning, budget."""
+    fe = config.frontend
+    return (
+        fe.sample_rate,
+        fe.min_samples,
+        fe.hop_length,
+        config.encoder.chunk_frames,
+        device.type == "cuda",
+        max_batch(batch_size, device),
+    )
+
+
+def start_decoding(
+    paths: Sequence[str | os.PathLike],
+    config: ModelConfig,
+    device: str | torch.device,
+    *,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> Prefetch:
+    """Probe ``paths``, batch them and start decoding them for a model with ``config`` on ``device`` before the
+    model is loaded (``m2d2-embed embed`` does this while it loads the model; see :class:`Prefetch`). Pass the
+    result to :func:`iter_file_embeddings` with the same paths, ``batch_size`` and a model of that geometry."""
+    return Prefetch(paths, config, torch.device(device), batch_size, num_workers)
+
+
 def output_dim(model: M2D2, level: str, reduce: str = "none") -> int:
     """Width of one embedding at ``level`` (see :meth:`M2D2.output_dim`)."""
     return model.output_dim(level, reduce)
@@ -407,21 +530,30 @@ def iter_file_embeddings(
     num_workers: int | None = None,
     progress: bool = True,
     strict: bool = False,
+    prefetch: Prefetch | None = None,
 ) -> Iterator[tuple[int, FileResult | FileFailure]]:
     """Embed files and yield ``(index into paths, FileResult or FileFailure)`` as each file completes.
 
     Completion order is not input order: files are batched by length. See :func:`embed_files` for the
-    arguments; this is the streaming form the CLI writes shards from.
+    arguments; this is the streaming form the CLI writes shards from. ``prefetch``: the same files already
+    probed and being decoded (:func:`start_decoding`); one that does not fit the model is closed and started
+    again.
     """
     from tqdm import tqdm  # plain text bar: works in terminals and notebooks without ipywidgets
 
-    model.check_level(level, reduce, normalize=normalize)
     paths = [os.fspath(p) for p in paths]
-    budget = model.max_batch(batch_size)
-    workers = default_num_workers() if num_workers is None else int(num_workers)
-    if workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {workers}")
-    probes = _probe_all(paths)
+    try:
+        model.check_level(level, reduce, normalize=normalize)
+        if prefetch is not None and not prefetch.fits(paths, model.config, model.device, batch_size):
+            log.debug("the decoding started before the model does not fit it; starting again")
+            prefetch.close()
+            prefetch = None
+        pre = prefetch or Prefetch(paths, model.config, model.device, batch_size, num_workers)
+    except BaseException:
+        if prefetch is not None:
+            prefetch.close()
+        raise
+    probes, batches, workers = pre.probes, pre.batches, pre.workers
     bar = tqdm(total=len(paths), unit="file", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     audio_s = 0.0
     t0 = time.perf_counter()
@@ -454,42 +586,30 @@ def iter_file_embeddings(
             res.warning = probes[i][2]
         return res
 
-    short, long_, chunks = [], [], [0] * len(paths)
-    for i, (dur, err, _) in enumerate(probes):
-        if err is not None:
-            yield i, fail(i, err)
-            done(1, 0.0)
-        elif dur > STREAM_SECONDS:
-            long_.append(i)
-        else:
-            short.append(i)
-            chunks[i] = model.num_chunks(round(dur * model.sample_rate))
-    short.sort(key=lambda i: (-probes[i][0], i))  # longest first: an out-of-memory error shows at once
-    batches = pack_batches(short, chunks, budget)
     try:
+        for i, (_, err, _) in enumerate(probes):
+            if err is not None:
+                yield i, fail(i, err)
+                done(1, 0.0)
         if batches:
             # Two-stage pipeline: batch k+1's GPU work (copy in, model, pooling, copy out into pinned memory) is
             # queued before the results of batch k are awaited and built, so the GPU is never left without work
             # while Python packs results or waits for decoding; at most two batches are in flight. On CPU the
             # same steps run one after the other.
-            ds = _AudioBatches(paths, batches, model.sample_rate, model.frontend.min_samples())
-            workers = min(workers, len(batches) - 1)  # one batch: nothing to overlap, skip the worker start-up
-            loader = DataLoader(
-                ds,
-                batch_size=None,
-                shuffle=False,
-                num_workers=workers,
-                collate_fn=_identity,
-                pin_memory=model.device.type == "cuda",
-                prefetch_factor=2 if workers else None,
-            )
             pending: _InFlight | None = None
-            batches_in = iter(loader)  # the workers start decoding the first batches now
-            if model.device.type == "cuda" and workers:
+            batches_in = pre.decoded()
+            if model.device.type == "cuda" and workers > 0:
                 _warm_up(model, len(batches[0]), max(probes[i][0] for i in batches[0]), batch_size)
+            decoded = encoded = 0
             for groups, failures in batches_in:
                 launched = None
+                decoded += 1
+                if decoded == 1:
+                    startup_mark("first batch decoded")
                 if groups and not (strict and failures):  # strict: the batch is not embedded, its failure raises
+                    encoded += 1
+                    if encoded == 1:
+                        startup_mark("first batch in the encoder")
                     launched = _launch(model, groups, level, reduce, normalize, batch_size)
                 if pending is not None:
                     for i, res in _collect_batch(model, paths, pending, level):
@@ -503,7 +623,7 @@ def iter_file_embeddings(
                 for i, res in _collect_batch(model, paths, pending, level):
                     yield i, checked(res, i)
                 done(len(pending.idx), pending.audio_seconds)
-        for i in long_:
+        for i in pre.long:
             try:
                 res = embed_long_file(model, paths[i], level, reduce=reduce, normalize=normalize, batch_size=batch_size)
             except (ValueError, OSError, RuntimeError) as e:
@@ -515,6 +635,7 @@ def iter_file_embeddings(
             yield i, checked(res, i)
             done(1, res.duration)
     finally:
+        pre.close()
         bar.close()
 
 

@@ -42,6 +42,7 @@ from .convert import (
     check_finite,
     describe_file,
     read_any,
+    read_config,
     read_safetensors,
     record_checksum,
     save_model,
@@ -325,6 +326,29 @@ def load(
     extra = ", compiled" if compile else "" if backend == "torch" else f", encoder in {backend}"
     log.info("loaded %s from %s on %s (%s%s)", cfg.name, path, dev, dt, extra)
     return model
+
+
+def peek_config(
+    name_or_path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None
+) -> ModelConfig | None:
+    """The config :func:`load` would give, read without the weights, when the model is already here in our format
+    (a converted directory or ``.safetensors`` file, or a registry model in the cache); None otherwise (a
+    download, a URL, an upstream ``.pth`` to convert, an unreadable file: :func:`load` then says what is wrong).
+    Lets work that depends only on the model's geometry (its sample rate, chunk length) start while it loads."""
+    s = os.fspath(registry.DEFAULT_MODEL if name_or_path is None else name_or_path)
+    if s in MODELS:
+        path = converted_path(registry.get(s), cache_dir)
+    elif s.startswith(("http://", "https://", "hf://")):
+        return None
+    else:
+        path = Path(s).expanduser()
+    if not (path.is_dir() or path.suffix == ".safetensors"):
+        return None
+    try:
+        return read_config(path)
+    except (OSError, ValueError, TypeError, KeyError, CheckpointError) as e:
+        log.debug("no config of %s before loading: %s", s, e)
+        return None
 
 
 def _resolve(target: str | os.PathLike, *, cache_dir, offline) -> Path:

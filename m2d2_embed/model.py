@@ -154,7 +154,7 @@ class M2D2(nn.Module):
 
     def num_chunks(self, num_samples: int) -> int:
         """Encoder chunks of a clip of ``num_samples`` at the model's rate (the unit of ``batch_size``)."""
-        return -(-self.frontend.num_frames(int(num_samples)) // self.config.encoder.chunk_frames)
+        return self.config.num_chunks(num_samples)
 
     def num_frames_for(self, num_samples: int) -> int:
         """Number of frame embeddings for ``num_samples`` at the model's rate."""
@@ -676,11 +676,7 @@ class M2D2(nn.Module):
     # encoder sees a handful of padded batch sizes (``_bucket``) so it never recompiles per batch.
     def max_batch(self, batch_size: int | None = None) -> int:
         """Chunks per encoder pass: ``batch_size``, or 256 on CUDA and 32 elsewhere."""
-        if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-            return batch_size
-        return 256 if self.device.type == "cuda" else 32
+        return max_batch(batch_size, self.device)
 
     def _map_clips(
         self,
@@ -786,6 +782,15 @@ class M2D2(nn.Module):
                 continue
             i += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def max_batch(batch_size: int | None, device: torch.device) -> int:
+    """Chunks per encoder pass on ``device``: ``batch_size`` (checked), or 256 on CUDA and 32 elsewhere."""
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return batch_size
+    return 256 if device.type == "cuda" else 32
 
 
 def _bucket(n: int, max_b: int, floor: int | None) -> tuple[int, int]:
