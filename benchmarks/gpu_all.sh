@@ -11,7 +11,10 @@
 # --wheels DIR: install the wheels in DIR first, offline (soundfile, soxr, cffi, nnAudio, ... for a machine
 # without them). --reference: also time the upstream runtime (needs nnAudio, timm, einops).
 # Results (markdown, JSON and logs) go to $OUT (default ./gpu_results). Each step has its own time limit, so
-# one step that hangs does not lose the others.
+# one step that hangs does not lose the others, and the whole run stops by $DEADLINE seconds (default 560: the
+# device tool allows 600 s per command); steps run in order of importance and a step that would start with less
+# than 40 s left is skipped (its name is printed). STEPS="files8192 tests" runs only those steps (names: check,
+# files8192, files24576, tests), e.g. in a second call for what the first one skipped.
 set -u
 OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
@@ -34,19 +37,36 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 start=$(date +%s)
 
-echo "== gpu_check ($(( $(date +%s) - start )) s)"
-timeout 320 $PY benchmarks/gpu_check.py --budget-s 250 --work-dir "$M2D2_BENCH_CACHE" ${REF:+--reference "$REF"} \
-  --out "$OUT" >"$OUT/gpu_check.log" 2>&1
-echo "gpu_check exit $?"; tail -5 "$OUT/gpu_check.log"
+DEADLINE=${DEADLINE:-560}
+STEPS=${STEPS:-check files8192 files24576 tests}
+left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
+limit() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }  # a step's own limit, cut to the time left
+want() {  # run step $1? (asked for, and at least 40 s left)
+  case " $STEPS " in *" $1 "*) ;; *) return 1 ;; esac
+  if [ "$(left)" -lt 40 ]; then echo "== $1 skipped: $(left) s left of $DEADLINE"; return 1; fi
+}
+
+if want check; then
+  echo "== gpu_check ($(( $(date +%s) - start )) s)"
+  t=$(limit 320)
+  timeout "$t" $PY benchmarks/gpu_check.py --budget-s $(( t > 70 ? t - 70 : t / 2 )) --work-dir "$M2D2_BENCH_CACHE" \
+    ${REF:+--reference "$REF"} --out "$OUT" >"$OUT/gpu_check.log" 2>&1
+  echo "gpu_check exit $?"; tail -5 "$OUT/gpu_check.log"
+fi
 
 for n in 8192 24576; do  # FILES_BEFORE=DIR: also the CLI of another checkout (start-up before -> after)
+  want "files$n" || continue
   echo "== files_gpu $n ($(( $(date +%s) - start )) s)"
-  timeout $(( n < 10000 ? 150 : 240 )) $PY benchmarks/files_gpu.py --files $n --cache-dir "$M2D2_BENCH_CACHE" \
-    ${FILES_BEFORE:+--compare-src "$FILES_BEFORE"} --out "$OUT/files_$n" >"$OUT/files_gpu_$n.log" 2>&1
+  timeout "$(limit $(( n < 10000 ? 150 : 240 )))" $PY benchmarks/files_gpu.py --files $n \
+    --cache-dir "$M2D2_BENCH_CACHE" ${FILES_BEFORE:+--compare-src "$FILES_BEFORE"} --out "$OUT/files_$n" \
+    >"$OUT/files_gpu_$n.log" 2>&1
   echo "files_gpu $n exit $?"; tail -32 "$OUT/files_gpu_$n.log"
 done
-echo "== CUDA tests"
-timeout 140 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_gelu.py >"$OUT/pytest_cuda.txt" 2>&1
-echo "pytest exit $?"; tail -15 "$OUT/pytest_cuda.txt"
+if want tests; then
+  echo "== CUDA tests"
+  timeout "$(limit 140)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_gelu.py \
+    >"$OUT/pytest_cuda.txt" 2>&1
+  echo "pytest exit $?"; tail -15 "$OUT/pytest_cuda.txt"
+fi
 
 echo "== done in $(( $(date +%s) - start )) s"
