@@ -174,8 +174,14 @@ def _cached(folder: Path, make: Callable[[Path], None]) -> Path:
     if folder.exists():
         log.warning("the cached export %s is incomplete or changed since it was written; exporting again", folder)
         shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as e:
+        raise OSError(
+            f"cannot write the ONNX export of the encoder into {folder.parent} ({e}); pass cache_dir= (CLI: "
+            f"--cache-dir) a writable folder, set {dl.ENV_CACHE}, or use backend='torch'"
+        ) from e
     try:
         with _quiet_exporter():
             make(tmp)

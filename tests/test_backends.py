@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -178,3 +179,34 @@ def test_ray_embedder_passes_the_backend(tiny_model_dir, export_cache, tmp_path)
     table = emb({"path": np.array(["a"], dtype=object), "amplitude": [x[None]], "sample_rate": np.array([16000])})
     got = np.asarray(table.column("embedding").to_pylist()[0], np.float32)
     assert np.abs(got - ref.clip_embeddings(x, 16000)).max() < 1e-4
+
+
+def test_unwritable_cache_says_what_to_do(tiny_model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "onnx").write_text("not a folder")  # unwritable for root too, unlike a chmod
+    with pytest.raises(OSError, match=r"cannot write the ONNX export .*pass cache_dir= .*a writable folder"):
+        m2d2.load(tiny_model_dir, device="cpu", backend="onnxruntime", cache_dir=cache)
+
+
+def test_two_processes_export_at_once(tiny_model_dir, tmp_path):
+    """Two processes that load the same model with a backend at the same time both work, and the cache ends with
+    one whole export and no temporary folders."""
+    code = (
+        "import sys, torch, m2d2_embed as m2d2; "
+        "m = m2d2.load(sys.argv[1], device='cpu', backend='onnxruntime', cache_dir=sys.argv[2]); "
+        "print(float(m.clip_embeddings(torch.ones(16000) * 0.1, 16000).sum()))"
+    )
+    cache = tmp_path / "cache"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tiny_model_dir), str(cache)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1] and outs[0].strip()
+    entries = sorted(p.name for p in (cache / "onnx").iterdir())
+    assert len(entries) == 1 and not entries[0].startswith(".")
+    assert backends.cached_export(m2d2.load(tiny_model_dir, device="cpu"), cache).parent.name == entries[0]
