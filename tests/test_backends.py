@@ -210,3 +210,12 @@ def test_two_processes_export_at_once(tiny_model_dir, tmp_path):
     entries = sorted(p.name for p in (cache / "onnx").iterdir())
     assert len(entries) == 1 and not entries[0].startswith(".")
     assert backends.cached_export(m2d2.load(tiny_model_dir, device="cpu"), cache).parent.name == entries[0]
+
+
+def test_import_never_imports_the_runtimes():
+    code = (
+        "import sys, m2d2_embed, m2d2_embed.cli, m2d2_embed.backends; "
+        "bad = [m for m in ('onnxruntime', 'openvino', 'onnx', 'onnxscript') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
