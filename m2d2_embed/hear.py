@@ -78,6 +78,7 @@ def load_model(
     scene_reduce: str = "none",
     scene_embedding: str = "encoder",
     batch_size: int | None = None,
+    backend: str | None = None,
 ) -> HearModel:
     """Load M2D2 for the HEAR API.
 
@@ -91,10 +92,12 @@ def load_model(
         scene_embedding: ``"encoder"`` (default): the time-mean of the frame embeddings; ``"clap"``: the 768-d
             CLAP audio embedding.
         batch_size: most 10-s chunks per encoder pass (default 32 on CPU, 256 on CUDA).
+        backend: who runs the audio encoder, as for :func:`m2d2_embed.load` (``"onnxruntime"`` / ``"openvino"``:
+            CPU only; the export is cached in ``$M2D2_EMBED_CACHE``).
     """
     from .loader import load
 
-    model = load(os.fspath(model_file_path) or None, device=device, dtype=dtype)
+    model = load(os.fspath(model_file_path) or None, device=device, dtype=dtype, backend=backend)
     return HearModel(
         model,
         timestamp_reduce=timestamp_reduce,

@@ -219,3 +219,16 @@ def test_import_never_imports_the_runtimes():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not backends.runtime_installed("openvino"), reason="openvino not installed")
+def test_hear_load_model_passes_the_backend(tiny_model_dir, export_cache, monkeypatch):
+    from m2d2_embed import hear
+
+    cache, _, ref = export_cache
+    monkeypatch.setenv("M2D2_EMBED_CACHE", str(cache))
+    m = hear.load_model(str(tiny_model_dir), device="cpu", backend="openvino")
+    assert m.m2d2.backend == "openvino"
+    x = waves(2, 3.0) * 0.1
+    want = ref.clip_embeddings(x, 16000)
+    np.testing.assert_allclose(hear.get_scene_embeddings(x, m).numpy(), want.numpy(), atol=1e-4)
