@@ -126,6 +126,19 @@ def test_the_real_fp8_matmul_call_agrees_with_the_emulation():
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
 
 
+def test_torch_compile_traces_the_real_fp8_linear():
+    # load(dtype="fp8", compile=True) compiles blocks holding FP8Linear: the real (not emulated) layer must trace
+    # (buffers, torch._scaled_mm, the per-token quantization) and give what eager gives; checked on the CPU kernel
+    g = torch.Generator().manual_seed(3)
+    layer = FP8Linear.from_linear(torch.nn.Linear(64, 32))
+    x = torch.randn(2, 5, 64, generator=g).bfloat16()
+    try:
+        eager = layer(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"this PyTorch build has no CPU torch._scaled_mm with row-wise scales: {e}")
+    torch.testing.assert_close(torch.compile(layer)(x), eager, rtol=0, atol=0)
+
+
 def test_fp8_linear_keeps_its_dtypes_through_model_casts():
     q = FP8Linear.from_linear(torch.nn.Linear(32, 16), emulate=True)
     q.to(torch.bfloat16).float().half()
