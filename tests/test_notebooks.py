@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def test_the_notebooks_exist_without_outputs():
     nbformat = pytest.importorskip("nbformat")
     assert [p.name for p in NOTEBOOKS] == NAMES
     for path in NOTEBOOKS:
+        raw = json.loads(path.read_text(encoding="utf-8"))  # nbformat.read adds missing cell ids with a warning
+        assert all("id" in c for c in raw["cells"]), f"{path.name}: a cell without an id (nbformat 4.5)"
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
         for cell in nb.cells:
