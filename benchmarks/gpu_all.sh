@@ -6,10 +6,12 @@
 #   2. benchmarks/files_gpu.py: `m2d2-embed embed` over a folder of 10-s WAVs against the in-memory path;
 #   3. the CUDA tests (tests/test_cuda.py incl. fp8 on capability 8.9+, tests/test_fused_gelu.py).
 #
-#   bash benchmarks/gpu_all.sh [--wheels DIR] [--reference PATH/TO/portable_m2d.py]
+#   bash benchmarks/gpu_all.sh [--wheels DIR] [--reference PATH/TO/portable_m2d.py] [--rehearse]
 #
 # --wheels DIR: install the wheels in DIR first, offline (soundfile, soxr, cffi, nnAudio, ... for a machine
-# without them). --reference: also time the upstream runtime (needs nnAudio, timm, einops).
+# without them). --reference: also time the upstream runtime (needs nnAudio, timm, einops). --rehearse: the same
+# steps on the CPU with tiny counts (gpu_check --smoke --fp8-emulate, 32 files instead of 8,192 and 24,576), to
+# check the script end to end before a GPU is lent.
 # Results (markdown, JSON and logs) go to $OUT (default ./gpu_results). Each step has its own time limit, so
 # one step that hangs does not lose the others, and the whole run stops by $DEADLINE seconds (default 560: the
 # device tool allows 600 s per command); steps run in order of importance and a step that would start with less
@@ -20,10 +22,12 @@ OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 WHEELS=""
 REF=""
+REHEARSE=""
 while [ $# -gt 0 ]; do
   case $1 in
     --wheels) WHEELS=$2; shift 2 ;;
     --reference) REF=$2; shift 2 ;;
+    --rehearse) REHEARSE=1; shift ;;
     *) echo "gpu_all.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -50,14 +54,16 @@ if want check; then
   echo "== gpu_check ($(( $(date +%s) - start )) s)"
   t=$(limit 320)
   timeout "$t" $PY benchmarks/gpu_check.py --budget-s $(( t > 70 ? t - 70 : t / 2 )) --work-dir "$M2D2_BENCH_CACHE" \
-    ${REF:+--reference "$REF"} --out "$OUT" >"$OUT/gpu_check.log" 2>&1
+    ${REF:+--reference "$REF"} ${REHEARSE:+--smoke --device cpu --no-compile --fp8-emulate} --out "$OUT" \
+    >"$OUT/gpu_check.log" 2>&1
   echo "gpu_check exit $?"; tail -5 "$OUT/gpu_check.log"
 fi
 
 for n in 8192 24576; do  # FILES_BEFORE=DIR: also the CLI of another checkout (start-up before -> after)
   want "files$n" || continue
   echo "== files_gpu $n ($(( $(date +%s) - start )) s)"
-  timeout "$(limit $(( n < 10000 ? 150 : 240 )))" $PY benchmarks/files_gpu.py --files $n \
+  timeout "$(limit $(( n < 10000 ? 150 : 240 )))" $PY benchmarks/files_gpu.py \
+    ${REHEARSE:+--device cpu --workers 1} --files $([ -n "$REHEARSE" ] && echo 32 || echo $n) \
     --cache-dir "$M2D2_BENCH_CACHE" ${FILES_BEFORE:+--compare-src "$FILES_BEFORE"} --out "$OUT/files_$n" \
     >"$OUT/files_gpu_$n.log" 2>&1
   echo "files_gpu $n exit $?"; tail -32 "$OUT/files_gpu_$n.log"
