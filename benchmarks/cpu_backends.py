@@ -10,6 +10,9 @@ Contenders, interleaved round-robin (round r times every contender once, batch 1
 - m2d2_embed bf16 and compile (``--no-bf16``, ``--no-compile`` leave them out; compile's warm-up is reported);
 - ONNX Runtime fp32, and its dynamic int8 quantization with QUInt8 and QInt8 per-channel weights (CPU EP);
 - OpenVINO fp32 (``INFERENCE_PRECISION_HINT=f32``, latency hint);
+  these runtimes run the package's cached export with the package's own session settings
+  (``m2d2_embed.backends``); their end-to-end rows are ``load(backend=...)`` (on VNNI CPUs the QInt8 row is
+  ``load(dtype="int8", backend="onnxruntime")``);
 - the GEMM ceilings: fp32 ``torch.mm`` and fbgemm's dynamic int8 Linear on the encoder's matmul shapes.
 
 Encoder only: the same normalised log-mel input [B, 1, 80, 992] to each contender. End to end: a 10-s waveform
@@ -45,7 +48,8 @@ sys.path.insert(0, str(HERE))
 import bench  # noqa: E402  (benchmarks/bench.py: weights, clips, environment)
 
 import m2d2_embed  # noqa: E402
-from m2d2_embed.encoder import Block, cpu_flags  # noqa: E402
+from m2d2_embed import backends  # noqa: E402
+from m2d2_embed.encoder import Block  # noqa: E402
 
 SR = 16000
 
@@ -167,7 +171,7 @@ def quantized_linear(lin: torch.nn.Linear) -> torch.nn.Module:
 class Contender:
     def __init__(self, name: str, kind: str, encode=None, model=None, ceiling: str = "fp32") -> None:
         self.name, self.kind, self.ceiling = name, kind, ceiling
-        self.encode = encode  # lms [B, 1, 80, 992] float32 -> tokens [B, f*t, D] (numpy or tensor)
+        self.encode = encode  # lms [B, 1, 80, 992] float32 -> tokens [B, f*t, D]
         self.model = model  # for the end-to-end rows (None: encoder-only contender)
         self.times: dict[str, list[float]] = {}
         self.warmup: dict[str, float] = {}
@@ -175,61 +179,15 @@ class Contender:
 
 
 def with_runner(source: Path, cache: Path, run, name: str) -> m2d2_embed.M2D2:
-    """The package's pipeline with ``run`` (numpy log-mel -> numpy tokens) as its encoder."""
+    """The package's pipeline with ``run`` (a runner of ``backends.open_runner``) as its encoder."""
     m = m2d2_embed.load(source, device="cpu", backend="onnxruntime", cache_dir=cache)
-    m.set_encoder_runner(lambda x: torch.from_numpy(np.asarray(run(x.contiguous().numpy()))), name)
+    m.set_encoder_runner(run, name)
     return m
-
-
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"lms": x})[0]
-
-
-def ort_quantized(src: Path, weight_type: str) -> Path:
-    """ORT's dynamic int8 quantization of the exported encoder, per-channel weights; cached beside it."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dst = src.with_name(f"encoder.{weight_type.lower()}.onnx")
-    if not dst.exists():
-        t = time.perf_counter()
-        tmp = dst.with_name("tmp." + dst.name)
-        quantize_dynamic(
-            str(src),
-            str(tmp),
-            weight_type=getattr(QuantType, weight_type),
-            per_channel=True,
-            use_external_data_format=True,
-        )
-        os.replace(tmp, dst)  # its .data file is named after tmp, which the graph refers to
-        log(f"ORT {weight_type} quantization: {time.perf_counter() - t:.1f} s")
-    return dst
-
-
-def openvino_model(path: Path, threads: int):
-    import openvino as ov
-
-    core = ov.Core()
-    cm = core.compile_model(
-        str(path),
-        "CPU",
-        {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
-    )
-    req = cm.create_infer_request()
-    return lambda x: req.infer({0: x})[cm.output(0)]
 
 
 def ensure_export(model: m2d2_embed.M2D2, cache: Path) -> tuple[Path, float | None]:
     """The full-size ONNX export, the one ``load(backend=...)`` makes and caches under ``cache/onnx/<digest>``;
     (encoder.onnx, export seconds or None when it was cached)."""
-    from m2d2_embed import backends
-
     t = time.perf_counter()
     cached = (cache / "onnx" / backends.encoder_digest(model) / backends.FILES_RECORD).exists()
     path = backends.cached_export(model, cache)
@@ -261,7 +219,7 @@ def int8_7bit(source: Path) -> m2d2_embed.M2D2:
     return m
 
 
-def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tuple[list[Contender], dict]:
+def build(a: argparse.Namespace, source: Path, cache: Path) -> tuple[list[Contender], dict]:
     info: dict[str, Any] = {}
     fp32 = m2d2_embed.load(source, device="cpu", dtype="fp32")
     before = plain(m2d2_embed.load(source, device="cpu", dtype="fp32"))
@@ -272,16 +230,12 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
         onnx_path, info["export_s"] = ensure_export(fp32, cache)
         # encoder rows: the runtime itself on the export; end-to-end rows: the package with load(backend=...)
         ort_model = m2d2_embed.load(source, device="cpu", backend="onnxruntime", cache_dir=cache)
-        cs.append(
-            Contender(
-                f"ONNX Runtime {bench_version('onnxruntime')} fp32", "ort", ort_session(onnx_path, threads), ort_model
-            )
-        )
+        run = backends.open_runner("onnxruntime", onnx_path)  # the same session settings as load(backend=...)
+        cs.append(Contender(f"ONNX Runtime {bench_version('onnxruntime')} fp32", "ort", run, ort_model))
     if onnx_path is not None and not a.no_openvino:
         ov_model = m2d2_embed.load(source, device="cpu", backend="openvino", cache_dir=cache)
-        cs.append(
-            Contender(f"OpenVINO {bench_version('openvino')} fp32", "ov", openvino_model(onnx_path, threads), ov_model)
-        )
+        run = backends.open_runner("openvino", onnx_path)
+        cs.append(Contender(f"OpenVINO {bench_version('openvino')} fp32", "ov", run, ov_model))
     if not a.no_compile:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the compile-on-CPU warning
@@ -296,9 +250,9 @@ def build(a: argparse.Namespace, source: Path, cache: Path, threads: int) -> tup
     cs.append(Contender("m2d2_embed int8 (default)", "torch", q.encoder, q, ceiling="int8"))
     q7 = int8_7bit(source)
     cs.append(Contender("m2d2_embed int8, 7-bit activations (before)", "torch", q7.encoder, q7, ceiling="int8"))
-    signed = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})  # what load(backend=...) picks
+    signed = backends.int8_signed_weights()  # what load(dtype="int8", backend="onnxruntime") picks here
     for wt in ("QUInt8", "QInt8") if onnx_path is not None else ():
-        run = ort_session(ort_quantized(onnx_path, wt), threads)
+        run = backends.open_runner("onnxruntime", backends.cached_int8(fp32, cache, signed=wt == "QInt8"))
         ours = (wt == "QInt8") == signed  # end to end: the package's own load(dtype="int8", backend="onnxruntime")
         model = (
             m2d2_embed.load(source, device="cpu", dtype="int8", backend="onnxruntime", cache_dir=cache)
@@ -338,8 +292,6 @@ def call(c: Contender, what: str, x: torch.Tensor, tokens_per_chunk: int) -> Any
     if c.kind == "ceiling":
         return c.encode.run(x.shape[0] * tokens_per_chunk) if what == "enc" else None
     if what == "enc":
-        if c.kind in ("ort", "ov"):
-            return c.encode(x.numpy())
         with torch.inference_mode():
             return c.encode(x)
     return c.model.clip_embeddings(x, SR)
@@ -547,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source = bench.ensure_converted(bench.ensure_checkpoint(cache), cache)
     env = cpu_environment()
     log(f"CPU: {env['lscpu_model']}; ISA {env['isa_flags']}; torch capability {env['torch_cpu_capability']}")
-    cs, info = build(a, source, cache, threads)
+    cs, info = build(a, source, cache)
     ref_model = next(c for c in cs if c.name.endswith("(before)")).model
     cfg = ref_model.config.encoder
     T = cfg.grid[1]

@@ -140,15 +140,15 @@ def cached_export(model: torch.nn.Module, cache_dir: str | os.PathLike | None = 
     return _cached(folder, make) / ENCODER_FILE
 
 
-def cached_int8(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> Path:
-    """``encoder.onnx`` of ONNX Runtime's dynamic int8 quantization of ``model``'s export, cached beside it
-    (``<digest>-int8-s8`` with signed weights on VNNI CPUs, ``-u8`` elsewhere); made now if missing or changed."""
+def cached_int8(model: torch.nn.Module, cache_dir: str | os.PathLike | None = None, signed: bool | None = None) -> Path:
+    """``encoder.onnx`` of ONNX Runtime's dynamic int8 quantization of ``model``'s export (per-channel weights),
+    cached beside it: ``<digest>-int8-s8`` with signed weights, ``-u8`` with unsigned; made now if missing or
+    changed. ``signed`` defaults to :func:`int8_signed_weights`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .encoder import cpu_flags
     from .export import ENCODER_FILE
 
-    signed = bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    signed = int8_signed_weights() if signed is None else signed
     source = cached_export(model, cache_dir)
     folder = source.parent.with_name(f"{source.parent.name}-int8-{'s8' if signed else 'u8'}")
 
@@ -163,6 +163,14 @@ def cached_int8(model: torch.nn.Module, cache_dir: str | os.PathLike | None = No
         )
 
     return _cached(folder, make) / ENCODER_FILE
+
+
+def int8_signed_weights() -> bool:
+    """Whether ONNX Runtime's int8 should use signed weights here: on CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX)
+    u8 x s8 products sum in int32; without, they sum pairs in int16 and can saturate (unsigned weights then)."""
+    from .encoder import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def _cached(folder: Path, make: Callable[[Path], None]) -> Path:

@@ -761,8 +761,7 @@ class M2D2(nn.Module):
         T = self.config.encoder.grid[1]
         compiled = self.compiled and batch.shape[-1] == T * self.config.encoder.patch_size[1]
         encode = self.encoder if compiled or not self.compiled else self.encoder.forward  # forward: eager
-        if self._runner is not None:
-            encode = self._runner
+        encode = self._runner or encode  # load(backend=...): another runtime runs the encoder
         outs, i = [], 0
         while i < batch.shape[0]:
             x = batch[i : i + max_b].to(self.dtype)
