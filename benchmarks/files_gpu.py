@@ -183,36 +183,29 @@ def measure_in_memory(
     }
 
 
-def measure_decode(paths: list[str], batch_size: int, workers: int, pin: bool) -> dict[str, Any]:
-    """The DataLoader stage of embed_files alone: decode, stack by length, (pin), no model."""
-    from torch.utils.data import DataLoader
-
-    batches = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
-    ds = files_mod._AudioBatches(paths, batches, SR, 1)
-    w = min(workers, max(0, len(batches) - 1))
+def measure_decode(
+    paths: list[str], config: Any, device: torch.device, batch_size: int, workers: int
+) -> dict[str, Any]:
+    """The decoding stage of embed_files alone (``files.start_decoding``: probe, batch, decode into the workers'
+    reused buffers, pin on CUDA), no model."""
     t = time.perf_counter()
-    loader = DataLoader(
-        ds,
-        batch_size=None,
-        num_workers=w,
-        collate_fn=files_mod._identity,
-        pin_memory=pin,
-        prefetch_factor=2 if w else None,
-    )
+    pre = files_mod.start_decoding(paths, config, device, batch_size=batch_size, num_workers=workers)
     n = n_first = 0
     t_first = None
-    for groups, failures in loader:
+    for groups, failures in pre.decoded():
         if t_first is None:
             t_first = time.perf_counter()
             n_first = sum(len(i) for i, _ in groups)
         n += sum(len(i) for i, _ in groups) + len(failures)
     t_end = time.perf_counter()
+    w = pre.workers
+    pre.close()
     wall = t_end - t
-    steady = (n - n_first) / (t_end - t_first) if len(batches) > 1 and t_end > t_first else None
+    steady = (n - n_first) / (t_end - t_first) if len(pre.batches) > 1 and t_end > t_first else None
     return {
         "files": n,
         "workers": w,
-        "pinned": pin,
+        "pinned": device.type == "cuda",
         "wall_s": wall,
         "files_per_s": n / wall,
         "steady_files_per_s": steady,
@@ -238,35 +231,19 @@ def measure_embed_files(
         wall = time.perf_counter() - t
     assert len(es) == len(paths) and not es.failures, (len(es), es.failures[:3])
     # steady state: files/s from the first batch's embeddings being ready to the last's (start-up excluded).
-    # Ready: on CUDA when the batch is collected (its event waited on, while the next batch runs), on CPU when
-    # its (synchronous) launch returns
-    ready: list[tuple[float, int]] = []
-    launch, collect = files_mod._launch, files_mod._collect_batch
-
-    def timed_launch(*args, **kw):
-        batch = launch(*args, **kw)
-        if dev.type != "cuda":
-            ready.append((time.perf_counter(), len(batch.idx)))
-        return batch
-
-    def timed_collect(m, p, batch, level):
-        out = list(collect(m, p, batch, level))
-        if dev.type == "cuda":
-            ready.append((time.perf_counter(), len(out)))
-        yield from out
-
-    files_mod._launch, files_mod._collect_batch = timed_launch, timed_collect
-    try:
-        t = time.perf_counter()
+    # A batch's results come out together once it is collected (on CUDA while the next batch runs)
+    t = time.perf_counter()
+    pre = files_mod.start_decoding(paths, model.config, dev, batch_size=batch_size, num_workers=workers)
+    first = len(pre.batches[0]) if pre.batches else 0
+    ready = [
+        time.perf_counter()
         for _ in files_mod.iter_file_embeddings(
-            model, paths, "clip", batch_size=batch_size, num_workers=workers, progress=False
-        ):
-            pass
-    finally:
-        files_mod._launch, files_mod._collect_batch = launch, collect
+            model, paths, "clip", batch_size=batch_size, progress=False, prefetch=pre
+        )
+    ]
     steady = None
-    if len(ready) > 1:
-        steady = sum(k for _, k in ready[1:]) / (ready[-1][0] - ready[0][0])
+    if 0 < first < len(ready):
+        steady = (len(ready) - first) / (ready[-1] - ready[first - 1])
     n = len(paths)
     return {
         "files": n,
@@ -274,8 +251,8 @@ def measure_embed_files(
         "wall_s": wall,
         "files_per_s": n / wall,
         "audio_s_per_s": n * CLIP_SECONDS / wall,
-        "first_batch_s": ready[0][0] - t if ready else None,
-        "batches": len(ready),
+        "first_batch_s": ready[first - 1] - t if first else None,
+        "batches": len(pre.batches),
         "steady_files_per_s": steady,
         "gpu_util": util.summary(),
     }
@@ -626,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {a.files} files in {res['write_s']:.1f} s")
         res["in_memory"] = section("in_memory", lambda: measure_in_memory(model, waves, bs, repeats, work))
         waves = []  # free the host copy
-        res["decode"] = section("decode", lambda: measure_decode(paths, bs, a.workers, dev.type == "cuda"))
+        res["decode"] = section("decode", lambda: measure_decode(paths, model.config, dev, bs, a.workers))
         res["embed_files"] = section(
             "embed_files", lambda: measure_embed_files(model, folder, paths, bs, a.workers, work)
         )

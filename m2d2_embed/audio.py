@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,7 @@ class AudioInfo:
     channels: int
     frames: int
     promised: float | None = None
+    pcm16_at: int | None = None  # byte offset of the samples of a plain 16-bit little-endian PCM WAV, else None
 
 
 def _name(src: AudioSource) -> str:
@@ -361,7 +363,7 @@ def probe(src: AudioSource) -> AudioInfo:
     WAV files on disk are parsed directly (about 12 us; ``soundfile.info`` takes about 4x longer), anything else
     (or a WAV header this parser does not follow: RF64, streamed headers) through libsndfile."""
     f = _open(src)
-    if isinstance(f, str) and f.lower().endswith((".wav", ".wave")):
+    if isinstance(f, str) and _is_wav(f):
         info = _wav_header(f)
         if info is not None:
             if info.frames <= 0:
@@ -381,6 +383,9 @@ def probe(src: AudioSource) -> AudioInfo:
     return AudioInfo(info.frames / info.samplerate, info.samplerate, info.channels, info.frames)
 
 
+_KS_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_* after the 2-byte tag
+
+
 def _wav_header(path: str) -> AudioInfo | None:
     """A plain RIFF/WAVE header, or None when it is anything else (the caller then asks libsndfile). The frame
     count is cut to the bytes actually in the file, as libsndfile does for a truncated file; ``promised`` keeps
@@ -398,25 +403,29 @@ def _wav_header(path: str) -> AudioInfo | None:
 
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
-        pos, rate, align, channels = 12, 0, 0, 0
+        pos, rate, align, channels, pcm16 = 12, 0, 0, 0, False
         for _ in range(64):  # chunks before 'data' (fmt, LIST, fact, ...): a handful in practice
             hdr = read_at(pos, 8)
             if len(hdr) < 8:
                 return None
             cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
             if cid == b"fmt ":
-                fmt = read_at(pos + 8, 14)
+                fmt = read_at(pos + 8, min(n, 40))
                 if len(fmt) < 14:
                     return None
-                _tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt)
+                tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt[:14])
                 if channels == 0 or rate == 0 or align == 0:
                     return None
+                bits = struct.unpack("<H", fmt[14:16])[0] if len(fmt) >= 16 else 0
+                if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the tag inside the sub-format GUID
+                    tag = struct.unpack("<H", fmt[24:26])[0] if fmt[26:40] == _KS_GUID_TAIL else 0
+                pcm16 = tag == 1 and bits == 16 and align == 2 * channels
             elif cid == b"data":
                 if not align or n in (0, 0xFFFFFFFF):
                     return None
                 frames = min(n, size - pos - 8) // align
                 promised = n // align / rate if n // align > frames else None
-                return AudioInfo(frames / rate, rate, channels, frames, promised)
+                return AudioInfo(frames / rate, rate, channels, frames, promised, pos + 8 if pcm16 else None)
             pos += 8 + n + (n & 1)  # chunks are padded to an even size
             if pos >= size:
                 return None
@@ -427,6 +436,34 @@ def _wav_header(path: str) -> AudioInfo | None:
     return None
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"  # WAV samples are little-endian: read as they are only on such hosts
+
+
+def _is_wav(src: AudioSource) -> bool:
+    return os.fspath(src).lower().endswith((".wav", ".wave"))  # type: ignore[arg-type]
+
+
+def _read_pcm16(path: str, info: AudioInfo, out: np.ndarray | None) -> np.ndarray:
+    """The samples of a 16-bit PCM WAV whose header is ``info``, [frames, channels] int16, read from the file
+    straight into ``out`` when it is a contiguous int16 buffer with room, else into a new array. A file cut
+    short since its header was read gives the frames it still holds."""
+    count = info.frames * info.channels
+    if out is not None and out.dtype == np.int16 and out.ndim == 1 and out.size >= count and out.flags.c_contiguous:
+        buf = out[:count]
+    else:
+        buf = np.empty(count, np.int16)
+    view, got = memoryview(buf).cast("B"), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(info.pcm16_at or 0)
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    frames = got // (2 * info.channels)
+    return buf[: frames * info.channels].reshape(frames, info.channels)
+
+
 def read_audio(
     src: AudioSource,
     sample_rate: int | None = SAMPLE_RATE,
@@ -434,6 +471,7 @@ def read_audio(
     mono: bool = True,
     channel: int | None = None,
     keep_int16: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode an audio file (path, bytes or file object) to float32 samples in [-1, 1].
 
@@ -445,23 +483,33 @@ def read_audio(
         keep_int16: for a mono 16-bit PCM file already at ``sample_rate``, return its raw int16 samples [N]
             (``x * PCM16_SCALE`` gives the float32 values bit for bit; half the bytes to move, and reading int16
             is about 3x faster than libsndfile's conversion to float).
+        out: with ``keep_int16``, a contiguous int16 buffer: when the samples are returned as int16 and fit, they
+            are read into ``out[:N]`` and that view is returned (a batch decoded straight into one buffer);
+            otherwise a new array is returned.
+
+    16-bit PCM WAV files on disk (plain or WAVE_FORMAT_EXTENSIBLE) are read straight from the file, the bytes
+    libsndfile would read, without its per-sample conversion; everything else goes through libsndfile.
     Returns:
         float32 [N] (mono, or one channel) or [C, N]; int16 [N] only with ``keep_int16``.
     """
-    import soundfile as sf
+    info = _wav_header(os.fspath(src)) if is_path(src) and _is_wav(src) and _LITTLE_ENDIAN else None
+    if info is not None and info.pcm16_at is not None:
+        sr, data = info.sample_rate, _read_pcm16(os.fspath(src), info, out if keep_int16 else None)
+    else:
+        import soundfile as sf
 
-    f = _open(src)
-    try:
-        with sf.SoundFile(f) as sfile:
-            sr, pcm16 = sfile.samplerate, sfile.subtype == "PCM_16"
-            want_int = keep_int16 and pcm16 and mono and channel is None
-            data = sfile.read(dtype="int16" if want_int else "float32", always_2d=True)  # (N, C)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise _cannot_decode(src, e) from e
+        f = _open(src)
+        try:
+            with sf.SoundFile(f) as sfile:
+                sr, pcm16 = sfile.samplerate, sfile.subtype == "PCM_16"
+                want_int = keep_int16 and pcm16 and mono and channel is None
+                data = sfile.read(dtype="int16" if want_int else "float32", always_2d=True)  # (N, C)
+        except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+            raise _cannot_decode(src, e) from e
     if data.shape[0] == 0:
         raise ValueError(f"audio file {_name(src)} has no samples")
     if data.dtype == np.int16:
-        if data.shape[1] == 1 and (sample_rate is None or sr == sample_rate):
+        if keep_int16 and mono and channel is None and data.shape[1] == 1 and sample_rate in (None, sr):
             return np.ascontiguousarray(data[:, 0])
         data = np.multiply(data, np.float32(PCM16_SCALE), dtype=np.float32)  # what libsndfile's float read gives
     if channel is not None:

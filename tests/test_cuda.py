@@ -142,7 +142,7 @@ def test_embed_files_on_cuda_equals_the_in_memory_path_with_pinned_async_batches
     model = m2d2.load(tiny_model_dir, device="cuda", dtype="fp32")
     specs = [(1.0, 16000, 1), (1.0, 16000, 2), (1.0, 44100, 3), (2.5, 22050, 4), (10.0, 16000, 5), (12.5, 16000, 6)]
     for k, (secs, sr, seed) in enumerate(specs):
-        sf.write(tmp_path / f"{k}.wav", signal(secs, sr, 1, seed), sr, subtype="FLOAT")
+        sf.write(tmp_path / f"{k}.wav", signal(secs, sr, 1, seed), sr, subtype="PCM_16" if k % 2 else "FLOAT")
     (tmp_path / "9_corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(40)))
     good = sorted(str(p) for p in tmp_path.glob("[0-8].wav"))
     waves = [torch.from_numpy(m2d2.load_audio(p)).cuda() for p in good]

@@ -332,12 +332,17 @@ def test_pipeline_with_normalize_and_reduce(model, mixed, level, reduce):
         np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
 
 
-def test_workers_return_each_batch_stacked_by_length(model, mixed):
+@pytest.mark.parametrize("staging", ["slab", "no slab", "slab too small"])
+def test_workers_return_each_batch_stacked_by_length(model, mixed, staging):
     _, paths, _ = mixed
     names = [Path(p).name for p in paths]
     batch = [names.index(n) for n in ["g_10s.wav", "h_10s.wav", "a_1s.wav", "c_1s_44k.flac", "l_nan.wav", "b_1s.wav"]]
-    ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples())
-    groups, failures = next(iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity)))
+    probes = [files.probe_file(p) for p in paths]
+    nbytes = {"slab": files.batch_bytes([batch], probes, 16000), "no slab": 0, "slab too small": 100_000}[staging]
+    slabs = files.Slabs(1, 1, nbytes, shared=True) if nbytes else None
+    ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples(), slabs)
+    decoded = next(iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity)))
+    groups, failures = decoded.take()
     assert [(i, names[i]) for i, _ in failures] == [(batch[4], "l_nan.wav")]
     # one tensor per distinct length (and sample type), not one per file: 16-bit mono 16-kHz files travel as
     # int16, the resampled stereo FLAC as float32
@@ -351,6 +356,59 @@ def test_workers_return_each_batch_stacked_by_length(model, mixed):
         assert x.shape[0] == len(idx)
         for i, row in zip(idx, files._as_float(x, torch.device("cpu"))):
             np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))  # bit for bit
+    # in the slab when it has room (the 16-bit WAVs read straight into it), in fresh tensors otherwise
+    in_slab = [slabs is not None and x.data_ptr() - slabs.data[0].data_ptr() in range(nbytes) for _, x in groups]
+    if staging == "slab":
+        assert decoded.slab == 0 and all(in_slab) and int(slabs.busy[0]) == 1
+        decoded.release()
+        assert int(slabs.busy[0]) == 0
+    elif staging == "slab too small":  # the two 1-s WAVs fit (64 kB), the 10-s WAVs and then the FLAC do not
+        kinds = [(x.shape[-1], x.dtype) for _, x in groups]
+        assert dict(zip(kinds, in_slab)) == {
+            (16000, torch.int16): True,
+            (160000, torch.int16): False,
+            (16000, torch.float32): False,
+        }
+        assert decoded.slab == 0
+    else:
+        assert decoded.slab is None and not any(in_slab)
+
+
+def test_decoding_reuses_its_slabs_and_frees_them(model, tmp_path):
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"c{i:02d}.wav"))
+        sf.write(paths[-1], signal(0.5 + 0.1 * (i % 3), 16000, 1, i), 16000, subtype="PCM_16")
+    pre = files.start_decoding(paths, model.config, "cpu", batch_size=2, num_workers=2)
+    slabs = pre.slabs
+    assert pre.workers == 2 and len(slabs.data) == 2 * (files.PREFETCH + 1)
+    starts = [d.data_ptr() for d in slabs.data]
+    seen, used = [], set()
+    for groups, failures in pre.decoded():
+        assert not failures
+        for idx, x in groups:
+            j = next(j for j, p in enumerate(starts) if 0 <= x.data_ptr() - p < slabs.nbytes)  # in a slab
+            used.add(j)
+            for i, row in zip(idx, files._as_float(x, torch.device("cpu"))):
+                np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))
+                seen.append(i)
+    assert sorted(seen) == list(range(12))
+    assert len(pre.batches) == 6 and len(used) <= len(slabs.data)  # 6 batches, each worker's slabs in turn
+    assert int(slabs.busy.sum()) == 0  # every slab was freed once its batch was used
+    pre.close()
+
+
+def test_a_file_rewritten_after_probing_is_embedded_as_it_now_is(model, tmp_path):
+    paths = [str(tmp_path / f"c{i}.wav") for i in range(4)]
+    for i, p in enumerate(paths):
+        sf.write(p, signal(1.0, 16000, 1, i), 16000, subtype="PCM_16")
+    pre = files.start_decoding(paths, model.config, "cpu", batch_size=4, num_workers=0)
+    sf.write(paths[1], signal(6.0, 16000, 1, 9), 16000, subtype="PCM_16")  # longer than its batch's slab
+    sf.write(paths[2], signal(0.5, 16000, 1, 8), 16000, subtype="PCM_16")  # shorter
+    got = dict(files.iter_file_embeddings(model, paths, "clip", batch_size=4, progress=False, prefetch=pre))
+    for i, p in enumerate(paths):
+        np.testing.assert_allclose(got[i].embedding, model.clip_embeddings(p), atol=1e-5, rtol=1e-5)
+        assert got[i].duration == pytest.approx(sf.info(p).duration)
 
 
 @pytest.mark.parametrize(
@@ -379,6 +437,63 @@ def test_fast_16_bit_reads_give_the_samples_of_load_audio(tmp_path, channels, sr
             m2d2.load_audio(bad)
         with pytest.raises(type(want.value), match=str(want.value)[:30]):
             m2d2_audio.read_audio(str(bad), 16000, keep_int16=True)
+
+
+def _wav_variants(tmp_path: Path) -> dict[str, tuple[Path, bool]]:
+    """WAV files -> (path, whether their samples are plain 16-bit PCM, read without libsndfile)."""
+    out = {}
+    for name, channels, sr, subtype, fmt in [
+        ("mono", 1, 16000, "PCM_16", "WAV"),
+        ("stereo", 2, 16000, "PCM_16", "WAV"),
+        ("44k", 1, 44100, "PCM_16", "WAV"),
+        ("extensible", 3, 16000, "PCM_16", "WAVEX"),
+        ("24-bit", 1, 16000, "PCM_24", "WAV"),
+        ("float", 1, 16000, "FLOAT", "WAV"),
+        ("mu-law", 1, 16000, "ULAW", "WAV"),
+        ("8-bit", 1, 16000, "PCM_U8", "WAV"),
+    ]:
+        path = tmp_path / f"{name}.wav"
+        x = signal(0.7, sr, channels, 5)
+        x[:3] = [[-1.0] * channels, [0.99997] * channels, [0.5] * channels]
+        with sf.SoundFile(path, "w", sr, channels, subtype=subtype, format=fmt) as f:
+            f.title = "a LIST chunk after the samples"
+            f.write(x)
+        out[name] = (path, subtype == "PCM_16")
+    cut = tmp_path / "truncated.wav"  # the header promises more than the file holds (odd byte count)
+    cut.write_bytes(out["stereo"][0].read_bytes()[:-3001])
+    out["truncated"] = (cut, True)
+    return out
+
+
+def test_16_bit_wavs_are_read_straight_from_the_file_as_libsndfile_reads_them(tmp_path):
+    for name, (path, direct) in _wav_variants(tmp_path).items():
+        info = m2d2_audio.probe(str(path))
+        assert (info.pcm16_at is not None) == direct, name
+        want = sf.read(str(path), dtype="float32", always_2d=True)[0].T  # libsndfile's own decoding
+        got = m2d2_audio.read_audio(str(path), None, mono=False)
+        assert got.dtype == np.float32 and got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)  # bit for bit
+        np.testing.assert_array_equal(m2d2_audio.read_audio(str(path), None), want.mean(axis=0), err_msg=name)
+        np.testing.assert_array_equal(
+            m2d2_audio.read_audio(str(path), None, channel=info.channels - 1), want[-1], err_msg=name
+        )
+    # into a caller's buffer: the samples of a mono file at the wanted rate land in it, nothing is allocated
+    path = tmp_path / "mono.wav"
+    buf = np.full(20000, 7, np.int16)
+    got = m2d2_audio.read_audio(str(path), 16000, keep_int16=True, out=buf)
+    assert got.dtype == np.int16 and np.shares_memory(got, buf) and got.shape == (11200,)
+    np.testing.assert_array_equal(got, sf.read(str(path), dtype="int16")[0])
+    assert (buf[11200:] == 7).all()  # nothing written past the samples
+    for out in [np.zeros(100, np.int16), np.zeros(20000, np.float32), buf[::2]]:  # no room, wrong type, strided
+        got = m2d2_audio.read_audio(str(path), 16000, keep_int16=True, out=out)
+        assert not np.shares_memory(got, out)
+        np.testing.assert_array_equal(got, sf.read(str(path), dtype="int16")[0])
+    got = m2d2_audio.read_audio(str(path), 32000, keep_int16=True, out=buf)  # resampled: float32, a new array
+    assert got.dtype == np.float32 and not np.shares_memory(got, buf)
+    with pytest.raises(ValueError, match="no samples"):  # a header and no samples
+        empty = tmp_path / "empty.wav"
+        empty.write_bytes(path.read_bytes()[: m2d2_audio.probe(str(path)).pcm16_at])
+        m2d2_audio.read_audio(str(empty), 16000)
 
 
 def test_the_next_batch_is_queued_before_the_previous_one_is_collected(model, mixed, monkeypatch):
