@@ -362,25 +362,24 @@ def probe(src: AudioSource) -> AudioInfo:
 
     WAV files on disk are parsed directly (about 12 us; ``soundfile.info`` takes about 4x longer), anything else
     (or a WAV header this parser does not follow: RF64, streamed headers) through libsndfile."""
+    info = _wav_header(os.fspath(src)) if is_path(src) and _is_wav(src) else None  # a missing file, a folder: None
+    if info is not None:
+        if info.frames <= 0:
+            raise ValueError("no samples (zero-length audio)")
+        return info
     f = _open(src)
-    if isinstance(f, str) and _is_wav(f):
-        info = _wav_header(f)
-        if info is not None:
-            if info.frames <= 0:
-                raise ValueError("no samples (zero-length audio)")
-            return info
     import soundfile as sf
 
     try:
-        info = sf.info(f)
+        sfinfo = sf.info(f)
     except Exception as e:  # LibsndfileError, RuntimeError, TypeError
         raise _cannot_decode(src, e) from e
     finally:
         if hasattr(f, "seek"):
             f.seek(0)
-    if info.frames <= 0:
+    if sfinfo.frames <= 0:
         raise ValueError("no samples (zero-length audio)")
-    return AudioInfo(info.frames / info.samplerate, info.samplerate, info.channels, info.frames)
+    return AudioInfo(sfinfo.frames / sfinfo.samplerate, sfinfo.samplerate, sfinfo.channels, sfinfo.frames)
 
 
 _KS_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_* after the 2-byte tag

@@ -256,41 +256,36 @@ def _cpu_count() -> int:
 
 
 class Slabs:
-    """Staging buffers the decoding workers write whole batches into, reused batch after batch: ``count`` slabs
-    of ``nbytes`` bytes each (shared memory when ``shared``, made before the workers start) and a shared busy
-    flag per slab. Worker ``w`` of ``workers`` cycles through its own ``per_worker`` slabs; the main process
-    frees a slab once its batch is copied out (pinned on CUDA) or used (CPU).
+    """Staging buffers the decoding workers write whole batches into, reused batch after batch.
 
-    A fresh shared-memory tensor per batch costs its page faults twice, once in the worker that fills it and
-    once in the process that reads it: on a 2-core Zen 4 VM that was three quarters of the decoding time of a
-    10-s WAV (about 580 of 760 us). Reused slabs are faulted in once. The pages are touched only as batches
-    fill them, so ``nbytes`` (a bound on one batch) costs address space, not memory.
+    Worker ``w`` of ``workers`` cycles through its own ``per_worker`` slabs; a shared busy flag per slab (made
+    before the workers start) says when the main process has let go of one: once its batch is copied out
+    (pinned, on CUDA) or used (CPU). A worker allocates a slab in shared memory when it first uses it (sized for
+    that batch, larger later if a batch needs more) and sends it to the main process once, with the batch that
+    filled it; after that only offsets travel.
+
+    A fresh shared-memory tensor per batch costs its page faults twice, once in the worker that fills it and once
+    in the process that reads it: on a 2-core Zen 4 VM that was three quarters of the time to decode a 10-s WAV.
+    Reused slabs are faulted in once. They hold at most ``per_worker`` batches per worker, about what the
+    prefetching DataLoader held before.
     """
 
-    WAIT_S = 10.0  # a worker waits this long for its next slab, then decodes into a fresh tensor instead
+    WAIT_S = 10.0  # a worker waits this long for its next slab, then decodes into fresh tensors instead
 
-    def __init__(self, workers: int, per_worker: int, nbytes: int, shared: bool) -> None:
-        self.workers, self.per_worker, self.nbytes = max(1, workers), per_worker, max(64, nbytes)
-        self.shared = shared
-        count = self.workers * per_worker
-        self.busy = torch.zeros(count, dtype=torch.int32)
-        self.data = [self._buffer(self.nbytes, shared) for _ in range(count)]
+    def __init__(self, workers: int, per_worker: int, shared: bool) -> None:
+        self.workers, self.per_worker, self.shared = max(1, workers), per_worker, shared
+        self.busy = torch.zeros(self.workers * per_worker, dtype=torch.int32)
         if shared:
             self.busy.share_memory_()
         self.token = f"{os.getpid()}-{id(self)}-{time.monotonic_ns()}"
-        self._next: dict[int, int] = {}
+        self._next: dict[int, int] = {}  # worker -> its next slab (in the process of that worker)
+        self._own: dict[int, torch.Tensor] = {}  # slab -> buffer, in the process that fills it
+        self._grow: dict[int, int] = {}  # slab -> bytes its last batch needed, when that was more than it had
+        self._mapped: dict[int, torch.Tensor] = {}  # slab -> buffer, in the process that reads it
         _SLABS[self.token] = self
 
-    @staticmethod
-    def _buffer(nbytes: int, shared: bool) -> torch.Tensor:
-        """uint8 [nbytes], not touched (so not yet in memory): in shared memory when ``shared``."""
-        if shared:
-            try:  # torch's own allocation of a shared segment, without writing it (share_memory_ copies)
-                storage = torch.UntypedStorage._new_shared(nbytes)  # noqa: SLF001 (torch's own)
-                return torch.empty(0, dtype=torch.uint8).set_(storage)
-            except (AttributeError, RuntimeError, TypeError):
-                return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-        return torch.empty(nbytes, dtype=torch.uint8)
+    def __getstate__(self) -> dict[str, Any]:  # to a spawned worker: the flags, not the buffers
+        return {**self.__dict__, "_own": {}, "_grow": {}, "_mapped": {}, "_next": {}}
 
     def take(self, worker: int, wait: bool) -> int | None:
         """Claim the next slab of ``worker``: its index, or None when it is still in use (after waiting up to
@@ -300,7 +295,7 @@ class Slabs:
         deadline, pause = time.monotonic() + (self.WAIT_S if wait else 0.0), 1e-4
         while int(self.busy[j]) != 0:
             if time.monotonic() >= deadline:
-                log.debug("slab %d of worker %d still in use; decoding into a fresh tensor", j, worker)
+                log.debug("slab %d of worker %d still in use; decoding into fresh tensors", j, worker)
                 return None
             time.sleep(pause)
             pause = min(2 * pause, 5e-3)
@@ -308,16 +303,86 @@ class Slabs:
         self.busy[j] = 1
         return j
 
+    def buffer(self, j: int, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """The buffer of claimed slab ``j`` with at least ``nbytes`` (or what its last batch needed), made anew
+        when it has less; and whether it is new (then it goes to the main process with the batch)."""
+        want = max(nbytes, self._grow.pop(j, 0), 64)
+        have = self._own.get(j)
+        if have is not None and have.numel() >= want:
+            return have, False
+        self._own[j] = buf = _uninitialised(want, self.shared)
+        return buf, True
+
+    def needed(self, j: int, nbytes: int) -> None:
+        """Slab ``j`` lacked room for its batch, which needed ``nbytes``: the next batch gets that much."""
+        self._grow[j] = nbytes + nbytes // 16
+
+    def receive(self, j: int, buffer: torch.Tensor) -> None:
+        """In the main process: slab ``j`` is now ``buffer`` (sent with the first batch a worker wrote into it)."""
+        self._mapped[j] = buffer
+
     def release(self, j: int) -> None:
         self.busy[j] = 0
 
     def view(self, j: int, offset: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
-        """Tensor ``shape`` of ``dtype`` in slab ``j`` from byte ``offset``."""
+        """Tensor ``shape`` of ``dtype`` in slab ``j`` (as the main process has it) from byte ``offset``."""
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        return self.data[j][offset : offset + nbytes].view(dtype).view(shape)
+        return self._mapped[j][offset : offset + nbytes].view(dtype).view(shape)
 
     def close(self) -> None:
         _SLABS.pop(self.token, None)
+        self._mapped.clear()
+        self._own.clear()
+
+
+def _uninitialised(nbytes: int, shared: bool) -> torch.Tensor:
+    """uint8 [nbytes]: in shared memory (committed, so a full /dev/shm fails here, not later) when ``shared``."""
+    if not shared:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        try:  # torch's own allocation of a shared segment, without writing it (share_memory_ copies)
+            storage = torch.UntypedStorage._new_shared(nbytes)  # noqa: SLF001 (torch's own)
+            return torch.empty(0, dtype=torch.uint8).set_(storage)
+        except (AttributeError, TypeError):
+            return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"a decoding worker could not get {nbytes / 2**20:.0f} MiB of shared memory for a batch ({e}); {SHM_ADVICE}"
+        ) from e
+
+
+SHM_ADVICE = (
+    "give the process more shared memory (in Docker: `docker run --shm-size=8g`), lower --batch-size, or "
+    "decode in the main process with --num-workers 0 (slower)"
+)
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in ``/dev/shm``, where the decoding workers' batches live (Linux); None where there is none."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _workers_that_fit(workers: int, per_worker_bytes: int) -> int:
+    """``workers``, or fewer when their staging buffers would not fit in the free shared memory (with a warning
+    that says how to give them more): a worker that runs out of it dies with a bus error or fails mid-run."""
+    free = shared_memory_free() if workers > 0 else None
+    if free is None or workers * per_worker_bytes <= free:
+        return workers
+    fit = int(free // max(per_worker_bytes, 1))
+    log.warning(
+        "%d decoding workers need about %.2f GiB of shared memory (/dev/shm) for these batches and %.2f GiB is "
+        "free: using %s. For more, give the process more shared memory (in Docker: `docker run --shm-size=8g`) "
+        "or lower --batch-size",
+        workers,
+        workers * per_worker_bytes / 2**30,
+        free / 2**30,
+        f"{fit} worker(s)" if fit else "none (decoding in the main process, slower)",
+    )
+    return fit
 
 
 _SLABS: weakref.WeakValueDictionary[str, Slabs] = weakref.WeakValueDictionary()  # this process's slabs by token
@@ -326,19 +391,24 @@ _SLABS: weakref.WeakValueDictionary[str, Slabs] = weakref.WeakValueDictionary() 
 @dataclass
 class DecodedBatch:
     """One decoded batch as it comes from a decoding worker: ``groups`` holds one ``(file indices, waveforms
-    [n, N])`` per run of equal-length files of one sample type, where a waveform tensor is either a tensor or,
-    when it lies in slab ``slab``, ``(byte offset, dtype, (n, N))``; ``failures`` one ``(file index, reason)``
-    per file that could not be decoded. :meth:`take` gives the tensors; on CUDA the DataLoader's pin-memory
-    thread calls :meth:`pin_memory`, which copies them into pinned memory and frees the slab at once."""
+    [n, N])`` per run of equal-length files of one sample type, where the waveforms are a tensor or, when they
+    lie in slab ``slab``, ``(byte offset, dtype, (n, N))``; ``failures`` one ``(file index, reason)`` per file
+    that could not be decoded; ``buffer`` the slab itself when it is new. :meth:`take` gives the tensors; on CUDA
+    the DataLoader's pin-memory thread calls :meth:`pin_memory`, which copies them into pinned memory and frees
+    the slab at once."""
 
     token: str
     slab: int | None
     groups: list[tuple[list[int], Any]]
     failures: list[tuple[int, str]]
+    buffer: torch.Tensor | None = None
 
     def take(self) -> tuple[list[tuple[list[int], torch.Tensor]], list[tuple[int, str]]]:
         """``(groups, failures)`` with tensors; tensors in a slab stay valid until :meth:`release`."""
         slabs = _SLABS.get(self.token) if self.slab is not None else None
+        if slabs is not None and self.buffer is not None:
+            slabs.receive(self.slab, self.buffer)  # type: ignore[arg-type]
+            self.buffer = None
         groups = []
         for idx, x in self.groups:
             if not isinstance(x, torch.Tensor):
@@ -364,11 +434,11 @@ class DecodedBatch:
         return DecodedBatch(self.token, None, pinned, failures)
 
 
-def batch_bytes(batches: Sequence[Sequence[int]], probes: Sequence[Probe], sample_rate: int) -> int:
-    """Bytes that bound one decoded batch: float32 samples at ``sample_rate`` for every file (16-bit PCM at
-    that rate takes half), plus a little for resampling's rounding and alignment."""
-    per_file = [4 * (math.ceil(dur * sample_rate) + 64) for dur, _, _ in probes]
-    return max((sum(per_file[i] for i in b) for b in batches), default=0)
+def batch_bytes(batches: Sequence[Sequence[int]], probes: Sequence[Probe], sample_rate: int) -> list[int]:
+    """Bytes of each decoded batch when its files are 16-bit PCM at ``sample_rate`` (the common case; a slab
+    grows to what a batch of other files needs)."""
+    per_file = [2 * math.ceil(dur * sample_rate) for dur, _, _ in probes]
+    return [sum(per_file[i] for i in b) for b in batches]
 
 
 class _AudioBatches(Dataset):
@@ -380,8 +450,8 @@ class _AudioBatches(Dataset):
     2^-15 on the model's device: half the bytes to move), float32 otherwise. The samples are written into a
     reused :class:`Slabs` buffer (16-bit WAVs straight from the file), so handing them to the main process
     copies nothing; on CUDA the pin-memory thread makes one pinned copy per group (not per file), which goes to
-    the GPU without blocking. A batch that does not fit its slab (a file grew since it was probed), or finds no
-    free slab, goes in fresh shared-memory tensors instead.
+    the GPU without blocking. What does not fit the slab (a batch of float32 files, or a file that grew since it
+    was probed), or a batch that finds no free slab, goes in fresh shared-memory tensors instead.
     """
 
     def __init__(
@@ -391,12 +461,14 @@ class _AudioBatches(Dataset):
         sample_rate: int,
         min_samples: int,
         slabs: Slabs | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> None:
         self.paths = list(paths)
         self.batches = [list(b) for b in batches]
         self.sample_rate = sample_rate
         self.min_samples = min_samples
         self.slabs = slabs
+        self.sizes = list(sizes) if sizes is not None else [0] * len(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -405,7 +477,8 @@ class _AudioBatches(Dataset):
         info = get_worker_info()
         slabs = self.slabs
         j = slabs.take(info.id if info else 0, wait=info is not None) if slabs is not None else None
-        buf = slabs.data[j].numpy() if slabs is not None and j is not None else np.empty(0, np.uint8)
+        slab, new = slabs.buffer(j, self.sizes[k]) if j is not None else (torch.empty(0, dtype=torch.uint8), False)
+        buf = slab.numpy()
         runs: list[tuple[list[int], int, int]] = []  # int16 files read into the slab: (indices, offset, length)
         end = 0  # bytes of the slab used
         aside: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}  # decoded elsewhere, by (type, length)
@@ -429,17 +502,18 @@ class _AudioBatches(Dataset):
             waves = [w for _, w in items]
             start = -(-end // 4) * 4
             size = len(waves) * waves[0].nbytes
-            if start + size <= len(buf):
+            end = start + size
+            if end <= len(buf):
                 dtype = torch.from_numpy(waves[0][:0]).dtype
-                np.stack(waves, out=buf[start : start + size].view(waves[0].dtype).reshape(len(waves), -1))
+                np.stack(waves, out=buf[start:end].view(waves[0].dtype).reshape(len(waves), -1))
                 groups.append(([i for i, _ in items], (start, dtype, (len(waves), waves[0].shape[-1]))))
-                end = start + size
             else:
                 groups.append(([i for i, _ in items], _stack(waves)))
-        if j is not None and not any(not isinstance(x, torch.Tensor) for _, x in groups):
-            slabs.release(j)  # type: ignore[union-attr]
-            j = None
-        return DecodedBatch(slabs.token if slabs is not None else "", j, groups, failures)
+        if j is None:
+            return DecodedBatch("", None, groups, failures)
+        if end > len(buf):
+            slabs.needed(j, end)  # type: ignore[union-attr]
+        return DecodedBatch(slabs.token, j, groups, failures, slab if new else None)  # type: ignore[union-attr]
 
     def _decode(self, i: int, out: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         try:
@@ -587,10 +661,13 @@ class Prefetch:
         self._decoded: Iterator[Any] | None = None
         self.slabs: Slabs | None = None
         if self.batches:
-            nbytes = batch_bytes(self.batches, self.probes, rate)
-            # per worker: the prefetched batches plus the one the main process is using
-            self.slabs = Slabs(self.workers, PREFETCH + 1 if self.workers else 1, nbytes, self.workers > 0)
-            ds = _AudioBatches(self.paths, self.batches, rate, config.frontend.min_samples, self.slabs)
+            # per worker, the batches it works ahead, plus on the CPU the one the main process is using (on CUDA the
+            # pin-memory thread frees each slab as soon as it has copied the batch out)
+            sizes = batch_bytes(self.batches, self.probes, rate)
+            per_worker = PREFETCH if device.type == "cuda" else PREFETCH + 1
+            self.workers = _workers_that_fit(self.workers, per_worker * max(sizes))
+            self.slabs = Slabs(self.workers, per_worker if self.workers else 1, shared=self.workers > 0)
+            ds = _AudioBatches(self.paths, self.batches, rate, config.frontend.min_samples, self.slabs, sizes)
             loader = DataLoader(
                 ds,
                 batch_size=None,

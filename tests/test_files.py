@@ -337,11 +337,12 @@ def test_workers_return_each_batch_stacked_by_length(model, mixed, staging):
     _, paths, _ = mixed
     names = [Path(p).name for p in paths]
     batch = [names.index(n) for n in ["g_10s.wav", "h_10s.wav", "a_1s.wav", "c_1s_44k.flac", "l_nan.wav", "b_1s.wav"]]
-    probes = [files.probe_file(p) for p in paths]
-    nbytes = {"slab": files.batch_bytes([batch], probes, 16000), "no slab": 0, "slab too small": 100_000}[staging]
-    slabs = files.Slabs(1, 1, nbytes, shared=True) if nbytes else None
-    ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples(), slabs)
-    decoded = next(iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity)))
+    nbytes = {"slab": 2 * 16000 * 25, "no slab": 0, "slab too small": 100_000}[staging]
+    slabs = files.Slabs(1, 1, shared=True) if nbytes else None
+    ds = files._AudioBatches(paths, [batch], 16000, model.frontend.min_samples(), slabs, [nbytes])
+    loader = iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity))
+    decoded = next(loader)
+    assert (decoded.buffer is not None) == (slabs is not None)  # a new slab goes to the main process with its batch
     groups, failures = decoded.take()
     assert [(i, names[i]) for i, _ in failures] == [(batch[4], "l_nan.wav")]
     # one tensor per distinct length (and sample type), not one per file: 16-bit mono 16-kHz files travel as
@@ -357,45 +358,91 @@ def test_workers_return_each_batch_stacked_by_length(model, mixed, staging):
         for i, row in zip(idx, files._as_float(x, torch.device("cpu"))):
             np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))  # bit for bit
     # in the slab when it has room (the 16-bit WAVs read straight into it), in fresh tensors otherwise
-    in_slab = [slabs is not None and x.data_ptr() - slabs.data[0].data_ptr() in range(nbytes) for _, x in groups]
+    start = slabs._mapped[0].data_ptr() if slabs else 0
+    in_slab = {(x.shape[-1], x.dtype): slabs is not None and 0 <= x.data_ptr() - start < nbytes for _, x in groups}
     if staging == "slab":
-        assert decoded.slab == 0 and all(in_slab) and int(slabs.busy[0]) == 1
+        assert all(in_slab.values()) and int(slabs.busy[0]) == 1
         decoded.release()
         assert int(slabs.busy[0]) == 0
     elif staging == "slab too small":  # the two 1-s WAVs fit (64 kB), the 10-s WAVs and then the FLAC do not
-        kinds = [(x.shape[-1], x.dtype) for _, x in groups]
-        assert dict(zip(kinds, in_slab)) == {
-            (16000, torch.int16): True,
-            (160000, torch.int16): False,
-            (16000, torch.float32): False,
-        }
+        assert in_slab == {(16000, torch.int16): True, (160000, torch.int16): False, (16000, torch.float32): False}
         assert decoded.slab == 0
     else:
-        assert decoded.slab is None and not any(in_slab)
+        assert decoded.slab is None and not any(in_slab.values())
+
+
+def test_a_slab_grows_to_what_its_batches_need(model, mixed):
+    _, paths, _ = mixed
+    names = [Path(p).name for p in paths]
+    batch = [names.index(n) for n in ["g_10s.wav", "h_10s.wav", "a_1s.wav", "c_1s_44k.flac", "b_1s.wav"]]
+    slabs = files.Slabs(1, 1, shared=False)  # decoded in this process: one slab, its bookkeeping visible
+    ds = files._AudioBatches(paths, [batch, batch], 16000, model.frontend.min_samples(), slabs, [100_000] * 2)
+    first = ds[0]
+    assert first.buffer is not None and first.buffer.numel() == 100_000
+    first.take()
+    first.release()
+    assert slabs._grow[0] >= 2 * 16000 * 22 + 4 * 16000  # the whole batch: 2 x 10 s + 2 x 1 s int16, 1 s float32
+    second = ds[1]
+    assert second.buffer is not None and second.buffer.numel() == slabs._grow.get(0, second.buffer.numel())
+    groups, _ = second.take()
+    start = second.buffer.data_ptr() if second.buffer is not None else slabs._mapped[0].data_ptr()
+    assert all(0 <= x.data_ptr() - start < slabs._mapped[0].numel() for _, x in groups)  # all of it in the slab
+    second.release()
+    third = ds[0]
+    assert third.buffer is None  # the same slab again: nothing new to send
 
 
 def test_decoding_reuses_its_slabs_and_frees_them(model, tmp_path):
     paths = []
-    for i in range(12):
+    for i in range(24):
         paths.append(str(tmp_path / f"c{i:02d}.wav"))
         sf.write(paths[-1], signal(0.5 + 0.1 * (i % 3), 16000, 1, i), 16000, subtype="PCM_16")
     pre = files.start_decoding(paths, model.config, "cpu", batch_size=2, num_workers=2)
     slabs = pre.slabs
-    assert pre.workers == 2 and len(slabs.data) == 2 * (files.PREFETCH + 1)
-    starts = [d.data_ptr() for d in slabs.data]
-    seen, used = [], set()
+    assert pre.workers == 2 and len(pre.batches) == 12 and slabs.busy.numel() == 2 * (files.PREFETCH + 1)
+    seen, buffers = [], set()
     for groups, failures in pre.decoded():
         assert not failures
         for idx, x in groups:
-            j = next(j for j, p in enumerate(starts) if 0 <= x.data_ptr() - p < slabs.nbytes)  # in a slab
-            used.add(j)
+            (buf,) = [b for b in slabs._mapped.values() if 0 <= x.data_ptr() - b.data_ptr() < b.numel()]  # a slab's
+            buffers.add(buf.data_ptr())
             for i, row in zip(idx, files._as_float(x, torch.device("cpu"))):
                 np.testing.assert_array_equal(row.numpy(), m2d2.load_audio(paths[i]))
                 seen.append(i)
-    assert sorted(seen) == list(range(12))
-    assert len(pre.batches) == 6 and len(used) <= len(slabs.data)  # 6 batches, each worker's slabs in turn
+    assert sorted(seen) == list(range(24))
+    assert len(buffers) == 6  # 12 batches in 6 slabs: each used twice, sent to this process once
     assert int(slabs.busy.sum()) == 0  # every slab was freed once its batch was used
     pre.close()
+
+
+def test_too_little_shared_memory_means_fewer_workers_with_a_warning(model, tmp_path, monkeypatch, caplog):
+    paths = []
+    for i in range(8):
+        paths.append(str(tmp_path / f"c{i}.wav"))
+        sf.write(paths[-1], signal(1.0, 16000, 1, i), 16000, subtype="PCM_16")
+    want = [model.clip_embeddings(p) for p in paths]
+    per_worker = (files.PREFETCH + 1) * 2 * 16000 * 2  # three slabs of two 1-s 16-bit files
+    for free, workers in [(None, 3), (10 * per_worker, 3), (2 * per_worker + 1, 2), (per_worker - 1, 0)]:
+        monkeypatch.setattr(files, "shared_memory_free", lambda free=free: free)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="m2d2_embed.files"):
+            pre = files.start_decoding(paths, model.config, "cpu", batch_size=2, num_workers=3)
+        assert pre.workers == workers
+        warned = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+        if workers == 3:
+            assert not warned
+        else:
+            assert len(warned) == 1 and "--shm-size" in warned[0] and "3 decoding workers" in warned[0]
+            assert ("none (decoding in the main process" in warned[0]) == (workers == 0)
+        got = dict(files.iter_file_embeddings(model, paths, "clip", batch_size=2, progress=False, prefetch=pre))
+        for i in range(8):
+            np.testing.assert_allclose(got[i].embedding, want[i], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(files.shared_memory_free() is None, reason="no /dev/shm")
+def test_a_worker_without_shared_memory_says_what_to_do():
+    with pytest.raises(RuntimeError, match=r"could not get \d+ MiB of shared memory.*--shm-size.*--num-workers 0"):
+        files._uninitialised(2**50, shared=True)  # more than any /dev/shm: refused at once, nothing allocated
 
 
 def test_a_file_rewritten_after_probing_is_embedded_as_it_now_is(model, tmp_path):
