@@ -422,17 +422,17 @@ def test_too_little_shared_memory_means_fewer_workers_with_a_warning(model, tmp_
         sf.write(paths[-1], signal(1.0, 16000, 1, i), 16000, subtype="PCM_16")
     want = [model.clip_embeddings(p) for p in paths]
     per_worker = (files.PREFETCH + 1) * 2 * 16000 * 2  # three slabs of two 1-s 16-bit files
-    for free, workers in [(None, 3), (10 * per_worker, 3), (2 * per_worker + 1, 2), (per_worker - 1, 0)]:
+    for free, workers in [(None, 2), (10 * per_worker, 2), (per_worker + 1, 1), (per_worker - 1, 0)]:
         monkeypatch.setattr(files, "shared_memory_free", lambda free=free: free)
         caplog.clear()
         with caplog.at_level("WARNING", logger="m2d2_embed.files"):
-            pre = files.start_decoding(paths, model.config, "cpu", batch_size=2, num_workers=3)
+            pre = files.start_decoding(paths, model.config, "cpu", batch_size=2, num_workers=2)
         assert pre.workers == workers
         warned = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
-        if workers == 3:
+        if workers == 2:
             assert not warned
         else:
-            assert len(warned) == 1 and "--shm-size" in warned[0] and "3 decoding workers" in warned[0]
+            assert len(warned) == 1 and "--shm-size" in warned[0] and "2 decoding workers" in warned[0]
             assert ("none (decoding in the main process" in warned[0]) == (workers == 0)
         got = dict(files.iter_file_embeddings(model, paths, "clip", batch_size=2, progress=False, prefetch=pre))
         for i in range(8):
