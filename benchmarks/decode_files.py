@@ -7,9 +7,10 @@ included), this checkout against another copy of the package in the same run, in
 
 ``--compare-src DIR``: a checkout of another commit (``git worktree add /tmp/before COMMIT``). Each measurement
 runs in a fresh process that imports the package from its source, so the two never share a process; the order
-alternates round by round. The files are 10-s 16-kHz PCM_16 WAVs (``--files``, written once into ``--folder``
-or a temporary folder, then read from the page cache), the geometry that of the M2D2 ViT-B (16 kHz, 10-s
-chunks), batches as ``--batch`` clips. On a CUDA machine the batches are pinned as the CLI pins them
+alternates round by round. The files are 10-s clips (``--files``, written once into ``--folder`` or a temporary
+folder, then read from the page cache): ``--kind wav16`` 16-kHz mono 16-bit WAVs (default), ``wav48st`` 48-kHz
+stereo WAVs, ``flac44st`` 44.1-kHz stereo FLAC, ``mp3`` 44.1-kHz stereo MP3; the geometry that of the M2D2
+ViT-B (16 kHz, 10-s chunks), batches as ``--batch`` clips. On a CUDA machine the batches are pinned as the CLI pins them
 (``--device cuda``). Prints files/s per source (median and range of ``--rounds``), the ratio, and the CPU's ISA
 flags; ``--json FILE`` saves them.
 """
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SR, SECONDS = 16000, 10.0
 
 
-def measure(src: Path, folder: Path, n: int, device: str, batch: int, workers: int) -> dict[str, Any]:
-    """In this process: decode the first ``n`` WAVs of ``folder`` with the package at ``src``."""
+def measure(src: Path, folder: Path, n: int, device: str, batch: int, workers: int, kind: str) -> dict[str, Any]:
+    """In this process: decode the first ``n`` files of ``kind`` in ``folder`` with the package at ``src``."""
     sys.path.insert(0, str(src))
     import m2d2_embed
     from m2d2_embed import files
@@ -40,7 +41,7 @@ def measure(src: Path, folder: Path, n: int, device: str, batch: int, workers: i
 
     assert Path(m2d2_embed.__file__).resolve().is_relative_to(src.resolve()), m2d2_embed.__file__
     config = ModelConfig()  # the ViT-B geometry: 16 kHz, 10-s chunks
-    paths = sorted(str(p) for p in folder.glob("*.wav"))[:n]
+    paths = sorted(str(p) for p in folder.glob(f"*.{KINDS[kind][4]}"))[:n]
     probes = time.perf_counter()
     pre = files.start_decoding(paths, config, device, batch_size=batch, num_workers=workers)
     t0 = time.perf_counter()
@@ -63,21 +64,30 @@ def measure(src: Path, folder: Path, n: int, device: str, batch: int, workers: i
     }
 
 
-def write_wavs(folder: Path, n: int) -> None:
+KINDS = {  # --kind: (sample rate, channels, format, subtype, suffix)
+    "wav16": (16000, 1, "WAV", "PCM_16", "wav"),  # the model's rate: read straight into the batch
+    "wav48st": (48000, 2, "WAV", "PCM_16", "wav"),  # downmixed and resampled
+    "flac44st": (44100, 2, "FLAC", "PCM_16", "flac"),
+    "mp3": (44100, 2, "MP3", "MPEG_LAYER_III", "mp3"),
+}
+
+
+def write_files(folder: Path, n: int, kind: str) -> None:
     import numpy as np
     import soundfile as sf
 
+    sr, channels, fmt, subtype, suffix = KINDS[kind]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        p = folder / f"clip_{i:05d}.wav"
+        p = folder / f"clip_{i:05d}.{suffix}"
         if not p.exists():
-            x = np.random.default_rng(i).integers(-3300, 3300, int(SR * SECONDS), dtype=np.int16)
-            sf.write(p, x, SR, subtype="PCM_16")
+            x = np.random.default_rng(i).integers(-3300, 3300, (int(sr * SECONDS), channels), dtype=np.int16)
+            sf.write(p, x, sr, format=fmt, subtype=subtype)
 
 
 def child(src: Path, a: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", str(src), "--folder", str(a.folder), "--files", str(a.files)]
-    cmd += ["--device", a.device, "--batch", str(a.batch), "--workers", str(a.workers)]
+    cmd += ["--device", a.device, "--batch", str(a.batch), "--workers", str(a.workers), "--kind", a.kind]
     env = {**os.environ, "PYTHONPATH": str(src)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -92,17 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="clips per batch (default 256, the CUDA default)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to pin the batches as the CLI does")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--kind", choices=list(KINDS), default="wav16", help="the files (default: 16-kHz mono WAV)")
     p.add_argument("--compare-src", type=Path, default=None, help="another checkout, measured interleaved")
     p.add_argument("--folder", type=Path, default=None, help="where the WAVs are (written when missing)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child is not None:
-        print(json.dumps(measure(a.child, a.folder, a.files, a.device, a.batch, a.workers)))
+        print(json.dumps(measure(a.child, a.folder, a.files, a.device, a.batch, a.workers, a.kind)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         a.folder = a.folder or Path(tmp) / "wavs"
-        write_wavs(a.folder, a.files)
+        write_files(a.folder, a.files, a.kind)
         sources = {"this": ROOT} | ({"compare": a.compare_src.resolve()} if a.compare_src else {})
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sources}
         child(ROOT, a)  # warm the page cache
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[name]["runs"] = rs
         print(
             f"{name} ({sources[name]}): {statistics.median(rates):.0f} files/s median "
-            f"({min(rates):.0f}-{max(rates):.0f}), {a.workers} worker(s), batch {a.batch}, {a.files} files"
+            f"({min(rates):.0f}-{max(rates):.0f}), {a.workers} worker(s), batch {a.batch}, {a.files} {a.kind} files"
         )
     if "compare" in runs:
         ratio = summary["this"]["median_files_per_s"] / summary["compare"]["median_files_per_s"]

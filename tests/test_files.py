@@ -512,6 +512,16 @@ def _wav_variants(tmp_path: Path) -> dict[str, tuple[Path, bool]]:
     return out
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 6, 8, 9])
+def test_downmix_gives_the_channel_mean_of_numpy(channels):
+    rng = np.random.default_rng(channels)
+    x = (rng.standard_normal((50001, channels)) * np.float32(300)).astype(np.float32)
+    x[:3, 0] = [1e30, -1e30, 1e-30]  # rounding shows in the order of the sums
+    got = m2d2_audio.downmix(x)
+    assert got.dtype == np.float32 and got.shape == (50001,)
+    np.testing.assert_array_equal(got, x.mean(axis=1))
+
+
 def test_16_bit_wavs_are_read_straight_from_the_file_as_libsndfile_reads_them(tmp_path):
     for name, (path, direct) in _wav_variants(tmp_path).items():
         info = m2d2_audio.probe(str(path))
