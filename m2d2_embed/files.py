@@ -330,9 +330,12 @@ class Slabs:
         return self._mapped[j][offset : offset + nbytes].view(dtype).view(shape)
 
     def close(self) -> None:
+        """Let go of the slabs: a worker still waiting for one goes on at once (and is then stopped), so
+        stopping early (an error, Ctrl-C) does not wait for it."""
         _SLABS.pop(self.token, None)
         self._mapped.clear()
         self._own.clear()
+        self.busy.zero_()
 
 
 def _uninitialised(nbytes: int, shared: bool) -> torch.Tensor:

@@ -445,6 +445,23 @@ def test_a_worker_without_shared_memory_says_what_to_do():
         files._uninitialised(2**50, shared=True)  # more than any /dev/shm: refused at once, nothing allocated
 
 
+def test_stopping_early_does_not_wait_for_a_worker_waiting_for_its_slab(model, mixed):
+    import time
+
+    _, paths, _ = mixed
+    slabs = files.Slabs(1, 1, shared=True)  # one slab: the worker waits for it from the second batch on
+    ds = files._AudioBatches(paths, [[0], [1], [2]], 16000, model.frontend.min_samples(), slabs, [10**6] * 3)
+    it = iter(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=files._identity, prefetch_factor=2))
+    first = next(it)
+    first.take()  # kept, not released: the worker now waits for slab 0 (up to Slabs.WAIT_S)
+    time.sleep(0.5)
+    assert int(slabs.busy[0]) == 1
+    t = time.perf_counter()
+    slabs.close()
+    del it  # the DataLoader stops its worker: it joins it for up to 5 s, then kills it
+    assert time.perf_counter() - t < 2.0
+
+
 def test_a_file_rewritten_after_probing_is_embedded_as_it_now_is(model, tmp_path):
     paths = [str(tmp_path / f"c{i}.wav") for i in range(4)]
     for i, p in enumerate(paths):
