@@ -4,7 +4,9 @@
 #      music, noise inputs), matmul peaks per dtype, throughput (bf16 and fp8, eager and compiled, bare-encoder
 #      ceilings, fractions of the peaks), encoder variants (the optional sections stop at --budget-s);
 #   2. benchmarks/files_gpu.py: `m2d2-embed embed` over a folder of 10-s WAVs against the in-memory path;
-#   3. the CUDA tests (tests/test_cuda.py incl. fp8 on capability 8.9+, tests/test_fused_gelu.py).
+#   3. the CUDA tests (tests/test_cuda.py incl. fp8 on capability 8.9+, tests/test_fused_gelu.py);
+#   4. benchmarks/decode_files.py: the decoding stage alone (8 workers, pinned, 8,192 files), with
+#      DECODE_BEFORE=DIR against another checkout (one with files.start_decoding, e.g. 1b0d493), interleaved.
 #
 #   bash benchmarks/gpu_all.sh [--wheels DIR] [--reference PATH/TO/portable_m2d.py] [--rehearse]
 #
@@ -16,7 +18,7 @@
 # one step that hangs does not lose the others, and the whole run stops by $DEADLINE seconds (default 560: the
 # device tool allows 600 s per command); steps run in order of importance and a step that would start with less
 # than 40 s left is skipped (its name is printed). STEPS="files8192 tests" runs only those steps (names: check,
-# files8192, files24576, tests), e.g. in a second call for what the first one skipped.
+# files8192, files24576, tests, decode), e.g. in a second call for what the first one skipped.
 set -u
 OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
@@ -42,7 +44,7 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 start=$(date +%s)
 
 DEADLINE=${DEADLINE:-560}
-STEPS=${STEPS:-check files8192 files24576 tests}
+STEPS=${STEPS:-check files8192 files24576 tests decode}
 left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
 limit() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }  # a step's own limit, cut to the time left
 want() {  # run step $1? (asked for, and at least 40 s left)
@@ -73,6 +75,15 @@ if want tests; then
   timeout "$(limit 140)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_gelu.py \
     >"$OUT/pytest_cuda.txt" 2>&1
   echo "pytest exit $?"; tail -15 "$OUT/pytest_cuda.txt"
+fi
+
+if want decode; then  # DECODE_BEFORE=DIR: also another checkout's decoding, interleaved (before -> after)
+  echo "== decode_files ($(( $(date +%s) - start )) s)"
+  timeout "$(limit 90)" $PY benchmarks/decode_files.py --json "$OUT/decode_files.json" \
+    $([ -n "$REHEARSE" ] && echo "--device cpu --workers 1 --files 64 --rounds 1" \
+      || echo "--device cuda --workers 8 --files 8192 --rounds 3") \
+    ${DECODE_BEFORE:+--compare-src "$DECODE_BEFORE"} >"$OUT/decode_files.log" 2>&1
+  echo "decode_files exit $?"; tail -6 "$OUT/decode_files.log"
 fi
 
 echo "== done in $(( $(date +%s) - start )) s"
