@@ -9,8 +9,8 @@ One run, one device, one model (the seed-0 synthetic checkpoint of bench.py, con
 1. writes ``--files`` 10-s 16-kHz PCM_16 WAVs of noise into a temporary folder (thread pool);
 2. (a) in memory: ``model.clip_embeddings(x, 16000, batch_size=B)`` on the same audio as a tensor already on the
    device, best of ``--repeats``: the ceiling the file paths are compared with;
-3. (d) decoding alone: the DataLoader stage of ``embed_files`` (workers decode whole batches, stacked by length,
-   pinned on CUDA) with no model, files/s;
+3. (d) decoding alone: ``files.start_decoding`` (probe, batch, workers decode whole batches into their reused
+   buffers, pinned on CUDA) with no model, files/s;
 4. (b) ``model.embed_files(folder, level="clip", batch_size=B, num_workers=W)`` in-process after a warm-up on a
    few files: wall time (listing, probing, worker start-up included), and the steady rate between the first and
    the last batch (``iter_file_embeddings``);
