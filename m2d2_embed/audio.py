@@ -362,7 +362,7 @@ def probe(src: AudioSource) -> AudioInfo:
 
     WAV files on disk are parsed directly (about 12 us; ``soundfile.info`` takes about 4x longer), anything else
     (or a WAV header this parser does not follow: RF64, streamed headers) through libsndfile."""
-    info = _wav_header(os.fspath(src)) if is_path(src) and _is_wav(src) else None  # a missing file, a folder: None
+    info = _wav_header(src)  # a WAV on disk or in memory; a missing file, a folder, anything else: None
     if info is not None:
         if info.frames <= 0:
             raise ValueError("no samples (zero-length audio)")
@@ -385,53 +385,69 @@ def probe(src: AudioSource) -> AudioInfo:
 _KS_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_* after the 2-byte tag
 
 
-def _wav_header(path: str) -> AudioInfo | None:
-    """A plain RIFF/WAVE header, or None when it is anything else (the caller then asks libsndfile). The frame
-    count is cut to the bytes actually in the file, as libsndfile does for a truncated file; ``promised`` keeps
-    the header's own count. One read covers the usual header; chunks beyond it are read where they are."""
+def _wav_header(src: AudioSource) -> AudioInfo | None:
+    """The header of a WAV file on disk (a path ending in .wav/.wave) or in memory (bytes starting with RIFF),
+    or None when it is anything else (the caller then asks libsndfile)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        try:
+            data = memoryview(src).cast("B")
+        except TypeError:  # a memoryview that is not contiguous
+            return None
+        try:
+            return _parse_wav(lambda pos, n: bytes(data[pos : pos + n]), len(data))
+        except struct.error:
+            return None
+    if not (is_path(src) and _is_wav(src)):
+        return None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(os.fspath(src), os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        head = os.read(fd, 1024)
-
-        def read_at(pos: int, n: int) -> bytes:
-            return head[pos : pos + n] if pos + n <= len(head) else os.pread(fd, n, pos)
-
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        pos, rate, align, channels, pcm16 = 12, 0, 0, 0, False
-        for _ in range(64):  # chunks before 'data' (fmt, LIST, fact, ...): a handful in practice
-            hdr = read_at(pos, 8)
-            if len(hdr) < 8:
-                return None
-            cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
-            if cid == b"fmt ":
-                fmt = read_at(pos + 8, min(n, 40))
-                if len(fmt) < 14:
-                    return None
-                tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt[:14])
-                if channels == 0 or rate == 0 or align == 0:
-                    return None
-                bits = struct.unpack("<H", fmt[14:16])[0] if len(fmt) >= 16 else 0
-                if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the tag inside the sub-format GUID
-                    tag = struct.unpack("<H", fmt[24:26])[0] if fmt[26:40] == _KS_GUID_TAIL else 0
-                pcm16 = tag == 1 and bits == 16 and align == 2 * channels
-            elif cid == b"data":
-                if not align or n in (0, 0xFFFFFFFF):
-                    return None
-                frames = min(n, size - pos - 8) // align
-                promised = n // align / rate if n // align > frames else None
-                return AudioInfo(frames / rate, rate, channels, frames, promised, pos + 8 if pcm16 else None)
-            pos += 8 + n + (n & 1)  # chunks are padded to an even size
-            if pos >= size:
-                return None
+        head = os.read(fd, 1024)  # one read covers the usual header; chunks beyond it are read where they are
+        return _parse_wav(
+            lambda pos, n: head[pos : pos + n] if pos + n <= len(head) else os.pread(fd, n, pos),
+            os.fstat(fd).st_size,
+        )
     except (OSError, struct.error):
         return None
     finally:
         os.close(fd)
+
+
+def _parse_wav(read_at: Any, size: int) -> AudioInfo | None:
+    """A plain RIFF/WAVE header read through ``read_at(offset, n) -> bytes`` from ``size`` bytes, or None. The
+    frame count is cut to the bytes actually there, as libsndfile does for a truncated file; ``promised`` keeps
+    the header's own count."""
+    head = read_at(0, 12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, rate, align, channels, pcm16 = 12, 0, 0, 0, False
+    for _ in range(64):  # chunks before 'data' (fmt, LIST, fact, ...): a handful in practice
+        hdr = read_at(pos, 8)
+        if len(hdr) < 8:
+            return None
+        cid, n = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+        if cid == b"fmt ":
+            fmt = read_at(pos + 8, min(n, 40))
+            if len(fmt) < 14:
+                return None
+            tag, channels, rate, _bps, align = struct.unpack("<HHIIH", fmt[:14])
+            if channels == 0 or rate == 0 or align == 0:
+                return None
+            bits = struct.unpack("<H", fmt[14:16])[0] if len(fmt) >= 16 else 0
+            if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the tag inside the sub-format GUID
+                tag = struct.unpack("<H", fmt[24:26])[0] if fmt[26:40] == _KS_GUID_TAIL else 0
+            pcm16 = tag == 1 and bits == 16 and align == 2 * channels
+        elif cid == b"data":
+            if not align or n in (0, 0xFFFFFFFF):
+                return None
+            frames = min(n, size - pos - 8) // align
+            promised = n // align / rate if n // align > frames else None
+            return AudioInfo(frames / rate, rate, channels, frames, promised, pos + 8 if pcm16 else None)
+        pos += 8 + n + (n & 1)  # chunks are padded to an even size
+        if pos >= size:
+            return None
     return None
 
 
@@ -457,23 +473,28 @@ def downmix(data: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _read_pcm16(path: str, info: AudioInfo, out: np.ndarray | None) -> np.ndarray:
-    """The samples of a 16-bit PCM WAV whose header is ``info``, [frames, channels] int16, read from the file
-    straight into ``out`` when it is a contiguous int16 buffer with room, else into a new array. A file cut
+def _read_pcm16(src: AudioSource, info: AudioInfo, out: np.ndarray | None) -> np.ndarray:
+    """The samples of a 16-bit PCM WAV (a path, or bytes) whose header is ``info``, [frames, channels] int16,
+    read straight into ``out`` when it is a contiguous int16 buffer with room, else into a new array. A file cut
     short since its header was read gives the frames it still holds."""
     count = info.frames * info.channels
     if out is not None and out.dtype == np.int16 and out.ndim == 1 and out.size >= count and out.flags.c_contiguous:
         buf = out[:count]
     else:
         buf = np.empty(count, np.int16)
-    view, got = memoryview(buf).cast("B"), 0
-    with open(path, "rb", buffering=0) as f:
-        f.seek(info.pcm16_at or 0)
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
+    view, got, at = memoryview(buf).cast("B"), 0, info.pcm16_at or 0
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = memoryview(src).cast("B")[at : at + len(view)]
+        got = len(data)
+        view[:got] = data
+    else:
+        with open(os.fspath(src), "rb", buffering=0) as f:  # type: ignore[arg-type]
+            f.seek(at)
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
     frames = got // (2 * info.channels)
     return buf[: frames * info.channels].reshape(frames, info.channels)
 
@@ -506,9 +527,9 @@ def read_audio(
     Returns:
         float32 [N] (mono, or one channel) or [C, N]; int16 [N] only with ``keep_int16``.
     """
-    info = _wav_header(os.fspath(src)) if is_path(src) and _is_wav(src) and _LITTLE_ENDIAN else None
+    info = _wav_header(src) if _LITTLE_ENDIAN else None
     if info is not None and info.pcm16_at is not None:
-        sr, data = info.sample_rate, _read_pcm16(os.fspath(src), info, out if keep_int16 else None)
+        sr, data = info.sample_rate, _read_pcm16(src, info, out if keep_int16 else None)
     else:
         import soundfile as sf
 

@@ -551,6 +551,12 @@ def test_16_bit_wavs_are_read_straight_from_the_file_as_libsndfile_reads_them(tm
         np.testing.assert_array_equal(
             m2d2_audio.read_audio(str(path), None, channel=info.channels - 1), want[-1], err_msg=name
         )
+        data = path.read_bytes()  # the same file in memory (as Ray Data's read_binary_files gives it)
+        assert m2d2_audio.probe(data) == info, name
+        for src in [data, bytearray(data), memoryview(data)]:
+            got = m2d2_audio.read_audio(src, None, mono=False)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {type(src).__name__}")
+            got.flags.writeable = True  # a copy of its own, not a read-only view of the bytes
     # into a caller's buffer: the samples of a mono file at the wanted rate land in it, nothing is allocated
     path = tmp_path / "mono.wav"
     buf = np.full(20000, 7, np.int16)
