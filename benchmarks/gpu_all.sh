@@ -6,7 +6,8 @@
 #   2. benchmarks/files_gpu.py: `m2d2-embed embed` over a folder of 10-s WAVs against the in-memory path;
 #   3. the CUDA tests (tests/test_cuda.py incl. fp8 on capability 8.9+, tests/test_fused_gelu.py);
 #   4. benchmarks/decode_files.py: the decoding stage alone (8 workers, pinned, 8,192 files), with
-#      DECODE_BEFORE=DIR against another checkout (one with files.start_decoding, e.g. 1b0d493), interleaved.
+#      DECODE_BEFORE=DIR against another checkout (one with files.start_decoding, e.g. 1b0d493), interleaved;
+#      then unpinned (what the pin-memory thread's copy costs).
 #
 #   bash benchmarks/gpu_all.sh [--wheels DIR] [--reference PATH/TO/portable_m2d.py] [--rehearse]
 #
@@ -79,11 +80,17 @@ fi
 
 if want decode; then  # DECODE_BEFORE=DIR: also another checkout's decoding, interleaved (before -> after)
   echo "== decode_files ($(( $(date +%s) - start )) s)"
-  timeout "$(limit 90)" $PY benchmarks/decode_files.py --json "$OUT/decode_files.json" \
+  timeout "$(limit 90)" $PY benchmarks/decode_files.py --json "$OUT/decode_files.json" --folder "$M2D2_BENCH_CACHE/wavs" \
     $([ -n "$REHEARSE" ] && echo "--device cpu --workers 1 --files 64 --rounds 1" \
       || echo "--device cuda --workers 8 --files 8192 --rounds 3") \
     ${DECODE_BEFORE:+--compare-src "$DECODE_BEFORE"} >"$OUT/decode_files.log" 2>&1
   echo "decode_files exit $?"; tail -6 "$OUT/decode_files.log"
+  # the same without pinning: how much of the rate the pin-memory thread's copy costs
+  timeout "$(limit 45)" $PY benchmarks/decode_files.py --json "$OUT/decode_files_unpinned.json" --device cpu \
+    --folder "$M2D2_BENCH_CACHE/wavs" \
+    $([ -n "$REHEARSE" ] && echo "--workers 1 --files 64 --rounds 1" || echo "--workers 8 --files 8192 --rounds 2") \
+    >"$OUT/decode_files_unpinned.log" 2>&1
+  echo "decode_files (unpinned) exit $?"; tail -3 "$OUT/decode_files_unpinned.log"
 fi
 
 echo "== done in $(( $(date +%s) - start )) s"
