@@ -51,6 +51,8 @@ from bench import SR, cuda_tf32, log  # noqa: E402
 import m2d2_embed  # noqa: E402
 from m2d2_embed import fp8 as m2d2_fp8  # noqa: E402
 
+FP8_DTYPES = ("fp8", "fp8-all")  # FP8 in the later half of the encoder's blocks / in every block
+
 # tests/data/README.md: (max abs diff, max abs diff / max abs golden); None: not checked
 TOLERANCES = {
     "lms": (5e-4, 2.5e-4),
@@ -487,8 +489,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"dynamo stats {res.get('compiled_graphs')}",
             "",
         ]
-    if "compiled_vs_eager_fp8_min_cosine" in res:
-        L += [f"compiled vs eager fp8 frames: min cosine {res['compiled_vs_eager_fp8_min_cosine']:.5f}", ""]
+    for d in FP8_DTYPES:
+        if f"compiled_vs_eager_{d}_min_cosine" in res:
+            L += [f"compiled vs eager {d} frames: min cosine {res[f'compiled_vs_eager_{d}_min_cosine']:.5f}", ""]
     if "long_file" in res:
         L += ["## Long file", "", json.dumps(res["long_file"]), ""]
     if res.get("errors"):
@@ -607,25 +610,27 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[fp8] skipped on {dev}: {fp8_why}")
 
     def fp8_agreement_section():
-        models["fp8"] = m2d2_embed.load(conv, device=dev, dtype="fp8")
         real = realistic_waves(3.3 if a.smoke else 10.0)
         with cuda_tf32(False):
             ref = models.get("fp32") or m2d2_embed.load(conv, device=dev, dtype="fp32")
             parity_in = bench.parity_waves()
             if a.smoke:  # a rehearsal (e.g. emulated on a CPU): two of the eight inputs
                 parity_in = {k: parity_in[k] for k in ("len3p3s", "len10p01s")}
-            agr = {"fp8, parity inputs": bench.agreement(models["fp8"], ref, parity_in)}
-            for name, w in real.items():
-                agr[f"fp8, {name}"] = bench.agreement(models["fp8"], ref, {name: w})
+            agr = {}
+            for d in FP8_DTYPES:  # "fp8": FP8 in the later half of the blocks; "fp8-all": in every block
+                models[d] = m2d2_embed.load(conv, device=dev, dtype=d)
+                agr[f"{d}, parity inputs"] = bench.agreement(models[d], ref, parity_in)
+                for name, w in real.items():
+                    agr[f"{d}, {name}"] = bench.agreement(models[d], ref, {name: w})
+                if dev.type == "cuda" and not m2d2_fp8.EMULATE:  # Hopper's fast FP8 accumulation, same weights
+                    m2d2_fp8.FAST_ACCUM = True
+                    try:
+                        agr[f"{d} fast accum, parity inputs"] = bench.agreement(models[d], ref, parity_in)
+                        agr[f"{d} fast accum, realistic inputs"] = bench.agreement(models[d], ref, real)
+                    finally:
+                        m2d2_fp8.FAST_ACCUM = False
             if "bf16" in models:
                 agr["bf16, realistic inputs"] = bench.agreement(models["bf16"], ref, real)
-            if dev.type == "cuda" and not m2d2_fp8.EMULATE:  # Hopper's fast FP8 accumulation, same weights
-                m2d2_fp8.FAST_ACCUM = True
-                try:
-                    agr["fp8 fast accum, parity inputs"] = bench.agreement(models["fp8"], ref, parity_in)
-                    agr["fp8 fast accum, realistic inputs"] = bench.agreement(models["fp8"], ref, real)
-                finally:
-                    m2d2_fp8.FAST_ACCUM = False
         res["fp8_agreement"] = agr
         log(json.dumps(agr, indent=1))
 
@@ -663,11 +668,12 @@ def main(argv: list[str] | None = None) -> int:
                 bare_encoder_variant(bf16, bs, "bare encoder, bf16, eager"),
             ]
             if fp8_why is None:
-                q = models.get("fp8") or m2d2_embed.load(conv, device=dev, dtype="fp8")
-                variants += [
-                    V("m2d2_embed, fp8", lambda x: q.frame_embeddings(x, SR, batch_size=bs)),
-                    bare_encoder_variant(q, bs, "bare encoder, fp8, eager"),
-                ]
+                for d in FP8_DTYPES:
+                    q = models.get(d) or m2d2_embed.load(conv, device=dev, dtype=d)
+                    variants += [
+                        V(f"m2d2_embed, {d}", lambda x, q=q: q.frame_embeddings(x, SR, batch_size=bs)),
+                        bare_encoder_variant(q, bs, f"bare encoder, {d}, eager"),
+                    ]
             if a.reference is not None:
                 variants += bench.upstream_variants(a.reference, pth, dev, bs)
         else:
@@ -682,22 +688,27 @@ def main(argv: list[str] | None = None) -> int:
                 V("m2d2_embed, bf16, compiled, erf GELU", lambda x: erf_gelu(comp, x)),
                 bare_encoder_variant(comp, bs, "bare encoder, bf16, compiled (ceiling)"),
             ]
+            comp8 = {}
             if fp8_why is None:
-                comp8 = m2d2_embed.load(conv, device=dev, dtype="fp8", compile=True)
-                variants += [
-                    V("m2d2_embed, fp8, compiled", lambda x: comp8.frame_embeddings(x, SR, batch_size=bs)),
-                    bare_encoder_variant(comp8, bs, "bare encoder, fp8, compiled (ceiling)"),
-                ]
+                for d in FP8_DTYPES:
+                    comp8[d] = c8 = m2d2_embed.load(conv, device=dev, dtype=d, compile=True)
+                    variants += [
+                        V(f"m2d2_embed, {d}, compiled", lambda x, c8=c8: c8.frame_embeddings(x, SR, batch_size=bs)),
+                        bare_encoder_variant(c8, bs, f"bare encoder, {d}, compiled (ceiling)"),
+                    ]
         lengths = {"10 s": (a.clips, 10.0), "60 s": (a.clips_60s, 60.0)}
         rows = bench.run_throughput(variants, dev, lengths, a.repeats, full_warmup=True)
         if compiled:  # the compiled graph against the eager one, on a batch shape already compiled
             x = bench.make_clips(min(bs, max(a.clips, 1)), 10.0, dev, seed=1)
             got, want = comp.frame_embeddings(x, SR, batch_size=bs), bf16.frame_embeddings(x, SR, batch_size=bs)
             res["compiled_vs_eager_bf16_min_cosine"] = float(bench._cos(_np(got), _np(want)).min())
-            if fp8_why is None and "fp8" in models:
-                got8 = comp8.frame_embeddings(x, SR, batch_size=bs)
-                want8 = models["fp8"].frame_embeddings(x, SR, batch_size=bs)
-                res["compiled_vs_eager_fp8_min_cosine"] = float(bench._cos(_np(got8), _np(want8)).min())
+            for d, c8 in comp8.items():
+                if d in models:
+                    got8, want8 = (
+                        c8.frame_embeddings(x, SR, batch_size=bs),
+                        models[d].frame_embeddings(x, SR, batch_size=bs),
+                    )
+                    res[f"compiled_vs_eager_{d}_min_cosine"] = float(bench._cos(_np(got8), _np(want8)).min())
             from torch._dynamo.utils import counters
 
             res["compiled_graphs"] = dict(counters["stats"])

@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype",
         default=None,
-        choices=["fp32", "bf16", "fp16", "int8", "fp8"],
+        choices=["fp32", "bf16", "fp16", "int8", "fp8", "fp8-all"],
         help="compute dtype (default: bf16 on CUDA, fp32 on CPU; int8: dynamic quantization, CPU; fp8: float8 "
-        "encoder Linear layers, CUDA GPUs of compute capability 8.9+)",
+        "Linear layers in the later half of the encoder's blocks, fp8-all: in every block (faster, less "
+        "accurate); CUDA GPUs of compute capability 8.9+)",
     )
     g.add_argument(
         "--backend",

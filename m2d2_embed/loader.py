@@ -65,7 +65,10 @@ _DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-_FP8 = ("fp8", "float8", "fp8_e4m3", "float8_e4m3", "float8_e4m3fn")
+_FP8 = {  # dtype names -> fp8.POLICIES
+    **dict.fromkeys(("fp8", "float8", "fp8_e4m3", "float8_e4m3", "float8_e4m3fn"), "fp8"),
+    **dict.fromkeys(("fp8-all", "fp8_all", "float8-all", "float8_all"), "fp8-all"),
+}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -82,7 +85,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
     """None -> bfloat16 on CUDA, float32 elsewhere; 'int8' (CPU only) -> dynamic int8 Linear layers; 'fp8' (also
-    'float8', 'fp8_e4m3'; CUDA, compute capability 8.9+) -> float8 Linear layers in the encoder, bfloat16 elsewhere.
+    'float8', 'fp8_e4m3'; CUDA, compute capability 8.9+) -> float8 Linear layers in the later half of the encoder's
+    blocks, bfloat16 elsewhere; 'fp8-all' -> in every block.
 
     Warns (``RuntimeWarning``) for bfloat16/float16 on a CPU that lacks native bfloat16 arithmetic, where they
     run emulated at a fraction of float32's speed."""
@@ -99,9 +103,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return "int8"
         if key in _FP8:
             fp8.check_support(device)  # raises on the CPU, on GPUs older than Ada/Hopper, on old PyTorch builds
-            return "fp8"
+            return _FP8[key]
         if key not in _DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8, fp8")
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of fp32, bf16, fp16, int8, fp8, fp8-all")
         dtype = _DTYPES[key]
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_native_bf16():
         # measured on a 2-core Zen 3 (AVX2, no AVX512-BF16): the bf16 encoder ran at 0.32x float32 (issue 14)
@@ -165,15 +169,24 @@ def build_model(
         quantize_int8(model)
         model.quantization = "int8"
         return model.eval()
-    if dtype == "fp8":
+    if dtype in fp8.POLICIES:
         # the Linear weights are quantized from the checkpoint's float32 on the device; every other module then
         # runs as the bfloat16 model (FP8Linear keeps its float8 weights through the casts below)
         if not fp8.EMULATE:
             fp8.probe(device)
         model.encoder.to(device=device)
-        n = fp8.quantize_encoder(model.encoder)
-        log.info("dtype='fp8': %d Linear layers of the encoder in float8_e4m3fn, the rest in bfloat16", n)
-        model.quantization = "fp8"
+        depth = model.config.encoder.depth
+        first = fp8.POLICIES[dtype](depth)  # type: ignore[index]
+        n = fp8.quantize_encoder(model.encoder, first_block=first)
+        log.info(
+            "dtype=%r: %d Linear layers (blocks %d-%d of %d) in float8_e4m3fn, the rest in bfloat16",
+            dtype,
+            n,
+            first,
+            depth - 1,
+            depth,
+        )
+        model.quantization = dtype
         dtype = torch.bfloat16
     # the front end stays float32 (its buffers are not parameters of the checkpoint)
     model.encoder.to(device=device, dtype=dtype)
@@ -273,10 +286,11 @@ def load(
             holding our converted format, an ``http(s)://`` URL or ``hf://owner/repo[/file][@rev]``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default CUDA when available.
         dtype: default bfloat16 on CUDA, float32 on CPU; ``torch.float32`` gives reference-exact numbers.
-            ``"int8"``: dynamic int8 quantization of the Linear layers (CPU). ``"fp8"``: the encoder's Linear layers
-            in float8 e4m3 (per-channel weight and per-token activation scales, :mod:`m2d2_embed.fp8`), all else
-            in bfloat16; NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell) only. ``model.dtype``
-            is then ``torch.bfloat16`` (the activations) and ``model.quantization`` is ``"fp8"``.
+            ``"int8"``: dynamic int8 quantization of the Linear layers (CPU). ``"fp8"``: the Linear layers of the
+            later half of the encoder's blocks in float8 e4m3 (per-channel weight and per-token activation scales,
+            :mod:`m2d2_embed.fp8`), all else in bfloat16; ``"fp8-all"``: of every block (faster, less accurate);
+            NVIDIA GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell) only. ``model.dtype`` is then
+            ``torch.bfloat16`` (the activations) and ``model.quantization`` is ``"fp8"`` or ``"fp8-all"``.
         cache_dir: where downloaded and converted weights live (default ``$M2D2_EMBED_CACHE`` or
             ``~/.cache/m2d2_embed``).
         offline: only use the cache; never download.

@@ -178,27 +178,36 @@ def _fp8_gpu() -> bool:
 needs_fp8 = pytest.mark.skipif(
     not _fp8_gpu(), reason="needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)"
 )
-# floors vs fp32 on the random synthetic weights, as the CPU emulation measures them (tests/test_fp8.py: 0.9948,
-# 0.9956, 0.9964, 0.9969); issue 16's targets for real weights (0.998 frames, 0.999 clip and CLAP) are reported by
-# benchmarks/gpu_check.py, not asserted here: the random weights miss them in the emulation too
-FP8_FLOORS = {"frame": 0.993, "frame_mean": 0.994, "clip": 0.995, "clap": 0.995}
+# floors vs fp32 on the random synthetic weights, under what the CPU emulation measures on all 8 parity inputs
+# (frame, frame_mean, clip, clap): dtype="fp8" (FP8 in the later half of the blocks) 0.9988, 0.9991, 0.9990,
+# 0.9992, within issue 16's targets (0.998 frames, 0.999 clip and CLAP; gpu_check.py reports them); "fp8-all"
+# 0.9948, 0.9956, 0.9964, 0.9969, below them
+FP8_FLOORS = {
+    "fp8": {"frame": 0.998, "frame_mean": 0.9985, "clip": 0.9985, "clap": 0.9985},
+    "fp8-all": {"frame": 0.993, "frame_mean": 0.994, "clip": 0.995, "clap": 0.995},
+}
 
 
 @pytest.fixture(scope="module")
-def fp8_model(parity_checkpoint):
-    return m2d2.load(parity_checkpoint, device="cuda", dtype="fp8")
+def fp8_models(parity_checkpoint):
+    return {d: m2d2.load(parity_checkpoint, device="cuda", dtype=d) for d in FP8_FLOORS}
 
 
 @needs_fp8
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_fp8_loads_with_fp8_linears_and_bf16_elsewhere(fp8_model):
+def test_fp8_loads_with_fp8_linears_and_bf16_elsewhere(fp8_models):
     from m2d2_embed.fp8 import FP8Linear
 
-    layers = [m for m in fp8_model.modules() if isinstance(m, FP8Linear)]
-    assert len(layers) == 4 * fp8_model.config.encoder.depth and not any(m.emulate for m in layers)
-    assert all(m.weight.is_cuda and m.weight.dtype == torch.float8_e4m3fn for m in layers)
-    assert fp8_model.dtype == torch.bfloat16 and fp8_model.quantization == "fp8"
+    for dtype, model in fp8_models.items():
+        depth = model.config.encoder.depth
+        first = depth // 2 if dtype == "fp8" else 0
+        layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+        assert len(layers) == 4 * (depth - first) and not any(m.emulate for m in layers)
+        assert all(m.weight.is_cuda and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+        assert model.dtype == torch.bfloat16 and model.quantization == dtype
+        if first:  # the earlier blocks keep bfloat16 nn.Linear layers
+            assert isinstance(model.encoder.blocks[first - 1].mlp.fc1, torch.nn.Linear)
 
 
 @needs_fp8
@@ -217,9 +226,10 @@ def test_fp8_matmul_on_the_gpu_computes_what_the_emulation_computes():
 @needs_fp8
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_fp8_agrees_with_fp32_per_level_on_parity_inputs(cuda_models, fp8_model, golden, no_tf32):
+@pytest.mark.parametrize("dtype", list(FP8_FLOORS))
+def test_fp8_agrees_with_fp32_per_level_on_parity_inputs(cuda_models, fp8_models, golden, no_tf32, dtype):
     # the GPU kernel must do as well as the emulation does on these weights (see FP8_FLOORS)
-    fp32 = cuda_models[0]
+    fp32, fp8_model, floors = cuda_models[0], fp8_models[dtype], FP8_FLOORS[dtype]
     got: dict[str, float] = {}
     for case in CASES:
         wav = torch.from_numpy(golden[f"{case}.wav"]).cuda()
@@ -231,14 +241,15 @@ def test_fp8_agrees_with_fp32_per_level_on_parity_inputs(cuda_models, fp8_model,
         ]:
             c = min_cosine(getattr(fp8_model, method)(wav, 16000, **kw), getattr(fp32, method)(wav, 16000, **kw))
             got[level] = min(got.get(level, 1.0), c)
-    assert all(got[k] >= v for k, v in FP8_FLOORS.items()), f"min cosine vs fp32 {got}, floors {FP8_FLOORS}"
+    assert all(got[k] >= v for k, v in floors.items()), f"{dtype}: min cosine vs fp32 {got}, floors {floors}"
     assert all(v < 0.99999 for v in got.values()), f"no quantization happened? {got}"
 
 
 @needs_fp8
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_fp8_clip_alone_equals_the_clip_in_a_batch(fp8_model):
+def test_fp8_clip_alone_equals_the_clip_in_a_batch(fp8_models):
+    fp8_model = fp8_models["fp8-all"]
     g = torch.Generator().manual_seed(3)
     batch = (torch.randn(5, 160000, generator=g) * torch.tensor([0.01, 1.0, 0.1, 3.0, 0.3])[:, None]).cuda()
     alone = fp8_model.frame_embeddings(batch[3], 16000)

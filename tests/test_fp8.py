@@ -20,7 +20,13 @@ from m2d2_embed.loader import resolve_dtype
 CASES = ["len3p3s", "len10p01s"]  # one short chunk; a full chunk plus a one-frame chunk
 # measured on the seed-0 synthetic (random) weights with the emulation, every parity input: frames 0.9948,
 # frames averaged over frequency 0.9956, clip 0.9964, CLAP 0.9969 (the GPU targets are 0.998 / 0.999)
-EMULATED_MIN_COSINE = {"frame": 0.993, "clip": 0.995, "clap": 0.995}
+# floors under what the float32 emulation gives on the synthetic parity weights (CASES below; frame, clip, CLAP):
+# dtype="fp8" (FP8 in blocks 6-11) 0.9988 / 0.9992 / 0.9993, within the 0.998 / 0.999 / 0.999 targets;
+# "fp8-all" 0.9948 / 0.9971 / 0.9972, below them
+EMULATED_MIN_COSINE = {
+    "fp8": {"frame": 0.998, "clip": 0.9985, "clap": 0.999},
+    "fp8-all": {"frame": 0.993, "clip": 0.995, "clap": 0.995},
+}
 
 
 @pytest.fixture
@@ -59,6 +65,7 @@ def test_fp8_with_a_pytorch_lacking_the_fp8_matmul_says_to_upgrade(monkeypatch):
 def test_fp8_is_accepted_on_an_fp8_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert resolve_dtype("float8", torch.device("cuda")) == "fp8"
+    assert resolve_dtype("FP8-all", torch.device("cuda")) == resolve_dtype("fp8_all", torch.device("cuda")) == "fp8-all"
 
 
 # -- FP8Linear ---------------------------------------------------------------------------------------------------
@@ -150,6 +157,10 @@ def test_quantize_encoder_swaps_the_four_linears_of_every_block_only():
     assert quantize_encoder(model.encoder, emulate=True) == 4 * model.config.encoder.depth
     for blk in model.encoder.blocks:
         assert all(isinstance(m, FP8Linear) for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2))
+    later = tiny_model()
+    assert quantize_encoder(later.encoder, emulate=True, first_block=1) == 4 * (later.config.encoder.depth - 1)
+    kinds = [[type(m) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)] for b in later.encoder.blocks]
+    assert kinds[0] == [torch.nn.Linear] * 4 and all(k == [FP8Linear] * 4 for k in kinds[1:])
     assert not any(isinstance(m, FP8Linear) for m in model.audio_proj.modules())  # the CLAP head stays bf16
     assert isinstance(model.encoder.patch_embed.proj, torch.nn.Conv2d)
 
@@ -157,11 +168,17 @@ def test_quantize_encoder_swaps_the_four_linears_of_every_block_only():
 # -- the whole model through load(dtype="fp8"), emulated ----------------------------------------------------------
 
 
-def test_emulated_fp8_model_is_bf16_with_fp8_encoder_linears(tiny_model_dir, emulate):
-    model = m2d2.load(tiny_model_dir, device="cpu", dtype="fp8")
-    assert model.quantization == "fp8" and model.dtype == torch.bfloat16 and "quantization='fp8'" in repr(model)
+@pytest.mark.parametrize("dtype", ["fp8", "fp8-all"])
+def test_emulated_fp8_model_is_bf16_with_fp8_encoder_linears(tiny_model_dir, emulate, dtype):
+    model = m2d2.load(tiny_model_dir, device="cpu", dtype=dtype)
+    assert model.quantization == dtype and model.dtype == torch.bfloat16 and f"quantization='{dtype}'" in repr(model)
+    depth = model.config.encoder.depth
+    first = depth // 2 if dtype == "fp8" else 0  # "fp8": the later half of the blocks
+    for i, blk in enumerate(model.encoder.blocks):
+        want = FP8Linear if i >= first else torch.nn.Linear
+        assert all(type(m) is want for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2)), (i, want)
     fp8_layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    assert len(fp8_layers) == 4 * model.config.encoder.depth and all(m.emulate for m in fp8_layers)
+    assert len(fp8_layers) == 4 * (depth - first) and all(m.emulate for m in fp8_layers)
     others = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     assert others and all(p.dtype == torch.bfloat16 for p in others)  # LayerNorm, patch embedding, heads, text
     out = model.clip_embeddings(torch.randn(2, 16000), 16000)
@@ -180,15 +197,18 @@ def test_emulated_fp8_clip_alone_equals_the_clip_in_a_batch(tiny_model_dir, emul
 def test_emulated_fp8_agrees_with_fp32_on_parity_inputs(parity_checkpoint, golden, monkeypatch):
     ref = m2d2.load(parity_checkpoint, device="cpu", dtype="fp32")
     monkeypatch.setattr(fp8, "EMULATE", True)
-    q = m2d2.load(parity_checkpoint, device="cpu", dtype="fp8")
     waves = [golden[f"{c}.wav"][0] for c in CASES]
-    got = {
-        "frame": min(min_cosine(q.frame_embeddings(w, 16000), ref.frame_embeddings(w, 16000)) for w in waves),
-        "clip": min_cosine(q.clip_embeddings(waves, 16000), ref.clip_embeddings(waves, 16000)),
-        "clap": min_cosine(q.clap_audio_embeddings(waves, 16000), ref.clap_audio_embeddings(waves, 16000)),
-    }
-    assert all(got[k] >= v for k, v in EMULATED_MIN_COSINE.items()), got
-    assert all(v < 0.99999 for v in got.values()), got  # the layers really are quantized
+    got = {}
+    for dtype in EMULATED_MIN_COSINE:
+        q = m2d2.load(parity_checkpoint, device="cpu", dtype=dtype)
+        got[dtype] = {
+            "frame": min(min_cosine(q.frame_embeddings(w, 16000), ref.frame_embeddings(w, 16000)) for w in waves),
+            "clip": min_cosine(q.clip_embeddings(waves, 16000), ref.clip_embeddings(waves, 16000)),
+            "clap": min_cosine(q.clap_audio_embeddings(waves, 16000), ref.clap_audio_embeddings(waves, 16000)),
+        }
+        assert all(got[dtype][k] >= v for k, v in EMULATED_MIN_COSINE[dtype].items()), got
+        assert all(v < 0.99999 for v in got[dtype].values()), got  # the layers really are quantized
+    assert all(got["fp8"][k] > got["fp8-all"][k] for k in got["fp8"]), got  # bf16 early blocks: closer everywhere
 
 
 def test_cli_dtype_fp8_on_the_cpu_fails_with_the_loaders_message(tiny_model_dir, tmp_path, capsys):
