@@ -326,8 +326,7 @@ class Slabs:
 
     def view(self, j: int, offset: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
         """Tensor ``shape`` of ``dtype`` in slab ``j`` (as the main process has it) from byte ``offset``."""
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        return self._mapped[j][offset : offset + nbytes].view(dtype).view(shape)
+        return self._mapped[j][offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
     def close(self) -> None:
         """Let go of the slabs: a worker still waiting for one goes on at once (and is then stopped), so
@@ -350,14 +349,12 @@ def _uninitialised(nbytes: int, shared: bool) -> torch.Tensor:
             return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
     except RuntimeError as e:
         raise RuntimeError(
-            f"a decoding worker could not get {nbytes / 2**20:.0f} MiB of shared memory for a batch ({e}); {SHM_ADVICE}"
+            f"a decoding worker could not get {nbytes / 2**20:.0f} MiB of shared memory for a batch ({e}); "
+            f"{SHM_HINT}, lower --batch-size, or decode in the main process with --num-workers 0 (slower)"
         ) from e
 
 
-SHM_ADVICE = (
-    "give the process more shared memory (in Docker: `docker run --shm-size=8g`), lower --batch-size, or "
-    "decode in the main process with --num-workers 0 (slower)"
-)
+SHM_HINT = "give the process more shared memory (in Docker: `docker run --shm-size=8g`)"
 
 
 def shared_memory_free() -> int | None:
@@ -378,12 +375,12 @@ def _workers_that_fit(workers: int, per_worker_bytes: int) -> int:
     fit = int(free // max(per_worker_bytes, 1))
     log.warning(
         "%d decoding workers need about %.2f GiB of shared memory (/dev/shm) for these batches and %.2f GiB is "
-        "free: using %s. For more, give the process more shared memory (in Docker: `docker run --shm-size=8g`) "
-        "or lower --batch-size",
+        "free: using %s. For more, %s or lower --batch-size",
         workers,
         workers * per_worker_bytes / 2**30,
         free / 2**30,
         f"{fit} worker(s)" if fit else "none (decoding in the main process, slower)",
+        SHM_HINT,
     )
     return fit
 
@@ -532,15 +529,7 @@ def _stack(waves: list[np.ndarray]) -> torch.Tensor:
     ``default_collate`` does), so sending it to the main process does not copy it again."""
     n, length = len(waves), waves[0].shape[-1]
     dtype = torch.from_numpy(waves[0][:0]).dtype
-    if get_worker_info() is not None:
-        elem = torch.empty(0, dtype=dtype)
-        try:
-            storage = elem._typed_storage()._new_shared(n * length, device=elem.device)  # noqa: SLF001 (torch's own)
-            out = elem.new(storage).resize_(n, length)
-        except (AttributeError, RuntimeError):  # private API: fall back to a plain tensor (shared when sent)
-            out = torch.empty(n, length, dtype=dtype)
-    else:
-        out = torch.empty(n, length, dtype=dtype)
+    out = _uninitialised(n * length * dtype.itemsize, shared=get_worker_info() is not None).view(dtype).view(n, length)
     np.stack(waves, out=out.numpy())
     return out
 

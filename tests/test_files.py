@@ -439,6 +439,20 @@ def test_too_little_shared_memory_means_fewer_workers_with_a_warning(model, tmp_
             np.testing.assert_allclose(got[i].embedding, want[i], atol=1e-5, rtol=1e-5)
 
 
+def test_batch_bytes_are_the_16_bit_samples_of_each_batch():
+    probes = [(10.0, None, None), (1.0, None, None), (0.5, None, "truncated"), (0.0, "cannot decode", None)]
+    assert files.batch_bytes([[0, 1], [2], [3]], probes, 16000) == [2 * (160000 + 16000), 2 * 8000, 0]
+    assert files.batch_bytes([[1]], probes, 32000) == [2 * 32000]
+
+
+@pytest.mark.skipif(files.shared_memory_free() is None, reason="no /dev/shm")
+def test_shared_memory_free_follows_what_is_used():
+    before = files.shared_memory_free()
+    held = files._uninitialised(64 * 2**20, shared=True)  # committed at once
+    assert 0 <= files.shared_memory_free() <= before - 60 * 2**20
+    del held
+
+
 @pytest.mark.skipif(files.shared_memory_free() is None, reason="no /dev/shm")
 def test_a_worker_without_shared_memory_says_what_to_do():
     with pytest.raises(RuntimeError, match=r"could not get \d+ MiB of shared memory.*--shm-size.*--num-workers 0"):
