@@ -111,6 +111,27 @@ def test_emulated_fp8_linear_equals_a_hand_computed_quantised_matmul():
     assert x8.dtype == torch.float8_e4m3fn and scale.shape == (10, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_rows_is_the_clamped_division_by_amax_over_448_bit_for_bit(dtype):
+    # the three-pass quantization (no clamp) gives the same bits as the textbook one, at every magnitude a row
+    # can have, and never leaves the e4m3 range: the rounding of the scale cannot push |x| / scale past 448
+    g = torch.Generator().manual_seed(3)
+    mags = [1e-3, 1.0, 1e3] + ([1e-30, 1e-6, 1e30] if dtype != torch.float16 else [])  # float16 overflows past 6e4
+    for mag in mags:
+        x = (torch.randn(256, 96, generator=g) * torch.rand(256, 1, generator=g) ** 4 * mag).to(dtype)
+        x[7] = 0  # an all-zero row quantizes to zeros, not NaN
+        x8, scale = quantize_rows(x)
+        want_scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
+        want = (x.float() / want_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        assert torch.equal(scale, want_scale) and scale.dtype == torch.float32
+        assert torch.equal(x8.view(torch.uint8), want.view(torch.uint8)), mag
+        above_floor = x.float().abs().amax(-1) >= 1e-12  # rows below the scale's floor stay small
+        if mag >= 1e-3:  # (the tinier rows test the floor)
+            assert above_floor.sum() > 200
+        assert x8.float().abs().amax(-1)[above_floor].eq(E4M3_MAX).all()  # each row spans the full range
+        assert not x8.float().isnan().any() and x8[7].float().eq(0).all()
+
+
 def test_fp8_linear_rows_do_not_depend_on_the_other_rows():
     g = torch.Generator().manual_seed(1)
     q = FP8Linear.from_linear(torch.nn.Linear(64, 32), emulate=True)
