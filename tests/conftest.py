@@ -69,6 +69,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-m2d2")
 
 
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The tiny model loaded on the CPU, once per test module (modules that need another model override it)."""
+    import m2d2_embed as m2d2
+
+    return m2d2.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """``audio_files.make_audio_folder``: good and bad audio files, a sub-folder and a hidden file, once per test
+    module."""
+    from audio_files import make_audio_folder
+
+    return make_audio_folder(tmp_path_factory.mktemp("audio"))
+
+
 # -- other geometries and the EVAR tagging head (tests/test_geometries.py) ------------------------------------
 
 GEOMETRY_VARIANTS = ("m2d2_clap_2025_20ms", "m2d_40ms", "m2d_s_608", "m2d_as_32k", "evar_as_ft", "evar_as_ft_3840")

@@ -17,11 +17,6 @@ def tone(freq: float, seconds: float = 1.0) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return m2d2.load(tiny_model_dir, device="cpu")
-
-
 def test_zero_shot_is_softmax_of_scaled_cosine_between_clap_embeddings(model):
     waves = np.stack([tone(300), tone(2000)])
     labels = ["dog", "rain", "speech"]

@@ -4,38 +4,17 @@ checks of the commands that need the network or a deterministic interruption."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from audio_files import BAD, good_paths, make_audio_folder, make_clip_folder
+from audio_files import BAD, good_paths, make_clip_folder
+from cli_run import run, start
 
 import m2d2_embed as m2d2
 from m2d2_embed import cli, files
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("cli_audio"))
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return m2d2.load(tiny_model_dir, device="cpu")
 
 
 def test_embed_folder_to_npz_with_failures_sidecar(folder, tiny_model_dir, model, tmp_path):
@@ -112,10 +91,7 @@ def test_directory_output_resumes_after_an_interruption(folder, tiny_model_dir, 
         "--num-workers",
         "0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "m2d2_embed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = start(*args)
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("part-*.npz")) and proc.poll() is None:
         time.sleep(0.01)

@@ -13,25 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from audio_files import good_paths, make_audio_folder, make_clip_folder
+from audio_files import good_paths, make_clip_folder
 from audio_files import signal as make_signal
+from cli_run import ENV, ROOT, run, start
 
 import m2d2_embed as m2d2
 from m2d2_embed import outputs
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def run(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("safety_audio"))
 
 
 def test_a_second_run_on_the_same_output_directory_is_refused_and_nothing_is_duplicated(tiny_model_dir, tmp_path):
@@ -52,9 +39,7 @@ def test_a_second_run_on_the_same_output_directory_is_refused_and_nothing_is_dup
         "0",
         "--no-progress",
     ]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "m2d2_embed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-    )
+    first = start(*args)
     deadline = time.time() + 90
     while time.time() < deadline and not list(out.glob("part-*.npz")) and first.poll() is None:
         time.sleep(0.01)

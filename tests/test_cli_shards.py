@@ -4,31 +4,15 @@ hand-off of `m2d2-embed train` (tiny model, generated audio)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from audio_files import BAD, make_audio_folder
+from audio_files import BAD
+from cli_run import run
 
 import m2d2_embed as m2d2
 from m2d2_embed import cli, files
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("shard_audio"))
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from audio_files import good_paths, make_audio_folder
+from audio_files import good_paths
+from cli_run import run
 from tiny import save_tiny, tiny_config
 
 import m2d2_embed as m2d2
@@ -21,20 +19,7 @@ from m2d2_embed import cli
 from m2d2_embed.config import ClassifierConfig
 from m2d2_embed.model import detect_events
 
-ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("dog", "rain", "speech", "music")
-
-
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", "m2d2_embed", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("tag_audio"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from audio_files import BAD, GOOD, good_paths, make_audio_folder, signal
+from audio_files import BAD, GOOD, good_paths, signal
 from tiny import save_tiny, tiny_config
 from torch.utils.data import DataLoader
 
@@ -22,16 +22,6 @@ from m2d2_embed import audio as m2d2_audio
 from m2d2_embed import files
 from m2d2_embed.files import AudioFileError, NoAudioFilesError, collect_files
 from m2d2_embed.outputs import EmbeddingSet, FileFailure
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return m2d2.load(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("audio"))
 
 
 @pytest.fixture(scope="module")

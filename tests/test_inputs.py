@@ -9,11 +9,6 @@ import torch
 import m2d2_embed as m2d2
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return m2d2.load(tiny_model_dir, device="cpu")
-
-
 def tone(seconds: float, sr: int = 16000, freq: float = 440.0) -> np.ndarray:
     t = np.arange(int(seconds * sr)) / sr
     return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)

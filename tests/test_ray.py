@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audio_files import BAD, good_paths, make_audio_folder
+from audio_files import BAD, good_paths
 
 import m2d2_embed as m2d2
 from m2d2_embed import files
@@ -30,16 +30,6 @@ def ray_cluster():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("ray_audio"))
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return m2d2.load(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
-import pytest
-from audio_files import BAD, good_paths, make_audio_folder, make_clip_folder
+from audio_files import BAD, good_paths, make_clip_folder
 
 import m2d2_embed as m2d2
 from m2d2_embed import cli, files, loader
@@ -23,16 +22,6 @@ PHASES = [
     "first batch decoded",
     "first batch in the encoder",
 ]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return m2d2.load(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_audio_folder(tmp_path_factory.mktemp("startup_audio"))
 
 
 def test_the_cli_decodes_while_the_model_loads(folder, tiny_model_dir, model, tmp_path, monkeypatch):
