@@ -7,7 +7,7 @@
 
 1. generates the seed-0 synthetic checkpoint and converts it to our format;
 2. fp32 parity on CUDA with TF32 off (matmuls and cuDNN) against tests/data/golden_seed0.npz: max abs diff
-   per key vs the tolerances of tests/data/README.md;
+   per key vs the tolerances of the parity contract (tests/data/tolerances.json);
 3. bf16 (the CUDA default) vs fp32: minimum cosine per embedding (frames, clip, CLAP audio, CLAP text);
 4. dtype='fp8' (GPUs of compute capability 8.9+; skipped elsewhere with the loader's reason): minimum cosine per
    level against fp32 on the parity inputs and on synthetic speech-like, music-like, white- and pink-noise clips
@@ -53,17 +53,9 @@ from m2d2_embed import fp8 as m2d2_fp8  # noqa: E402
 
 FP8_DTYPES = ("fp8", "fp8-all")  # FP8 in the later half of the encoder's blocks / in every block
 
-# tests/data/README.md: (max abs diff, max abs diff / max abs golden); None: not checked
+# the parity contract's fp32 tolerances: key -> (max abs diff, max abs diff / max abs golden, or None: not checked)
 TOLERANCES = {
-    "lms": (5e-4, 2.5e-4),
-    "encode_stacked": (1e-4, 2.5e-5),
-    "encode_flat": (1e-4, 2.5e-5),
-    "frames": (5e-5, 1.5e-5),
-    "scene": (5e-5, 1.5e-5),
-    "clap_audio": (5e-5, 1.5e-5),
-    "text.emb": (5e-5, 1.5e-5),
-    "text.emb_single": (5e-5, 1.5e-5),
-    "timestamps": (1e-2, None),
+    k: tuple(v) for k, v in json.loads((bench.DATA / "tolerances.json").read_text()).items() if not k.startswith("_")
 }
 
 

@@ -8,20 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from golden import assert_close
+from golden import to_numpy as to_np
 from tiny import tiny_model
 
 import m2d2_embed as m2d2
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-CASES = ["len0p5s", "len3p3s", "len10s", "len10p01s", "len25p7s", "batch3"]
-# tests/data/README.md: (max abs diff, max abs diff / max abs golden), fp32 with TF32 off
-TOL = {
-    "encode_stacked": (1e-4, 2.5e-5),
-    "frames": (5e-5, 1.5e-5),
-    "scene": (5e-5, 1.5e-5),
-    "clap_audio": (5e-5, 1.5e-5),
-    "text.emb": (5e-5, 1.5e-5),
-}
+CASES = ["len0p5s", "len3p3s", "len10s", "len10p01s", "len25p7s", "batch3"]  # fp32, TF32 off: the parity tolerances
 
 
 @pytest.fixture
@@ -38,18 +32,6 @@ def cuda_models(parity_checkpoint):
         m2d2.load(parity_checkpoint, device="cuda", dtype="fp32"),
         m2d2.load(parity_checkpoint, device="cuda", dtype="bf16"),
     )
-
-
-def to_np(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def assert_close(got, want: np.ndarray, key: str) -> None:
-    got = to_np(got)
-    assert got.shape == want.shape, f"{key}: shape {got.shape} != golden {want.shape}"
-    diff = float(np.abs(got.astype(np.float64) - want).max())
-    abs_tol, rel_tol = TOL[key]
-    assert diff <= abs_tol and diff <= rel_tol * float(np.abs(want).max()), f"{key}: max abs diff {diff:.3e}"
 
 
 def min_cosine(a, b) -> float:

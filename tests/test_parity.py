@@ -1,35 +1,22 @@
 """Golden parity with the reference runtime (PortableM2D) on the seed-0 synthetic M2D2 checkpoint, fp32 CPU.
 
-Tolerances are those of shared/parity/README.md: (max abs diff, max abs diff relative to max abs golden).
+Tolerances are those of shared/parity/README.md (tests/data/tolerances.json): (max abs diff, max abs diff relative
+to max abs golden).
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from golden import TOLERANCES, assert_close
 
 import m2d2_embed as m2d2
 
 CASES = ["len0p1s", "len0p5s", "len1s", "len3p3s", "len10s", "len10p01s", "len25p7s", "batch3"]
-TOL = {
-    "lms": (5e-4, 2.5e-4),
-    "encode_stacked": (1e-4, 2.5e-5),
-    "encode_flat": (1e-4, 2.5e-5),
-    "frames": (5e-5, 1.5e-5),
-    "scene": (5e-5, 1.5e-5),
-    "clap_audio": (5e-5, 1.5e-5),
-}
-
-
-def assert_close(got, want: np.ndarray, key: str) -> None:
-    got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-    assert got.shape == want.shape, f"{key}: shape {got.shape} != golden {want.shape}"
-    diff = float(np.abs(got.astype(np.float64) - want).max())
-    abs_tol, rel_tol = TOL[key.split(".")[-1]]
-    scale = float(np.abs(want).max())
-    assert diff <= abs_tol, f"{key}: max abs diff {diff:.3e} > {abs_tol}"
-    assert diff <= rel_tol * scale, f"{key}: max abs diff {diff:.3e} > {rel_tol} x max|golden| ({scale:.3e})"
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +115,19 @@ def test_converted_safetensors_give_identical_outputs(model, golden, parity_chec
         again = m2d2.load(path, device="cpu")
         assert again.config == model.config
         np.testing.assert_array_equal(again.clip_embeddings(wav, sample_rate=16000), ref)
+
+
+def test_the_tolerances_are_the_parity_contracts():
+    # tests/data/tolerances.json is a copy of the table in shared/parity/README.md: it must not drift from it
+    contract = Path(__file__).resolve().parents[2] / "shared" / "parity" / "README.md"
+    if not contract.exists():
+        pytest.skip(f"no parity contract at {contract} (shared/ is beside the checkout in CI)")
+    table = contract.read_text().split("## Tolerances", 1)[1]
+    want = {}
+    for row in re.findall(r"^\|(.+)\|(.+)\|(.*)\|$", table, flags=re.M):
+        keys, abs_tol, rel_tol = (c.strip() for c in row)
+        if not re.match(r"[\d.]+e-\d+", abs_tol):  # the header, its rule, and the exact rows
+            continue
+        for key in re.findall(r"`([\w.]+)`", keys):
+            want[key] = (float(abs_tol.split()[0]), float(rel_tol) if rel_tol else None)
+    assert len(want) >= 9 and want == TOLERANCES
