@@ -635,7 +635,13 @@ def _run(
     if d is not None:
         d.check(meta)  # the manifest is written with the first part: a run that fails at once leaves nothing
     writer = outputs.ResultWriter(
-        d if d is not None else out, fmt, meta, level, keep=keep, part_size=getattr(args, "shard_size", 1000)
+        d if d is not None else out,
+        fmt,
+        meta,
+        level,
+        keep=keep,
+        part_size=getattr(args, "shard_size", 1000),
+        expected=len(todo),
     )
     t0 = time.perf_counter()
     restore = _sigterm_as_interrupt()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .audio import AUDIO_SUFFIXES, PCM16_SCALE, check_wave, probe, read_audio, stream_audio
 from .model import FRAME_LEVELS, STREAM_SECONDS, max_batch
-from .outputs import EmbeddingSet, FileFailure
+from .outputs import EmbeddingSet, FileFailure, ResultWriter
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -916,8 +916,8 @@ def embed_files(
     bounded whatever their length (at frame level the output itself grows with the length).
     """
     files = collect_files(paths_or_dir, recursive=recursive, glob=glob)
-    results: dict[int, FileResult] = {}
-    failures: dict[int, FileFailure] = {}
+    meta = embedding_metadata(model, level, reduce, normalize)
+    collected = ResultWriter(None, None, meta, level, expected=len(files))  # in memory, rows filled as they come
     for i, r in iter_file_embeddings(
         model,
         files,
@@ -929,21 +929,8 @@ def embed_files(
         progress=progress,
         strict=strict,
     ):
-        (results if isinstance(r, FileResult) else failures)[i] = r  # type: ignore[index]
-    ok = sorted(results)
-    return results_to_set(
-        [results[i] for i in ok],
-        [failures[i] for i in sorted(failures)],
-        embedding_metadata(model, level, reduce, normalize),
-        level,
-    )
-
-
-def results_to_set(
-    results: Sequence[FileResult], failures: Sequence[FileFailure], metadata: dict[str, Any], level: str
-) -> EmbeddingSet:
-    """Pack per-file results into an :class:`EmbeddingSet` (see :meth:`EmbeddingSet.from_results`)."""
-    return EmbeddingSet.from_results(results, failures, metadata, level)
+        collected.add(i, r)
+    return collected.embedding_set()
 
 
 def finish(x: torch.Tensor, normalize: bool) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from m2d2_embed import outputs
+from m2d2_embed.files import FileResult
 
 
 @dataclass
@@ -99,6 +100,61 @@ def test_result_writer_stores_parts_as_work_completes_and_resume_keys_are_canoni
     assert outputs.resume_key("a.wav") in d.done_keys()  # a relative spelling of a done file
     with pytest.raises(ValueError, match="other settings .*level: 'clip' there, 'frame' now"):
         outputs.OutputDir(tmp_path / "out", "npz").open({**META, "level": "frame"})
+
+
+@pytest.mark.parametrize("with_failures", [False, True])
+def test_results_kept_in_rows_as_they_arrive_equal_the_results_packed_at_the_end(tmp_path, with_failures):
+    # with the number of inputs known, each result goes into its row as it arrives (out of order, as batches sorted
+    # by length make them): the set, and the file written from it, are those of packing the results at the end
+    rng = np.random.default_rng(0)
+    n = 40
+    items = {
+        i: FileResult(
+            f"{i:02d}.wav", rng.standard_normal(4, dtype=np.float32), 0.5 + i, None, "short" if i == 7 else None
+        )
+        for i in range(n)
+    }
+    if with_failures:
+        for i in (0, 13, 39):
+            items[i] = outputs.FileFailure(f"{i:02d}.wav", "cannot decode")
+    rows = outputs.ResultWriter(tmp_path / "rows.npz", "npz", META, "clip", expected=n)
+    packed = outputs.ResultWriter(tmp_path / "packed.npz", "npz", META, "clip")
+    for i in rng.permutation(n):
+        rows.add(int(i), items[i])
+        packed.add(int(i), items[i])
+    a, b = rows.embedding_set(), packed.embedding_set()
+    good = [i for i in range(n) if isinstance(items[i], FileResult)]
+    assert a.paths == b.paths == [items[i].path for i in good]
+    np.testing.assert_array_equal(a.embeddings, np.stack([items[i].embedding for i in good]))
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.durations, b.durations)
+    assert (
+        [f.path for f in a.failures] == [f.path for f in b.failures] == (["00.wav", "13.wav", "39.wav"] * with_failures)
+    )
+    assert [w.path for w in a.warnings] == [w.path for w in b.warnings] == ["07.wav"]
+    assert [r.path for r in rows.results()] == a.paths
+    rows.save()
+    packed.save()
+    assert (tmp_path / "rows.npz").read_bytes() == (tmp_path / "packed.npz").read_bytes()
+    with pytest.raises(IndexError):  # more inputs than announced is a caller's bug, not a silent drop
+        outputs.ResultWriter(None, None, META, "clip", expected=2).add(2, items[7])
+
+
+def test_npz_files_are_byte_for_byte_those_of_np_savez(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {
+        "paths": np.asarray(["a.wav", "ü/b.flac"]),
+        "embeddings": rng.standard_normal((3, 5), dtype=np.float32),
+        "empty": np.zeros((0, 5), np.float32),
+        "metadata": np.asarray('{"model": "m"}'),
+        "lengths": np.arange(3, dtype=np.int64),
+        "half": rng.standard_normal(4).astype(np.float16),
+        "fortran": np.asfortranarray(rng.standard_normal((3, 2))),
+        "flags": np.array([True, False]),
+    }
+    outputs.savez(str(tmp_path / "ours.npz"), arrays)
+    np.savez(tmp_path / "numpy.npz", **arrays)
+    assert (tmp_path / "ours.npz").read_bytes() == (tmp_path / "numpy.npz").read_bytes()
 
 
 def test_the_lock_of_an_output_directory_is_held_against_other_processes(tmp_path):
