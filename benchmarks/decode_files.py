@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -49,11 +50,13 @@ def measure(src: Path, folder: Path, n: int, device: str, batch: int, workers: i
     t_first = None
     for groups, failures in pre.decoded():
         k = sum(len(i) for i, _ in groups) + len(failures)
+        t_last = time.perf_counter()
         if t_first is None:
-            t_first, first = time.perf_counter(), k
+            t_first, first = t_last, k
         count += k
     t_end = time.perf_counter()
     pre.close()
+    t_closed = time.perf_counter()
     assert count == len(paths), (count, len(paths))
     return {
         "files": count,
@@ -61,6 +64,8 @@ def measure(src: Path, folder: Path, n: int, device: str, batch: int, workers: i
         "probe_and_start_s": t0 - probes,
         "files_per_s": count / (t_end - t0),
         "steady_files_per_s": (count - first) / (t_end - t_first) if t_first and t_end > t_first else None,
+        "tail_s": t_closed - t_last,  # from the last batch to the workers stopped and the buffers let go
+        "files_per_s_to_closed": count / (t_closed - t0),  # the whole run up to that point
     }
 
 
@@ -127,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "isa_flags": isa_flags()}
     for name, rs in runs.items():
         rates = [x["files_per_s"] for x in rs]
+        tail = statistics.median(x.get("tail_s", math.nan) for x in rs)
+        closed = statistics.median(x.get("files_per_s_to_closed", math.nan) for x in rs)
         summary[name] = {"median_files_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
-        summary[name]["runs"] = rs
+        summary[name] |= {"median_tail_s": tail, "median_files_per_s_to_closed": closed, "runs": rs}
         print(
             f"{name} ({sources[name]}): {statistics.median(rates):.0f} files/s median "
-            f"({min(rates):.0f}-{max(rates):.0f}), {a.workers} worker(s), batch {a.batch}, {a.files} {a.kind} files"
+            f"({min(rates):.0f}-{max(rates):.0f}), {a.workers} worker(s), batch {a.batch}, {a.files} {a.kind} files; "
+            f"after the last batch {1e3 * tail:.0f} ms to stop the workers and let go of the buffers "
+            f"({closed:.0f} files/s up to then)"
         )
     if "compare" in runs:
         ratio = summary["this"]["median_files_per_s"] / summary["compare"]["median_files_per_s"]

@@ -89,14 +89,6 @@ def measure(src: Path, a: argparse.Namespace) -> dict[str, Any]:
     return {"add_s": add_s, "file_s": file_s, "set_s": set_s, "rss_peak_mb": rss_mb}
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--files", type=int, default=8192)
@@ -130,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} | {"rounds": rs} for name, rs in runs.items()
     }
     mb = a.files * a.dim * 4 / 1e6
-    print(f"\n{a.files} results of {a.dim} float32 ({mb:.0f} MB), {a.format}; CPU: {cpu_flags()}; medians:")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import isa_flags
+
+    cpu = " ".join(isa_flags()["present"])
+    print(f"\n{a.files} results of {a.dim} float32 ({mb:.0f} MB), {a.format}; CPU ISA: {cpu}; medians:")
     for name, m in summary.items():
         times = ", ".join(f"{k[:-2]} {1e3 * m[k]:.0f} ms" for k in ("add_s", "file_s", "set_s"))
         print(f"{name:>8}: {times}, peak RSS {m['rss_peak_mb']:.0f} MB")

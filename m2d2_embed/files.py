@@ -683,11 +683,18 @@ class Prefetch:
         it, self._decoded = self._decoded, None
         if it is None:
             return
-        for batch in it:
+        for k, batch in enumerate(it):
             try:
                 yield batch.take()
             finally:
                 batch.release()
+            if k == len(self.batches) - 1 and self.slabs is not None:
+                # The last batch is used: let go of this process's mappings of the slabs now, while the workers
+                # still map them, so that the workers free the pages as they exit (in parallel, during the
+                # DataLoader's join that the next step of `it` runs) instead of this process after them. Unmapping
+                # here then costs about a fifth: 17-29 ms instead of 100-134 ms for 656 MB on a 2-core Zen 4;
+                # 8 workers' slabs on CUDA hold 1.3 GB.
+                self.slabs.close()
 
     def close(self) -> None:
         """Stop the decoding workers (what they decoded is dropped)."""

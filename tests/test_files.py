@@ -444,6 +444,26 @@ def test_shared_memory_free_follows_what_is_used():
 
 
 @pytest.mark.skipif(files.shared_memory_free() is None, reason="no /dev/shm")
+def test_finished_decoding_leaves_no_shared_memory_behind_even_before_close(model, tmp_path):
+    # the main process lets go of the slabs once the last batch is used, before the workers stop (so that they,
+    # not it, free the pages): a finished decoding holds no shared memory, without waiting for close()
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i:02d}.wav"))
+        sf.write(paths[-1], signal(10.0, 16000, 1, i), 16000, subtype="PCM_16")
+    before = files.shared_memory_free()
+    pre = files.start_decoding(paths, model.config, "cpu", batch_size=2, num_workers=1)
+    decoded, lowest = 0, before
+    for groups, _ in pre.decoded():
+        decoded += sum(len(i) for i, _ in groups)
+        lowest = min(lowest, files.shared_memory_free())
+    del groups  # the last batch's waveforms are views into its slab
+    assert decoded == 12 and lowest <= before - 2 * 640_000  # while decoding: slabs of 2 x 10-s int16 clips
+    assert files.shared_memory_free() >= before - 2**16  # afterwards: nothing held (a page or two of slack)
+    pre.close()
+
+
+@pytest.mark.skipif(files.shared_memory_free() is None, reason="no /dev/shm")
 def test_a_worker_without_shared_memory_says_what_to_do():
     with pytest.raises(RuntimeError, match=r"could not get \d+ MiB of shared memory.*--shm-size.*--num-workers 0"):
         files._uninitialised(2**50, shared=True)  # more than any /dev/shm: refused at once, nothing allocated
