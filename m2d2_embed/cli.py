@@ -494,10 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = EXIT_INTERRUPTED, "interrupted"
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, OutputInUseError) as e:
         code, message = EXIT_USAGE, str(e)  # the library's messages say what was wrong and what to do
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, MemoryError) as e:
         if verbose:
             log.exception("failed")
-        code, message = EXIT_FAILED, str(e)
+        code, message = EXIT_FAILED, str(e) or type(e).__name__
     if message is not None:
         print(f"{PROG}: error: {message}" if code != EXIT_INTERRUPTED else f"{PROG}: {message}", file=sys.stderr)
     return code

@@ -930,7 +930,16 @@ class ResultWriter:
         self._failed_at: list[int] = []  # input index of each of self.failures
         self._rows: np.ndarray | None = None  # [expected, dim]: kept vectors by input index
         if self.keep and expected is not None and level not in FRAME_LEVELS and "dim" in self.metadata:
-            self._rows = np.empty((expected, int(self.metadata["dim"])), np.float32)
+            dim = int(self.metadata["dim"])
+            try:
+                self._rows = np.empty((expected, dim), np.float32)
+            except MemoryError as e:  # refused before any work is done, not after hours of it
+                raise MemoryError(
+                    f"{expected:,} embeddings of {dim} float32 need {expected * dim * 4 / 2**30:,.1f} GiB of memory, "
+                    f"held until the end of the run; for this many files write a directory output (`-o DIR/` on the "
+                    f"command line: it holds one part at a time) or take the results one by one from "
+                    f"`m2d2_embed.files.iter_file_embeddings`"
+                ) from e
 
     def add(self, index: int, item: Any) -> None:
         if isinstance(item, FileFailure):

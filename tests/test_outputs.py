@@ -140,6 +140,11 @@ def test_results_kept_in_rows_as_they_arrive_equal_the_results_packed_at_the_end
         outputs.ResultWriter(None, None, META, "clip", expected=2).add(2, items[7])
 
 
+def test_a_file_output_too_large_for_memory_is_refused_before_any_work_with_what_to_do():
+    with pytest.raises(MemoryError, match=r"need 15,728,640\.0 GiB .* directory output \(`-o DIR/`"):
+        outputs.ResultWriter(None, None, {**META, "dim": 3840}, "clip", expected=2**40)  # beyond any address space
+
+
 def test_npz_files_are_byte_for_byte_those_of_np_savez(tmp_path):
     rng = np.random.default_rng(1)
     arrays = {
