@@ -682,6 +682,7 @@ def _run(
         restore()
     side = writer.save()
     elapsed = time.perf_counter() - t0
+    files.startup_mark("output written")
     run = _Run(
         EXIT_OK, True, writer.embedded, len(paths) - len(todo), len(writer.failures), writer.results(), writer.failures
     )

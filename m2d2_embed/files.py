@@ -605,7 +605,8 @@ def startup_mark(phase: str) -> None:
     the wall-clock time (``time.time()``, comparable across processes) and the seconds since this process
     started. The phases of ``m2d2-embed embed``, in order: ``files listed``, ``files probed``, ``decoding
     started``, ``model loading``, ``model loaded``, ``first batch decoded``, ``first batch in the encoder``;
-    time-to-first-batch is the last one's time less the process's start."""
+    time-to-first-batch is the last one's time less the process's start. And the end of the run: ``decoding
+    finished`` (workers stopped), ``last batch out`` (its results handed on), ``output written``."""
     if startup_log.isEnabledFor(logging.DEBUG):
         now = time.time()
         since = f" ({now - _STARTED:.3f} s after the process started)" if _STARTED is not None else ""
@@ -864,10 +865,12 @@ def iter_file_embeddings(
                 for i, err in failures:
                     yield i, fail(i, err)
                     done(1, 0.0)
+            startup_mark("decoding finished")  # the workers stopped, their buffers let go
             if pending is not None:
                 for i, res in _collect_batch(model, paths, pending, level):
                     yield i, checked(res, i)
                 done(len(pending.idx), pending.audio_seconds)
+            startup_mark("last batch out")
         for i in pre.long:
             try:
                 res = embed_long_file(model, paths[i], level, reduce=reduce, normalize=normalize, batch_size=batch_size)

@@ -21,6 +21,9 @@ PHASES = [
     "model loaded",
     "first batch decoded",
     "first batch in the encoder",
+    "decoding finished",
+    "last batch out",
+    "output written",
 ]
 
 
@@ -38,7 +41,7 @@ def test_the_cli_decodes_while_the_model_loads(folder, tiny_model_dir, model, tm
     out = tmp_path / "emb.npz"
     argv = ["embed", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--batch-size", "1"]
     assert cli.main([*argv, "--num-workers", "2", "--no-progress"]) == 1  # the BAD files fail
-    assert [p for p in phases if p in PHASES] == PHASES  # probed and decoding before the model loads
+    assert [p for p in phases if p in PHASES] == PHASES  # probed and decoding before the model loads; then the end
     assert workers_during_load == [2]
     es = m2d2.read_embeddings(out)
     ref = model.embed_files(folder, num_workers=0, progress=False)
