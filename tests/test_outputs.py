@@ -160,6 +160,17 @@ def test_npz_files_are_byte_for_byte_those_of_np_savez(tmp_path):
     outputs.savez(str(tmp_path / "ours.npz"), arrays)
     np.savez(tmp_path / "numpy.npz", **arrays)
     assert (tmp_path / "ours.npz").read_bytes() == (tmp_path / "numpy.npz").read_bytes()
+    # the files' frames as a list of blocks: stored as their concatenation, which is never made
+    blocks = [rng.standard_normal((t, 5), dtype=np.float32) for t in (3, 0, 7)]
+    outputs.savez(str(tmp_path / "ours.npz"), {"embeddings": blocks})
+    np.savez(tmp_path / "numpy.npz", embeddings=np.concatenate(blocks))
+    assert (tmp_path / "ours.npz").read_bytes() == (tmp_path / "numpy.npz").read_bytes()
+    with open(tmp_path / "ours.npy", "wb") as f:
+        outputs.write_npy(f, blocks)
+    np.save(tmp_path / "numpy.npy", np.concatenate(blocks))
+    assert (tmp_path / "ours.npy").read_bytes() == (tmp_path / "numpy.npy").read_bytes()
+    with pytest.raises(ValueError, match="blocks differ"), open(tmp_path / "bad.npy", "wb") as f:
+        outputs.write_npy(f, [blocks[0], blocks[0][:, :4]])
 
 
 def test_the_lock_of_an_output_directory_is_held_against_other_processes(tmp_path):
