@@ -156,6 +156,7 @@ def test_npz_files_are_byte_for_byte_those_of_np_savez(tmp_path):
         "half": rng.standard_normal(4).astype(np.float16),
         "fortran": np.asfortranarray(rng.standard_normal((3, 2))),
         "flags": np.array([True, False]),
+        "scalar": np.asarray(3.5),
     }
     outputs.savez(str(tmp_path / "ours.npz"), arrays)
     np.savez(tmp_path / "numpy.npz", **arrays)
