@@ -129,17 +129,23 @@ class EmbeddingSet:
 
     @classmethod
     def from_results(
-        cls, results: Sequence[Any], failures: Sequence[FileFailure], metadata: Mapping[str, Any], level: str
+        cls,
+        results: Sequence[Any],
+        failures: Sequence[FileFailure],
+        metadata: Mapping[str, Any],
+        level: str,
+        embeddings: np.ndarray | None = None,
     ) -> EmbeddingSet:
         """Pack per-file results (each with ``path``, ``embedding``, ``duration`` and, for the levels with a time
-        axis, ``timestamps``: :class:`m2d2_embed.files.FileResult`) into one set, in their order."""
+        axis, ``timestamps``: :class:`m2d2_embed.files.FileResult`) into one set, in their order. ``embeddings``:
+        the results' vectors already stacked ([N, D], levels without a time axis), used as they are."""
         dim = int(metadata["dim"])
+        timestamps = None
         if level in FRAME_LEVELS:
-            embeddings: np.ndarray | list[np.ndarray] = [r.embedding for r in results]
+            embeddings = [r.embedding for r in results]  # type: ignore[assignment]
             timestamps = [r.timestamps for r in results]
-        else:
+        elif embeddings is None:
             embeddings = np.stack([r.embedding for r in results]) if results else np.zeros((0, dim), np.float32)
-            timestamps = None
         warnings = [FileFailure(r.path, r.warning, "warning") for r in results if getattr(r, "warning", None)]
         return cls(
             [r.path for r in results],
@@ -403,6 +409,8 @@ def write_npy(f: Any, a: np.ndarray | Sequence[np.ndarray]) -> None:
         blocks = [a]
     else:
         blocks = list(a)
+        if not blocks:
+            raise ValueError("write_npy: an empty list of blocks has no dtype or shape; pass an empty array")
     first = blocks[0]
     if any(b.dtype != first.dtype or b.shape[1:] != first.shape[1:] or not b.flags.c_contiguous for b in blocks):
         raise ValueError("write_npy: blocks differ in dtype or trailing shape, or are not C-contiguous")
@@ -1001,16 +1009,8 @@ class ResultWriter:
         kept = sorted(self._kept, key=lambda r: r[0])
         idx = np.fromiter((i for i, _ in kept), np.int64, len(kept))
         whole = len(idx) == len(self._rows) and bool((idx == np.arange(len(idx))).all())
-        return EmbeddingSet(
-            [r.path for _, r in kept],
-            self._rows if whole else self._rows[idx],  # a copy only when some files failed
-            self.level,
-            None,
-            np.asarray([r.duration for _, r in kept], dtype=np.float64),
-            failures,
-            dict(self.metadata),
-            [FileFailure(r.path, r.warning, "warning") for _, r in kept if getattr(r, "warning", None)],
-        )
+        rows = self._rows if whole else self._rows[idx]  # a copy only when some files failed
+        return EmbeddingSet.from_results([r for _, r in kept], failures, self.metadata, self.level, embeddings=rows)
 
     def save(self, complete: bool = True) -> Path | None:
         """Store what is left and the failures sidecar (returned). ``complete=False`` (interrupted, or stopped at

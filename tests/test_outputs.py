@@ -172,6 +172,8 @@ def test_npz_files_are_byte_for_byte_those_of_np_savez(tmp_path):
     assert (tmp_path / "ours.npy").read_bytes() == (tmp_path / "numpy.npy").read_bytes()
     with pytest.raises(ValueError, match="blocks differ"), open(tmp_path / "bad.npy", "wb") as f:
         outputs.write_npy(f, [blocks[0], blocks[0][:, :4]])
+    with pytest.raises(ValueError, match="empty list of blocks"), open(tmp_path / "bad.npy", "wb") as f:
+        outputs.write_npy(f, [])
 
 
 def test_the_lock_of_an_output_directory_is_held_against_other_processes(tmp_path):
