@@ -55,6 +55,10 @@ def measure(src: Path, a: argparse.Namespace) -> dict[str, Any]:
     meta = {"model": "bench", "level": level, "dim": dim, "reduce": "none", "normalize": False}
     shape = (n * frames, dim) if frames else (n, dim)
     ts = np.arange(frames) * 0.16 + 0.075 if frames else None
+
+    def rows(embeddings: Any) -> int:  # vectors in a set: [N, D] at clip level, N arrays [T, D] at frame level
+        return sum(len(e) for e in embeddings) if frames else len(embeddings)
+
     kw = {"expected": n} if "expected" in inspect.signature(outputs.ResultWriter).parameters else {}
 
     def feed(writer: Any) -> float:
@@ -78,7 +82,7 @@ def measure(src: Path, a: argparse.Namespace) -> dict[str, Any]:
     file_s = time.perf_counter() - t
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far: the file output's run
     check = outputs.read_embeddings(out)
-    assert len(check) == n and sum(len(e) for e in check.embeddings) == shape[0]
+    assert len(check) == n and rows(check.embeddings) == shape[0]
     del check
     out.unlink()
     outputs.failures_path(out).unlink(missing_ok=True)
@@ -91,7 +95,7 @@ def measure(src: Path, a: argparse.Namespace) -> dict[str, Any]:
     else:  # before: a dict of results packed at the end (files.results_to_set)
         es = outputs.EmbeddingSet.from_results(collected.results(), [], meta, level)
     set_s = time.perf_counter() - t
-    assert sum(len(e) for e in es.embeddings) == shape[0]
+    assert rows(es.embeddings) == shape[0]
     return {"add_s": add_s, "file_s": file_s, "set_s": set_s, "rss_peak_mb": rss_mb}
 
 
