@@ -309,7 +309,7 @@ def upstream_variants(path: Path, pth: Path, device: torch.device, clip_batch: i
 # ---------------------------------------------------------------------------------------------------
 
 
-def _child_load(kind: str, path: str, device: str, reference: str | None) -> None:
+def child_load(kind: str, path: str, device: str, reference: str | None) -> None:
     """Load, then one embedding of a 1-s clip and one caption (weights are memory-mapped: the first call is what
     brings them into memory). Prints the times and the peak RSS before and after as JSON."""
     dev = torch.device(device)
@@ -357,7 +357,7 @@ def measure_load(
     for label, kind, path in cases:
         best = None
         for _ in range(repeats):
-            cmd = [sys.executable, __file__, "--_child-load", kind, str(path), "--device", str(device)]
+            cmd = [sys.executable, __file__, "--child-load", kind, str(path), "--device", str(device)]
             if reference is not None:
                 cmd += ["--reference", str(reference)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -399,7 +399,8 @@ def parity_waves() -> dict[str, np.ndarray]:
         return {k[:-4]: z[k] for k in z.files if k.endswith(".wav")}
 
 
-def _cos(a: Any, b: Any) -> torch.Tensor:
+def cosines(a: Any, b: Any) -> torch.Tensor:
+    """Cosine similarity of each pair of vectors (the last axis) of two arrays of one shape, in float64."""
     a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
     return F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
 
@@ -417,7 +418,7 @@ def agreement(test: m2d2_embed.M2D2, ref: m2d2_embed.M2D2, waves: dict[str, np.n
         calls["clap"] = ("clap_audio_embeddings", {})
     for w in waves.values():
         for k, (method, kw) in calls.items():
-            c = float(_cos(getattr(test, method)(w, SR, **kw), getattr(ref, method)(w, SR, **kw)).min())
+            c = float(cosines(getattr(test, method)(w, SR, **kw), getattr(ref, method)(w, SR, **kw)).min())
             out[k] = min(out.get(k, 1.0), c)
     return out
 
@@ -556,7 +557,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None, help="where the synthetic checkpoint is written")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
-    p.add_argument("--_child-load", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--child-load", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -564,8 +565,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a._child_load:
-        _child_load(a._child_load[0], a._child_load[1], a.device, str(a.reference) if a.reference else None)
+    if a.child_load:
+        child_load(a.child_load[0], a.child_load[1], a.device, str(a.reference) if a.reference else None)
         return {}
     if a.device == "all":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SR, default_cache, ensure_checkpoint, ensure_converted, make_clips, timed  # noqa: E402
 
 import m2d2_embed  # noqa: E402
+from m2d2_embed.audio import prepare_audio  # noqa: E402
 
 
 def main() -> int:
@@ -48,16 +49,16 @@ def main() -> int:
     with torch.inference_mode():
         lms = model.frontend(x[:bs])
         chunk = lms[..., : T * pw].to(model.dtype).contiguous()
-        tok = model.encoder(chunk).float().reshape(bs, model.freq_patches, T, -1)
+        tok = model.encode([x[:bs]], batch_size=bs)[0]  # [bs, f, T, D] float32
         stages = {
-            "prepare_audio (checks, list)": lambda: model._prepare(x, SR),
+            "prepare_audio (checks, list)": lambda: prepare_audio(
+                x, SR, model.sample_rate, model.frontend.min_samples(), model.device
+            ),
             "front end (log-mel), all clips": lambda: [
                 model.frontend(x[k : k + 4 * bs]) for k in range(0, a.clips, 4 * bs)
             ],
             "encoder only, all chunks": lambda: [model.encoder(chunk) for _ in range(0, a.clips, bs)],
-            "tokens -> float32 + pooling, all clips": lambda: [
-                model._pool_frames(tok.float(), "none") for _ in range(0, a.clips, bs)
-            ],
+            "pooling to frames, all clips": lambda: [model.pool(tok, "frame") for _ in range(0, a.clips, bs)],
             "frame_embeddings (whole call)": lambda: model.frame_embeddings(x, SR, batch_size=bs),
         }
         for name, fn in stages.items():

@@ -149,18 +149,10 @@ class Ceiling:
 
 
 def quantized_linear(lin: torch.nn.Linear) -> torch.nn.Module:
-    """The package's int8 Linear (loader.quantize_int8's), for the int8 ceiling."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    """The package's int8 Linear (``dtype="int8"``'s), for the int8 ceiling."""
+    from m2d2_embed.loader import quantize_linears_int8
 
-    from m2d2_embed.encoder import cpu_int8_full_range
-    from m2d2_embed.loader import _full_range_int8_linear
-
-    holder = torch.nn.Sequential(lin)
-    mapping = {torch.nn.Linear: _full_range_int8_linear()} if cpu_int8_full_range() else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = quantize_dynamic(holder, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, mapping=mapping)
-    return q[0]
+    return quantize_linears_int8(lin)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def parity(model: m2d2_embed.M2D2, golden: dict[str, np.ndarray]) -> dict[str, d
 
 def text_agreement(test: m2d2_embed.M2D2, ref: m2d2_embed.M2D2, golden: dict[str, np.ndarray]) -> float:
     caps = [str(c) for c in golden["text.captions"]]
-    return float(bench._cos(_np(test.clap_text_embeddings(caps)), _np(ref.clap_text_embeddings(caps))).min())
+    return float(bench.cosines(_np(test.clap_text_embeddings(caps)), _np(ref.clap_text_embeddings(caps))).min())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def encoder_variants(
             try:
                 with ctx, torch.inference_mode():
                     if compiled:
-                        torch._dynamo.reset()
+                        torch.compiler.reset()
                         f = torch.compile(model.encoder)
                     else:
                         f = model.encoder
@@ -209,7 +209,7 @@ def encoder_variants(
     finally:
         E.FUSED_GELU = True
         if compiled:
-            torch._dynamo.reset()
+            torch.compiler.reset()
     return rows
 
 
@@ -693,14 +693,14 @@ def main(argv: list[str] | None = None) -> int:
         if compiled:  # the compiled graph against the eager one, on a batch shape already compiled
             x = bench.make_clips(min(bs, max(a.clips, 1)), 10.0, dev, seed=1)
             got, want = comp.frame_embeddings(x, SR, batch_size=bs), bf16.frame_embeddings(x, SR, batch_size=bs)
-            res["compiled_vs_eager_bf16_min_cosine"] = float(bench._cos(_np(got), _np(want)).min())
+            res["compiled_vs_eager_bf16_min_cosine"] = float(bench.cosines(_np(got), _np(want)).min())
             for d, c8 in comp8.items():
                 if d in models:
                     got8, want8 = (
                         c8.frame_embeddings(x, SR, batch_size=bs),
                         models[d].frame_embeddings(x, SR, batch_size=bs),
                     )
-                    res[f"compiled_vs_eager_{d}_min_cosine"] = float(bench._cos(_np(got8), _np(want8)).min())
+                    res[f"compiled_vs_eager_{d}_min_cosine"] = float(bench.cosines(_np(got8), _np(want8)).min())
             from torch._dynamo.utils import counters
 
             res["compiled_graphs"] = dict(counters["stats"])

@@ -54,10 +54,10 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=60.0)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--only", help="comma-separated subset of the entry points")
-    p.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a._child:
-        child(*a._child)
+    if a.child:
+        child(*a.child)
         return
     import soundfile as sf
     from bench import default_cache, ensure_checkpoint, ensure_converted
@@ -76,7 +76,7 @@ def main() -> None:
     print("| entry point | peak RSS (GiB) | seconds |\n|---|---|---|")
     for name in wanted:
         out = subprocess.run(
-            [sys.executable, __file__, "--_child", str(model_dir), str(wav), CALLS[name]],
+            [sys.executable, __file__, "--child", str(model_dir), str(wav), CALLS[name]],
             capture_output=True,
             text=True,
             cwd=ROOT,

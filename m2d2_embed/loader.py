@@ -215,6 +215,18 @@ def quantize_int8(model: M2D2) -> None:
     stay float32. About 1.6-1.9x the (fused) float32 encoder on a 2-core AVX-512 VNNI CPU; outputs agree with
     float32 to a cosine of about 0.998 or better (see benchmarks/README.md).
     """
+    model.encoder = quantize_linears_int8(model.encoder)
+    if model.audio_proj is not None:
+        model.audio_proj = quantize_linears_int8(model.audio_proj)
+
+
+def quantize_linears_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its ``nn.Linear`` layers replaced by the dynamic int8 Linear of ``dtype="int8"`` (CPU).
+
+    Weights per output channel; activations per tensor at run time, on all 8 bits on VNNI/AMX CPUs
+    (``encoder.cpu_int8_full_range``), else PyTorch's 7-bit range. Returns the quantized module (a copy; a
+    bare ``nn.Linear`` is quantized too). Raises ``RuntimeError`` when this PyTorch build cannot quantize.
+    """
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as e:  # torch.ao.quantization is deprecated in favour of torchao
@@ -227,13 +239,13 @@ def quantize_int8(model: M2D2) -> None:
         raise RuntimeError(f"dtype='int8' needs a quantized CPU engine; this PyTorch build has {engines}")
     spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
     mapping = {torch.nn.Linear: _full_range_int8_linear()} if cpu_int8_full_range() else None
+    holder = torch.nn.Sequential(module) if isinstance(module, torch.nn.Linear) else module
     with warnings.catch_warnings():
         # torch >= 2.10 warns that torch.ao.quantization moves to torchao; the eager dynamic path still works
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-        model.encoder = quantize_dynamic(model.encoder, spec, dtype=torch.qint8, mapping=mapping)
-        if model.audio_proj is not None:
-            model.audio_proj = quantize_dynamic(model.audio_proj, spec, dtype=torch.qint8, mapping=mapping)
+        out = quantize_dynamic(holder, spec, dtype=torch.qint8, mapping=mapping)
+    return out[0] if holder is not module else out
 
 
 def _full_range_int8_linear() -> type:
