@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -672,36 +672,62 @@ def _read_dir(d: Path) -> EmbeddingSet:
             raise FileNotFoundError(f"{d} holds no m2d2-embed output ({MANIFEST} or .parquet files)")
         one = _read_parquet_files(pq_files)
         meta, parts = one.metadata, [one]
-    es = concat(parts, level=meta.get("level", "clip"), metadata=meta)
-    first: dict[str, int] = {}
-    for i, p in enumerate(es.paths):
-        first.setdefault(p, i)
-    if len(first) < len(es.paths):
+    es, twice = join(parts, level=meta.get("level", "clip"), metadata=meta)
+    if twice:
         log.warning(
             "%s holds %d path(s) more than once (written by concurrent runs of an older version?); each is read once",
             d,
-            len(es.paths) - len(first),
+            twice,
         )
-    es = subset(es, sorted(first.values(), key=lambda i: es.paths[i]))
-    _split_sidecar(es, read_failures(d / FAILURES) + es.failures, set(first))
+    _split_sidecar(es, read_failures(d / FAILURES) + es.failures, set(es.paths))
     return es
 
 
-def concat(parts: Iterable[EmbeddingSet], level: str, metadata: dict[str, Any]) -> EmbeddingSet:
-    """Join embedding sets of one level (shards) into one."""
-    parts = list(parts)
-    paths = [p for es in parts for p in es.paths]
-    durations = np.concatenate([np.asarray(es.durations, np.float64) for es in parts]) if parts else np.zeros(0)
+def join(
+    parts: list[EmbeddingSet], level: str, metadata: dict[str, Any], key: Callable[[str], str] = str
+) -> tuple[EmbeddingSet, int]:
+    """Sets of one level (parts, shards) as one set sorted by path, each ``key(path)`` once: the first
+    occurrence, in the order of ``parts``. Returns the set and how many duplicates were left out.
+
+    Consumes ``parts``: each entry of the list is set to ``None`` once its vectors are copied. At levels with
+    one vector per file the result is one ``[N, D]`` array allocated once and filled part by part, so the
+    memory this takes is the result plus one part, not the parts, their concatenation and a sorted copy."""
+    first: dict[str, tuple[str, int, int]] = {}
+    total = 0
+    for i, es in enumerate(parts):
+        total += len(es.paths)
+        for j, p in enumerate(es.paths):
+            first.setdefault(key(p), (p, i, j))
+    picks = sorted(first.values())  # by path (keys are unique, so paths are too)
+    paths = [p for p, _, _ in picks]
+    durations = np.asarray([parts[i].durations[j] for _, i, j in picks], np.float64)
     failures = [f for es in parts for f in es.failures]
-    dim = int(metadata.get("dim", 0))
+    timestamps = None
     if level in FRAME_LEVELS:
-        embeddings: np.ndarray | list[np.ndarray] = [e for es in parts for e in es.embeddings]
-        timestamps = [t for es in parts for t in (es.timestamps or [])] or None
+        embeddings: np.ndarray | list[np.ndarray] = [parts[i].embeddings[j] for _, i, j in picks]
+        if any(es.timestamps is not None for es in parts):
+            timestamps = [parts[i].timestamps[j] for _, i, j in picks]
+        parts[:] = [None] * len(parts)
     else:
-        arrays = [np.asarray(es.embeddings, np.float32) for es in parts if len(es.paths)]
-        embeddings = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
-        timestamps = None
-    return EmbeddingSet(paths, embeddings, level, timestamps, durations, failures, dict(metadata))
+        dims = {int(np.shape(es.embeddings)[-1]) for es in parts if len(es.paths)}
+        if len(dims) > 1:
+            raise ValueError(f"cannot join embeddings of different widths {sorted(dims)}")
+        out = np.empty((len(picks), dims.pop() if dims else int(metadata.get("dim", 0))), np.float32)
+        rows = np.arange(len(picks))
+        owner = np.asarray([i for _, i, _ in picks], np.int64)
+        src_row = np.asarray([j for _, _, j in picks], np.int64)
+        for i in range(len(parts)):
+            mine = owner == i
+            src = np.asarray(parts[i].embeddings, np.float32)
+            parts[i] = None
+            to, fro = rows[mine], src_row[mine]
+            step = max(1, (1 << 20) // max(1, 4 * out.shape[1]))  # rows of 1 MiB: temporaries stay small
+            for k in range(0, len(to), step):
+                out[to[k : k + step]] = src[fro[k : k + step]]
+            del src
+        embeddings = out
+    es = EmbeddingSet(paths, embeddings, level, timestamps, durations, failures, dict(metadata))
+    return es, total - len(picks)
 
 
 def subset(es: EmbeddingSet, index: Sequence[int]) -> EmbeddingSet:
@@ -1178,12 +1204,9 @@ def _merge_file(out: Path, shards: list[tuple[int, int, Path]], n: int | None, r
     if report.waiting:
         return
     meta = _shard_meta(have[0])
-    es = concat([read_embeddings(have[i]) for i in range(n)], level=meta["level"], metadata=meta)
-    first: dict[str, int] = {}
-    for j, p in enumerate(es.paths):
-        first.setdefault(resume_key(p), j)
-    es = subset(es, sorted(first.values(), key=lambda j: es.paths[j]))  # sorted by path, each file once
-    es.failures = list({f.path: f for f in es.failures if resume_key(f.path) not in first}.values())
+    es, _ = join([read_embeddings(have[i]) for i in range(n)], meta["level"], meta, key=resume_key)
+    kept = {resume_key(p) for p in es.paths}
+    es.failures = list({f.path: f for f in es.failures if resume_key(f.path) not in kept}.values())
     get_format(meta["format"]).write(es, out)
     write_failures(es.failures, failures_path(out))
     for i in range(n):

@@ -197,3 +197,54 @@ def test_a_folder_that_is_not_an_output_is_never_written_into(tmp_path):
     with pytest.raises(ValueError, match="not an m2d2-embed output"):
         outputs.OutputDir(tmp_path / "mine").open(overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("level", ["clip", "frame"])
+def test_join_sorts_by_path_keeps_the_first_of_each_key_and_gives_up_the_parts(level):
+    rng = np.random.default_rng(1)
+    parts, flat = [], []  # flat: (path, vector or frames, duration) in parts order
+    for i, names in enumerate([["d", "a", "c"], ["b", "a2", "e"], [], ["c", "f"]]):
+        vecs = [rng.standard_normal((2, 3) if level == "frame" else 3).astype(np.float32) for _ in names]
+        durs = np.arange(len(names), dtype=np.float64) + 10 * i
+        emb = vecs if level == "frame" else (np.stack(vecs) if vecs else np.zeros((0, 3), np.float32))
+        ts = [np.array([0.1, 0.2])] * len(names) if level == "frame" else None
+        parts.append(outputs.EmbeddingSet(names, emb, level, ts, durs, [outputs.FileFailure(f"x{i}", "bad")]))
+        flat += zip(names, vecs, durs)
+    key = lambda p: p.rstrip("2")  # noqa: E731 ("a2" names the file "a" names, as resume_key may)
+    es, twice = outputs.join(parts, level, {"dim": 3}, key=key)
+    assert parts == [None] * 4  # given up, so their memory can go as the result fills
+    first = {}
+    for p, v, d in flat:
+        first.setdefault(key(p), (p, v, d))
+    want = sorted(first.values(), key=lambda t: t[0])
+    assert twice == 2 and es.paths == [p for p, _, _ in want] == ["a", "b", "c", "d", "e", "f"]
+    np.testing.assert_array_equal(np.asarray(es.embeddings), np.stack([v for _, v, _ in want]))
+    np.testing.assert_array_equal(es.durations, [d for _, _, d in want])  # "c" from part 0, not part 3
+    assert [f.path for f in es.failures] == ["x0", "x1", "x2", "x3"]
+    assert (es.timestamps is not None) == (level == "frame")
+
+
+def test_reading_a_directory_output_holds_its_vectors_once_beside_the_parts_read(tmp_path):
+    import tracemalloc
+
+    n_parts, rows, dim = 6, 512, 1024  # 2-MiB parts of 4-KiB vectors (ViT-B clip: 15 KiB)
+    d = outputs.OutputDir(tmp_path / "out", "npz")
+    meta = {**META, "dim": dim}
+    rng = np.random.default_rng(0)
+    with d.open(meta):
+        d.start(meta)
+        for k in rng.permutation(n_parts):  # parts in completion order, paths interleaved across them
+            paths = [f"{r * n_parts + k:06d}.wav" for r in range(rows)]
+            emb = np.full((rows, dim), k, np.float32)
+            d.add_part(outputs.EmbeddingSet(paths, emb, "clip", None, np.ones(rows), [], meta))
+    size = n_parts * rows * dim * 4
+    tracemalloc.start()
+    try:
+        es = outputs.read_embeddings(tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert es.paths == sorted(es.paths) and len(es.paths) == n_parts * rows
+    np.testing.assert_array_equal(es.embeddings[:, 0], np.tile(np.arange(n_parts), rows))
+    # the parts as read plus the result (before: the parts, their concatenation and its sorted copy, 3x)
+    assert peak < 2.25 * size, f"peak {peak / size:.2f}x the vectors"
