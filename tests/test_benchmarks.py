@@ -64,6 +64,18 @@ def test_write_outputs(env, tmp_path, frames):
         assert len(r[side]["rounds"]) == 1
 
 
+def test_read_outputs(env, tmp_path):
+    out = tmp_path / "r.json"
+    script(env, "read_outputs.py", "--files", "300", "--dim", "16", "--part", "64", "--shards", "3", "--rounds", "1",
+           "--dir", str(tmp_path), "--compare-src", str(ROOT), "--json", str(out))  # fmt: skip
+    r = json.loads(out.read_text())
+    for side in ("this", "compare"):
+        for what in ("read", "merge"):
+            (run,) = r[side][what]["rounds"]
+            assert run["files"] == 300 and positive(run["s"], run["rss_peak_mb"])
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the inputs went with their temporary folder
+
+
 def test_decode_files(env, tmp_path):
     out = tmp_path / "r.json"
     script(env, "decode_files.py", "--files", "12", "--batch", "4", "--workers", "1", "--rounds", "1",
