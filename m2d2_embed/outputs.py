@@ -702,6 +702,8 @@ def join(
     paths = [p for p, _, _ in picks]
     durations = np.asarray([parts[i].durations[j] for _, i, j in picks], np.float64)
     failures = [f for es in parts for f in es.failures]
+    kept = set(first)
+    warnings = list({w.path: w for es in parts for w in es.warnings if key(w.path) in kept}.values())
     timestamps = None
     if level in FRAME_LEVELS:
         embeddings: np.ndarray | list[np.ndarray] = [parts[i].embeddings[j] for _, i, j in picks]
@@ -726,7 +728,7 @@ def join(
                 out[to[k : k + step]] = src[fro[k : k + step]]
             del src
         embeddings = out
-    es = EmbeddingSet(paths, embeddings, level, timestamps, durations, failures, dict(metadata))
+    es = EmbeddingSet(paths, embeddings, level, timestamps, durations, failures, dict(metadata), warnings)
     return es, total - len(picks)
 
 
@@ -1172,7 +1174,7 @@ def _merge_dir(out: Path, shards: list[tuple[int, int, Path]], report: MergeRepo
     with final:
         final.start(meta)
         done = final.done_keys()
-        failures = {f.path: f for f in read_failures(out / FAILURES)}
+        failures = {(f.path, f.kind): f for f in read_failures(out / FAILURES)}  # warnings: of embedded files
         for i, k, d in complete:
             final.check(_shard_meta(d))
             for part in shard_files(d, final.fmt):
@@ -1188,12 +1190,12 @@ def _merge_dir(out: Path, shards: list[tuple[int, int, Path]], report: MergeRepo
                 done.update(keys)
                 report.added += len(keep)
             for f in read_failures(d / FAILURES):
-                failures[f.path] = f
+                failures[f.path, f.kind] = f
             shutil.rmtree(d)
             report.merged.append(f"{i}/{k}")
-        left = [f for p, f in sorted(failures.items()) if resume_key(p) not in done]
-        write_failures(left, out / FAILURES)
-        report.failed = len(left)
+        left = [f for f in failures.values() if f.kind == "warning" or resume_key(f.path) not in done]
+        write_failures(sorted(left, key=lambda f: (f.path, f.kind)), out / FAILURES)
+        report.failed = sum(f.kind != "warning" for f in left)
 
 
 def _merge_file(out: Path, shards: list[tuple[int, int, Path]], n: int | None, report: MergeReport) -> None:
@@ -1208,7 +1210,7 @@ def _merge_file(out: Path, shards: list[tuple[int, int, Path]], n: int | None, r
     kept = {resume_key(p) for p in es.paths}
     es.failures = list({f.path: f for f in es.failures if resume_key(f.path) not in kept}.values())
     get_format(meta["format"]).write(es, out)
-    write_failures(es.failures, failures_path(out))
+    write_failures(es.failures + es.warnings, failures_path(out))
     for i in range(n):
         shutil.rmtree(have[i])
     report.merged = [f"{i}/{n}" for i in range(n)]

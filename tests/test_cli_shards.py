@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from audio_files import BAD
+from audio_files import signal as make_signal
 from cli_run import run
 
 import m2d2_embed as m2d2
@@ -189,3 +191,21 @@ def test_train_hands_the_rest_of_the_command_line_to_the_training_cli(monkeypatc
     assert cli.main(["train", "--help"]) == 0
     assert "stage1" in capsys.readouterr().out
     assert "train" in cli.build_parser().format_help()
+
+
+@pytest.mark.parametrize("output", ["emb.npz", "emb_dir"])
+def test_warnings_of_the_shards_survive_the_merge(tiny_model_dir, tmp_path, output):
+    # a truncated file is embedded with a warning in its shard's sidecar; the merged output keeps it
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.wav", "b.wav", "c.wav"):
+        sf.write(src / name, make_signal(2.0, 16000, 1, 1), 16000, subtype="PCM_16")
+    cut = src / "b.wav"  # the header still promises 2 s; 0.5 s of samples are left
+    cut.write_bytes(cut.read_bytes()[: 44 + 2 * 8000])
+    out = tmp_path / output
+    for i in range(2):
+        assert cli.main(embed_args(src, out, tiny_model_dir, "--shard", f"{i}/2")) == 0
+    es = m2d2.read_embeddings(out)
+    assert [Path(p).name for p in es.paths] == ["a.wav", "b.wav", "c.wav"] and not es.failures
+    assert [(Path(w.path).name, w.kind) for w in es.warnings] == [("b.wav", "warning")]
+    assert "truncated file" in es.warnings[0].reason
